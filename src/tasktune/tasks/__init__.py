@@ -1,0 +1,67 @@
+"""Tasks: each declares its prompt, its target, how to parse a generation and its metrics.
+
+This module also holds what is common to every task: the prompt format (plain text for base models,
+the tokenizer's chat template for instruction-tuned ones) and k-shot context drawn with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import random
+
+from tasktune.errors import TasktuneError
+
+PROMPT_FORMATS = ("plain", "chat", "auto")
+
+
+class PromptBuilder:
+    """Turns a task's bare prompt into the exact text the model sees, with shots and format applied."""
+
+    def __init__(self, task, tokenizer, prompt_format: str = "plain", shots: int = 0,
+                 shot_pool: list[dict] | None = None, seed: int = 0):
+        if prompt_format not in PROMPT_FORMATS:
+            raise TasktuneError(f"prompt_format {prompt_format!r} is not one of {PROMPT_FORMATS}")
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        if prompt_format == "auto":
+            prompt_format = "chat" if has_template else "plain"
+        if prompt_format == "chat" and not has_template:
+            raise TasktuneError("prompt_format 'chat' needs a tokenizer with a chat template; "
+                                "this one has none (use 'plain' for base models)")
+        if shots < 0:
+            raise TasktuneError(f"shots must be >= 0, got {shots}")
+        if shots and (not shot_pool or len(shot_pool) < shots):
+            raise TasktuneError(f"shots={shots} needs at least {shots} training examples to draw from")
+        self.task, self.tokenizer, self.format, self.shots = task, tokenizer, prompt_format, shots
+        self.examples = random.Random(seed).sample(shot_pool, shots) if shots else []
+        self.prefix = "".join(task.prompt(ex) + task.target(ex) + "\n\n" for ex in self.examples)
+
+    @property
+    def add_special_tokens(self) -> bool:
+        return self.format == "plain"  # a chat template writes its own BOS
+
+    def render(self, example: dict) -> str:
+        text = self.prefix + self.task.prompt(example)
+        if self.format == "chat":
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        return text
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=self.add_special_tokens)["input_ids"]
+
+    def describe(self) -> dict:
+        return {"prompt_format": self.format, "shots": self.shots,
+                "shot_ids": [ex.get("id") for ex in self.examples],
+                "template": getattr(self.task, "template", None)}
+
+
+def get_task(name: str):
+    from tasktune.tasks.sst2 import SST2Task
+    tasks = {"sst2": SST2Task}
+    try:
+        from tasktune.tasks.squad_v2 import SquadV2Task
+        tasks["squad_v2"] = SquadV2Task
+    except ImportError:
+        pass
+    if name not in tasks:
+        raise TasktuneError(f"unknown task {name!r} (expected one of {sorted(tasks)})")
+    return tasks[name]()

@@ -1,0 +1,144 @@
+"""SST-2: binary sentiment, scored by verbalizer log-likelihood or by parsing a greedy generation."""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+
+from tasktune import infer
+from tasktune.data import sst2 as sst2_data
+from tasktune.data.split import stratified_split
+from tasktune.metrics.classification import classification_metrics
+
+from tasktune.errors import TasktuneError
+
+LABEL_NAMES = ("negative", "positive")
+
+
+class SST2Task:
+    name = "sst2"
+    # The lm-evaluation-harness prompt and verbalizers.
+    template = "{sentence}\nQuestion: Is this sentence positive or negative?\nAnswer:"
+    verbalizers = (" negative", " positive")
+    max_new_tokens = 3  # enough for " positive" plus a newline in any tokenizer we have met
+
+    def prompt(self, example: dict) -> str:
+        return self.template.format(sentence=example["sentence"])
+
+    def target(self, example: dict) -> str:
+        return self.verbalizers[example["label"]]
+
+    def parse(self, generated: str) -> int | None:
+        """The label named by the first word of the first line, else None."""
+        words = re.findall(r"[a-z]+", generated.strip().split("\n", 1)[0].lower())
+        if words and words[0] in LABEL_NAMES:
+            return LABEL_NAMES.index(words[0])
+        return None
+
+    def label_token_ids(self, builder, example: dict) -> list[int]:
+        """Token id of each verbalizer in the final context; each must be exactly one token."""
+        context = builder.render(example)
+        base = builder.encode(context)
+        ids = []
+        for verbalizer in self.verbalizers:
+            full = builder.encode(context + verbalizer)
+            if len(full) != len(base) + 1 or full[: len(base)] != base:
+                pieces = builder.tokenizer.convert_ids_to_tokens(full[len(base) - 1:])
+                raise TasktuneError(
+                    f"verbalizer {verbalizer!r} is not a single token after the prompt for this tokenizer "
+                    f"(it tokenizes as {pieces}); choose verbalizers that are one token each")
+            ids.append(full[-1])
+        if len(set(ids)) != len(ids):
+            raise TasktuneError(f"verbalizers {self.verbalizers} map to the same token id {ids}")
+        return ids
+
+    # --- data -------------------------------------------------------------------------------------
+    def load(self, path: str | None) -> tuple[list[dict], str]:
+        return sst2_data.load(path)
+
+    def split(self, rows: list[dict], data_cfg) -> dict[str, list[int]]:
+        """Stratified train/test, then a stratified validation slice of the training part."""
+        labels = [r["label"] for r in rows]
+        train, test = stratified_split(labels, data_cfg.test_size, data_cfg.seed)
+        val_fraction = min(data_cfg.val_size, len(train) // 2) / len(train)
+        fit_pos, val_pos = stratified_split([labels[i] for i in train], val_fraction, data_cfg.seed)
+        ids = [r["id"] for r in rows]  # positions → row ids, which is what the run directory records
+        return {"train": [ids[train[i]] for i in fit_pos], "validation": [ids[train[i]] for i in val_pos],
+                "test": [ids[i] for i in test]}
+
+    # --- training ---------------------------------------------------------------------------------
+    metric_for_best = "accuracy"
+
+    def train_features(self, builder, examples: list[dict], objective: str, max_length: int,
+                       label_token_ids: list[int] | None) -> list[dict]:
+        features = []
+        for ex in examples:
+            ids = builder.encode(builder.render(ex))[-(max_length - 1):]  # keep the question and "Answer:"
+            if objective == "lm":
+                target = label_token_ids[ex["label"]]
+                features.append({"input_ids": ids + [target], "labels": [-100] * len(ids) + [target]})
+            else:  # verbalizer and seqcls: one class id per row
+                features.append({"input_ids": ids, "labels": ex["label"]})
+        return features
+
+    def validation_metrics(self, model, builder, examples: list[dict], batch_size: int,
+                           head: str = "causal_lm") -> dict:
+        """Early-stopping metric: `score`-protocol accuracy (classifier head for seqcls)."""
+        metrics, _ = self.evaluate(model, builder, examples, ["score"], batch_size, head=head)
+        protocol = "classifier" if head == "seqcls" else "score"
+        return {"accuracy": metrics[protocol]["accuracy"]}
+
+    # --- evaluation -------------------------------------------------------------------------------
+    def evaluate(self, model, builder, examples: list[dict], protocols: list[str], batch_size: int,
+                 head: str = "causal_lm", generate_ids: set[int] | None = None) -> tuple[dict, list[dict]]:
+        """Metrics per protocol and one prediction record per example.
+
+        `generate_ids` restricts the (slower) generate protocol to those example ids.
+        """
+        tok = builder.tokenizer
+        encoded = [builder.encode(builder.render(ex)) for ex in examples]
+        golds = [ex["label"] for ex in examples]
+        records = [{"id": ex["id"], "sentence": ex["sentence"], "label": ex["label"]} for ex in examples]
+        metrics: dict = {}
+        if head == "seqcls":
+            start = time.perf_counter()
+            logits = infer.classify(model, encoded, tok.pad_token_id, batch_size)
+            preds = logits.argmax(-1).tolist()
+            metrics["classifier"] = self._finish(golds, preds, start)
+            for rec, p in zip(records, preds):
+                rec["classifier_pred"] = p
+            return metrics, records
+        if "score" in protocols:
+            start = time.perf_counter()
+            token_ids = self.label_token_ids(builder, examples[0])
+            logprobs = infer.score_tokens(model, encoded, token_ids, tok.pad_token_id, batch_size)
+            preds = logprobs.argmax(-1).tolist()
+            metrics["score"] = self._finish(golds, preds, start)
+            for rec, p, lp in zip(records, preds, logprobs.tolist()):
+                rec["score_pred"], rec["score_logprobs"] = p, [round(x, 5) for x in lp]
+        if "generate" in protocols:
+            start = time.perf_counter()
+            subset = [i for i, ex in enumerate(examples) if generate_ids is None or ex["id"] in generate_ids]
+            texts, _ = infer.generate(model, tok, [encoded[i] for i in subset], self.max_new_tokens,
+                                      batch_size)
+            preds = [self.parse(t) for t in texts]
+            metrics["generate"] = self._finish([golds[i] for i in subset], preds, start)
+            for i, text, p in zip(subset, texts, preds):
+                records[i]["generate_text"], records[i]["generate_pred"] = text, p
+        return metrics, records
+
+    @staticmethod
+    def _finish(golds, preds, start) -> dict:
+        metrics = classification_metrics(golds, preds)
+        seconds = time.perf_counter() - start
+        metrics["seconds"] = round(seconds, 3)
+        metrics["examples_per_second"] = round(len(golds) / seconds, 2) if seconds else None
+        return metrics
+
+
+def sample_ids(ids: list[int], limit: int | None, seed: int) -> list[int]:
+    """A seeded random subset (sorted) of `ids`, or all of them."""
+    if limit is None or limit >= len(ids):
+        return list(ids)
+    return sorted(random.Random(seed).sample(list(ids), limit))

@@ -1,0 +1,162 @@
+"""LoRA fine-tuning on the Hugging Face Trainer with task-aware losses.
+
+Objectives (SST-2):
+- `verbalizer`: hidden state of the last prompt token × the LM-head rows of the verbalizers, cross-entropy
+  over the labels. Full-vocabulary logits are never materialised.
+- `lm`: causal-LM loss on the label token only, through the model's own full-vocabulary forward (what most
+  tutorials do); kept for comparison.
+- `seqcls`: a fresh classification head (`AutoModelForSequenceClassification`), saved with the adapter.
+- `answer` (SQuAD v2): LM loss on the answer tokens only, with the LM head applied at those positions only.
+
+Early stopping reads a task metric computed by the task's own batched evaluation (not Trainer logit
+accumulation), through `TaskTrainer.evaluate`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+
+from tasktune.infer import head_logits, last_hidden_state, left_pad, position_ids_from_mask, unwrap
+
+OBJECTIVES = ("verbalizer", "lm", "seqcls", "answer")
+
+
+def add_lora(model, train_cfg, objective: str):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    config = LoraConfig(
+        r=train_cfg.lora_r, lora_alpha=train_cfg.lora_alpha, lora_dropout=train_cfg.lora_dropout,
+        target_modules=list(train_cfg.target_modules), bias="none",
+        # SEQ_CLS makes peft train and save the fresh `score` head with the adapter (modules_to_save).
+        task_type=TaskType.SEQ_CLS if objective == "seqcls" else TaskType.CAUSAL_LM,
+    )
+    return get_peft_model(model, config)
+
+
+class LeftPadCollator:
+    """Left-pads `input_ids`; `labels` are class ids (one per row) or token labels padded with -100."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, features: list[dict]) -> dict:
+        ids, mask = left_pad([f["input_ids"] for f in features], self.pad_id)
+        batch = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids_from_mask(mask)}
+        labels = [f["labels"] for f in features]
+        if isinstance(labels[0], list):
+            padded, _ = left_pad(labels, -100)
+            batch["labels"] = padded
+        else:
+            batch["labels"] = torch.tensor(labels, dtype=torch.long)
+        return batch
+
+
+def answer_positions_loss(model, input_ids, attention_mask, position_ids, labels) -> torch.Tensor:
+    """Causal-LM loss over the positions whose next token is labelled, LM head at those positions only."""
+    lm = unwrap(model)
+    backbone = getattr(lm, lm.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != -100
+    logits = head_logits(model, hidden[:, :-1][keep]).float()
+    return F.cross_entropy(logits, targets[keep])
+
+
+class TaskTrainer(Trainer):
+    # Our losses are means over the micro-batch; let the Trainer divide by accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, objective: str, label_token_ids: list[int] | None = None,
+                 validate: Callable[[torch.nn.Module], dict] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.objective, self.label_token_ids, self.validate = objective, label_token_ids, validate
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        ids, mask, pos, labels = (inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"],
+                                  inputs["labels"])
+        if self.objective == "verbalizer":
+            hidden = last_hidden_state(model, ids, mask)
+            logits = head_logits(model, hidden, rows=self.label_token_ids).float()
+            loss = F.cross_entropy(logits, labels)
+        elif self.objective == "answer":
+            loss = answer_positions_loss(model, ids, mask, pos, labels)
+        else:  # lm and seqcls: the model's own forward and loss
+            loss = model(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels,
+                         use_cache=False).loss
+        return (loss, None) if return_outputs else loss
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        was_training = self.model.training
+        self.model.eval()
+        metrics = self.validate(self.model)
+        self.model.train(was_training)
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+def training_arguments(train_cfg, output_dir: Path, metric: str) -> TrainingArguments:
+    report_to = ["tensorboard"] if importlib.util.find_spec("tensorboard") else "none"
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=train_cfg.batch_size,
+        gradient_accumulation_steps=train_cfg.grad_accum,
+        learning_rate=train_cfg.learning_rate,
+        weight_decay=train_cfg.weight_decay,
+        num_train_epochs=train_cfg.epochs,
+        max_steps=train_cfg.max_steps or -1,
+        warmup_steps=train_cfg.warmup_ratio,
+        lr_scheduler_type=train_cfg.lr_scheduler,
+        optim="adamw_torch",
+        logging_steps=train_cfg.logging_steps,
+        eval_strategy="steps",
+        eval_steps=train_cfg.eval_steps,
+        save_strategy="steps",
+        save_steps=train_cfg.eval_steps,
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model=metric,
+        greater_is_better=True,
+        train_sampling_strategy="group_by_length" if train_cfg.group_by_length else "random",
+        remove_unused_columns=False,
+        activation_checkpointing=train_cfg.gradient_checkpointing,
+        seed=train_cfg.seed,
+        data_seed=train_cfg.seed,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        report_to=report_to,
+        save_only_model=True,
+    )
+
+
+def fit(model, tokenizer, train_features: list[dict], val_features: list[dict], train_cfg, output_dir: Path,
+        objective: str, validate: Callable, metric: str, label_token_ids: list[int] | None = None) -> dict:
+    """Train `model` (already LoRA-wrapped) in place and return the Trainer's log history and timings."""
+    args = training_arguments(train_cfg, output_dir / "checkpoints", metric)
+    trainer = TaskTrainer(
+        model=model, args=args, train_dataset=train_features, eval_dataset=val_features,
+        data_collator=LeftPadCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=train_cfg.patience)],
+        objective=objective, label_token_ids=label_token_ids, validate=validate,
+    )
+    result = trainer.train()
+    history = trainer.state.log_history
+    (output_dir / "log_history.json").write_text(json.dumps(history, indent=1))
+    return {
+        "global_step": trainer.state.global_step,
+        "best_metric": trainer.state.best_metric,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "train_runtime_s": result.metrics.get("train_runtime"),
+        "train_samples_per_second": result.metrics.get("train_samples_per_second"),
+        "train_loss": result.metrics.get("train_loss"),
+        "log_history": history,
+    }

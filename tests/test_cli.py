@@ -1,0 +1,95 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from tasktune.cli import main
+
+RECIPE = Path(__file__).parents[1] / "recipes" / "sst2-gemma3-270m-cpu.yaml"
+
+
+def tiny_run_args(model, data, out, *extra):
+    return ["run", str(RECIPE), f"model={model}", f"data.path={data}", f"output_dir={out}", "name=t",
+            "data.val_size=16", "data.limit_train=null", "eval.limit_generate=null", "train.eval_steps=4",
+            "train.max_steps=8", "train.batch_size=8", "dtype=fp32", *extra]
+
+
+@pytest.mark.parametrize("objective", ["verbalizer", "lm", "seqcls"])
+def test_run_end_to_end(tiny_llama, sst2_tsv, tmp_path, objective):
+    assert main(tiny_run_args(tiny_llama, sst2_tsv, tmp_path, f"train.objective={objective}")) == 0
+    run = tmp_path / "t"
+    for name in ["recipe.yaml", "split.json", "report.json", "report.md", "zeroshot/metrics.json",
+                 "zeroshot/predictions.jsonl", "finetuned/metrics.json", "adapter/adapter_model.safetensors",
+                 "adapter/adapter_config.json", "train/log_history.json"]:
+        assert (run / name).is_file(), name
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["zeroshot"]) >= {"score", "generate"}
+    fine_protocol = "classifier" if objective == "seqcls" else "score"
+    assert 0 <= report["finetuned"][fine_protocol]["accuracy"] <= 1
+    assert report["parameters"]["adapted"]["trainable"] > 0
+    assert report["data"]["test"] == 24
+    split = json.loads((run / "split.json").read_text())
+    assert len(split["train"]) + len(split["validation"]) + len(split["test"]) == 120
+    assert "zero-shot `score`" in (run / "report.md").read_text()
+    assert not list(tmp_path.glob(".t.partial*"))
+
+
+def test_eval_contract(tiny_llama, sst2_tsv, tmp_path, capsys):
+    out = tmp_path / "ev"
+    assert main(["eval", "--task", "sst2", "--model", str(tiny_llama), "--data", str(sst2_tsv),
+                 "--limit", "30", "--out", str(out), "--dtype", "fp32"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for protocol in ("score", "generate"):
+        assert set(metrics[protocol]) >= {"accuracy", "precision", "recall", "f1", "f1_macro", "none_rate", "n"}
+        assert metrics[protocol]["n"] == 30
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 30 and "score_pred" in json.loads(lines[0])
+
+
+def test_eval_with_adapter_reproduces_run(tiny_llama, sst2_tsv, tmp_path):
+    assert main(tiny_run_args(tiny_llama, sst2_tsv, tmp_path, "eval.protocols=score")) == 0
+    run = tmp_path / "t"
+    out = tmp_path / "ev"
+    assert main(["eval", "--task", "sst2", "--model", str(tiny_llama), "--adapter", str(run / "adapter"),
+                 "--data", str(sst2_tsv), "--split", "test", "--protocol", "score", "--out", str(out),
+                 "--dtype", "fp32"]) == 0
+    ours = json.loads((out / "metrics.json").read_text())["score"]
+    theirs = json.loads((run / "finetuned" / "metrics.json").read_text())["score"]
+    assert ours["n"] == theirs["n"] and ours["accuracy"] == pytest.approx(theirs["accuracy"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["train.learning_rate=-1"], "learning_rate must be > 0"),
+    (["train.lora_r=0"], "lora_r must be > 0"),
+    (["model=/nonexistent/model-dir"], "cannot load model"),
+    (["model=no-such-org/no-such-model"], "cannot load model"),
+    (["data.path=/nonexistent.tsv"], "does not exist"),
+])
+def test_bad_input_exits_2_and_writes_nothing(tiny_llama, sst2_tsv, tmp_path, capsys, extra, message):
+    assert main(tiny_run_args(tiny_llama, sst2_tsv, tmp_path, *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [sst2_tsv] or not (tmp_path / "t").exists()
+    assert not list(tmp_path.glob(".t*"))
+
+
+def test_bad_data_exits_2(tiny_llama, tmp_path, capsys):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("sentence\tlabel\nfine\t3\n")
+    assert main(tiny_run_args(tiny_llama, bad, tmp_path / "runs")) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "row 2" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_existing_run_is_not_overwritten(tiny_llama, sst2_tsv, tmp_path, capsys):
+    (tmp_path / "t").mkdir()
+    assert main(tiny_run_args(tiny_llama, sst2_tsv, tmp_path)) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_help_mentions_every_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("run", "train", "eval"):
+        assert command in out

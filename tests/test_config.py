@@ -1,0 +1,65 @@
+import pytest
+
+from tasktune.config import load_recipe, parse_overrides
+from tasktune.errors import TasktuneError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_and_overrides(tmp_path):
+    recipe = load_recipe(write(tmp_path, "name: x\ntrain:\n  lora_r: 4\n"),
+                         ["train.learning_rate=1e-4", "eval.protocols=score", "data.limit_train=10"])
+    assert recipe.train.lora_r == 4 and recipe.train.learning_rate == 1e-4
+    assert recipe.eval.protocols == ["score"] and recipe.data.limit_train == 10
+    assert recipe.train.target_modules[0] == "q_proj" and len(recipe.train.target_modules) == 7
+
+
+def test_name_defaults_to_file_stem(tmp_path):
+    assert load_recipe(write(tmp_path, "task: sst2\n")).name == "r"
+
+
+def test_parse_overrides_nests():
+    assert parse_overrides(["a.b=1", "a.c=x", "d=true"]) == {"a": {"b": 1, "c": "x"}, "d": True}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.learning_rate=0", "learning_rate must be > 0"),
+    ("train.learning_rate=-1e-4", "learning_rate must be > 0"),
+    ("train.batch_size=0", "batch_size must be > 0"),
+    ("train.lora_r=-2", "lora_r must be > 0"),
+    ("train.epochs=0", "epochs must be > 0"),
+    ("train.lora_dropout=1.5", "lora_dropout must be in"),
+    ("data.test_size=0", "test_size must be in"),
+    ("train.batch_size=abc", "batch_size must be int"),
+    ("train.objective=magic", "objective 'magic' is not one of"),
+    ("eval.protocols=vibes", "eval.protocols"),
+    ("train.lora_rank=8", "unknown key"),
+    ("name=../escape", "plain directory name"),
+    ("train.patience=-1", "patience must be >= 0"),
+    ("justaword", "must look like key=value"),
+])
+def test_bad_values(tmp_path, override, message):
+    with pytest.raises(TasktuneError, match=message):
+        load_recipe(write(tmp_path, "name: x\n"), [override])
+
+
+def test_bad_yaml(tmp_path):
+    with pytest.raises(TasktuneError, match="not valid YAML"):
+        load_recipe(write(tmp_path, "name: [unclosed\n"))
+    with pytest.raises(TasktuneError, match="expected a mapping"):
+        load_recipe(write(tmp_path, "- a list\n"))
+    with pytest.raises(TasktuneError, match="does not exist"):
+        load_recipe(str(tmp_path / "missing.yaml"))
+
+
+def test_shipped_recipes_are_valid():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        load_recipe(str(path))

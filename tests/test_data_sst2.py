@@ -1,0 +1,115 @@
+import json
+
+import pytest
+
+from tasktune.config import DataConfig
+from tasktune.data import sst2
+from tasktune.errors import TasktuneError
+from tasktune.tasks.sst2 import SST2Task
+from tiny import write_sst2_jsonl
+
+
+def test_glue_tsv(sst2_tsv):
+    rows, source = sst2.load(str(sst2_tsv))
+    assert len(rows) == 120 and source == str(sst2_tsv)
+    assert rows[0]["id"] == 0 and rows[0]["label"] in (0, 1)
+    assert not rows[0]["sentence"].endswith(" ")  # GLUE's trailing space is stripped
+
+
+def test_kaggle_csv_columns_and_word_labels(tmp_path):
+    path = tmp_path / "sst2.csv"
+    path.write_text('Reviews,Ratings\n"a fine, warm film",positive\nawful,0\n', encoding="utf-8")
+    rows, _ = sst2.load(str(path))
+    assert [(r["sentence"], r["label"]) for r in rows] == [("a fine, warm film", 1), ("awful", 0)]
+
+
+def test_jsonl(tmp_path):
+    rows, _ = sst2.load(str(write_sst2_jsonl(tmp_path / "train.jsonl")))
+    assert len(rows) == 40 and {r["label"] for r in rows} == {0, 1}
+
+
+def test_data_dir_env(tmp_path, monkeypatch, sst2_tsv):
+    (tmp_path / "sst2").mkdir()
+    (tmp_path / "sst2" / "train.tsv").write_text(sst2_tsv.read_text())
+    monkeypatch.setenv("TASKTUNE_DATA_DIR", str(tmp_path))
+    rows, source = sst2.load(None)
+    assert len(rows) == 120 and source.endswith("sst2/train.tsv")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "is empty"),
+    ("sentence,label\nfine,1\n", "wrong delimiter"),
+    ("text\tscore\nfine\t1\n", "do not include a text column"),
+    ("sentence\tlabel\nfine\t2\n", "label '2' is not 0/1"),
+    ("sentence\tlabel\nfine\tNone\n", "label 'None' is not 0/1"),
+    ("sentence\tlabel\n   \t1\n", "empty sentence"),
+    ("sentence\tlabel\nfine\t1\textra\n", "3 fields, expected 2"),
+    ("sentence\tlabel\n", "no data rows"),
+])
+def test_bad_tsv(tmp_path, content, message):
+    path = tmp_path / "bad.tsv"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(TasktuneError, match=message) as err:
+        sst2.load(str(path))
+    assert str(path) in str(err.value)
+
+
+def test_bad_row_is_named(tmp_path):
+    path = tmp_path / "bad.tsv"
+    path.write_text("sentence\tlabel\nfine\t1\nbad\t7\n")
+    with pytest.raises(TasktuneError, match=r"row 3, field 'label'"):
+        sst2.load(str(path))
+
+
+def test_non_utf8(tmp_path):
+    path = tmp_path / "latin1.tsv"
+    path.write_bytes("sentence\tlabel\ncaf\xe9\t1\n".encode("latin-1"))
+    with pytest.raises(TasktuneError, match="line 2: invalid UTF-8"):
+        sst2.load(str(path))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(TasktuneError, match="does not exist"):
+        sst2.load(str(tmp_path / "nope.tsv"))
+
+
+def test_bad_jsonl(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text(json.dumps({"sentence": "ok", "label": 1}) + "\n{broken\n")
+    with pytest.raises(TasktuneError, match="line 2: not valid JSON"):
+        sst2.load(str(path))
+
+
+def test_unknown_extension(tmp_path):
+    path = tmp_path / "x.parquet"
+    path.write_text("x")
+    with pytest.raises(TasktuneError, match="unknown SST-2 format"):
+        sst2.load(str(path))
+
+
+def test_split_is_stratified_disjoint_and_deterministic(tmp_path):
+    from tiny import write_sst2_tsv
+
+    rows, _ = sst2.load(str(write_sst2_tsv(tmp_path / "t.tsv", n=1000)))
+    # Make the classes unbalanced (30/70) so stratification is visible.
+    rows = [r for r in rows if r["label"] == 1 or r["id"] % 10 < 4]
+    cfg = DataConfig(seed=7, val_size=50)
+    split = SST2Task().split(rows, cfg)
+    assert split == SST2Task().split(rows, cfg)
+    assert split != SST2Task().split(rows, DataConfig(seed=8, val_size=50))
+    ids = [set(v) for v in split.values()]
+    assert sum(len(s) for s in ids) == len(rows) and len(set().union(*ids)) == len(rows)
+    assert len(split["validation"]) == 50
+    by_id = {r["id"]: r["label"] for r in rows}
+    overall = sum(by_id.values()) / len(rows)
+    assert overall == pytest.approx(500 / 700)
+    for part in split.values():
+        assert set(part) <= set(by_id)
+        assert abs(sum(by_id[i] for i in part) / len(part) - overall) < 0.02
+    assert abs(len(split["test"]) / len(rows) - 0.2) < 0.01
+
+
+def test_real_sst2_file(shared_data):
+    rows, _ = sst2.load(str(shared_data / "sst2" / "train.tsv"))
+    assert len(rows) == 67349
+    assert sum(r["label"] for r in rows) == 37569

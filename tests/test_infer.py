@@ -1,0 +1,99 @@
+import pytest
+import torch
+
+from tasktune import infer
+from tasktune.models import load_model
+from tasktune.tasks import PromptBuilder
+from tasktune.tasks.sst2 import SST2Task
+from tiny import sentiment_rows
+
+ARCHS = ["llama", "gemma2", "gemma3"]
+
+
+def prompts(builder, n=9):
+    rows = [{"id": i, "sentence": s, "label": l} for i, (s, l) in enumerate(sentiment_rows(n, seed=3))]
+    return rows, [builder.encode(builder.render(r)) for r in rows]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def loaded(request, tiny_models):
+    lm = load_model(str(tiny_models[request.param]), dtype="fp32")
+    return lm, PromptBuilder(SST2Task(), lm.tokenizer)
+
+
+def test_left_padding_and_positions():
+    ids, mask = infer.left_pad([[5, 6], [7, 8, 9]], pad_id=0)
+    assert ids.tolist() == [[0, 5, 6], [7, 8, 9]] and mask.tolist() == [[0, 1, 1], [1, 1, 1]]
+    assert infer.position_ids_from_mask(mask).tolist() == [[0, 0, 1], [0, 1, 2]]
+
+
+def test_score_equals_full_forward_log_softmax(loaded):
+    lm, builder = loaded
+    rows, encoded = prompts(builder)
+    token_ids = SST2Task().label_token_ids(builder, rows[0])
+    scored = infer.score_tokens(lm.model, encoded, token_ids, lm.tokenizer.pad_token_id, batch_size=4)
+    for i, ids in enumerate(encoded):
+        with torch.no_grad():
+            logits = lm.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+        expected = torch.log_softmax(logits, -1)[token_ids]
+        torch.testing.assert_close(scored[i], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_batched_scoring_equals_single(loaded):
+    lm, builder = loaded
+    rows, encoded = prompts(builder)
+    token_ids = SST2Task().label_token_ids(builder, rows[0])
+    pad = lm.tokenizer.pad_token_id
+    batched = infer.score_tokens(lm.model, encoded, token_ids, pad, batch_size=9)
+    single = infer.score_tokens(lm.model, encoded, token_ids, pad, batch_size=1)
+    torch.testing.assert_close(batched, single, atol=1e-4, rtol=1e-4)
+
+
+def test_batched_generation_equals_single(loaded):
+    lm, builder = loaded
+    _, encoded = prompts(builder)
+    batched, _ = infer.generate(lm.model, lm.tokenizer, encoded, 4, batch_size=9)
+    single, _ = infer.generate(lm.model, lm.tokenizer, encoded, 4, batch_size=1)
+    assert batched == single
+
+
+def test_bf16_batched_close_to_single(tiny_models):
+    lm = load_model(str(tiny_models["gemma3"]), dtype="bf16")
+    builder = PromptBuilder(SST2Task(), lm.tokenizer)
+    rows, encoded = prompts(builder)
+    token_ids = SST2Task().label_token_ids(builder, rows[0])
+    pad = lm.tokenizer.pad_token_id
+    batched = infer.score_tokens(lm.model, encoded, token_ids, pad, batch_size=9)
+    single = infer.score_tokens(lm.model, encoded, token_ids, pad, batch_size=1)
+    torch.testing.assert_close(batched, single, atol=0.1, rtol=0.05)  # bf16 tolerance (DESIGN.md)
+
+
+def test_first_token_probability_matches_a_forward_pass(loaded):
+    lm, builder = loaded
+    _, encoded = prompts(builder, n=3)
+    token = 5
+    _, probs = infer.generate(lm.model, lm.tokenizer, encoded, 2, batch_size=3, first_token_id=token)
+    for ids, p in zip(encoded, probs):
+        with torch.no_grad():
+            logits = lm.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+        assert p == pytest.approx(torch.softmax(logits, -1)[token].item(), abs=1e-5)
+
+
+def test_verbalizer_must_be_single_token(tiny_llama):
+    from tasktune.errors import TasktuneError
+
+    lm = load_model(str(tiny_llama), dtype="fp32")
+    task = SST2Task()
+    task.verbalizers = (" negative", " very positive")
+    builder = PromptBuilder(task, lm.tokenizer)
+    with pytest.raises(TasktuneError, match="not a single token"):
+        task.label_token_ids(builder, {"sentence": "good", "label": 1})
+
+
+def test_parse():
+    task = SST2Task()
+    assert task.parse(" positive") == 1
+    assert task.parse(" Negative.\nQuestion") == 0
+    assert task.parse(" neutral") is None
+    assert task.parse("") is None
+    assert task.parse(" the movie is positive") is None

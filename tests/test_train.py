@@ -1,0 +1,96 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tasktune.config import TrainConfig
+from tasktune.infer import classify
+from tasktune.models import load_model
+from tasktune.tasks import PromptBuilder
+from tasktune.tasks.sst2 import SST2Task
+from tasktune.train import LeftPadCollator, TaskTrainer, add_lora, fit
+from tiny import sentiment_rows
+
+
+def rows(n, seed=0):
+    return [{"id": i, "sentence": s, "label": l} for i, (s, l) in enumerate(sentiment_rows(n, seed))]
+
+
+def setup(path, objective, dtype="fp32"):
+    head = "seqcls" if objective == "seqcls" else "causal_lm"
+    lm = load_model(str(path), dtype=dtype, head=head)
+    task = SST2Task()
+    builder = PromptBuilder(task, lm.tokenizer)
+    label_ids = task.label_token_ids(builder, rows(1)[0])
+    return lm, task, builder, label_ids, head
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3"])
+@pytest.mark.parametrize("objective", ["verbalizer", "lm", "seqcls"])
+def test_objective_trains_and_changes_only_lora(tiny_models, tmp_path, arch, objective):
+    lm, task, builder, label_ids, head = setup(tiny_models[arch], objective)
+    cfg = TrainConfig(objective=objective, lora_r=4, lora_alpha=8, batch_size=8, max_steps=6, eval_steps=3,
+                      logging_steps=1, learning_rate=1e-3, warmup_ratio=0.0)
+    model = add_lora(lm.model, cfg, objective)
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    train = rows(48)
+    features = task.train_features(builder, train, objective, 64, label_ids)
+    val = rows(16, seed=1)
+    summary = fit(model, lm.tokenizer, features, features[:1], cfg, tmp_path, objective,
+                  lambda m: task.validation_metrics(m, builder, val, 8, head=head), "accuracy", label_ids)
+    assert summary["global_step"] == 6
+    assert any("eval_accuracy" in h for h in summary["log_history"])
+    assert (tmp_path / "log_history.json").is_file()
+    for name, p in model.named_parameters():
+        if name in frozen_before:
+            assert torch.equal(p, frozen_before[name]), name
+    changed = [n for n, p in model.named_parameters() if n in trainable_before
+               and not torch.equal(p, trainable_before[n])]
+    assert any("lora_B" in n for n in changed)
+    if objective == "seqcls":
+        assert any("score" in n or "classifier" in n for n in changed)
+
+
+def test_verbalizer_loss_equals_full_logit_cross_entropy_on_label_rows(tiny_models):
+    lm, task, builder, label_ids, _ = setup(tiny_models["gemma2"], "verbalizer")  # soft-capped logits
+    batch_rows = rows(6)
+    features = task.train_features(builder, batch_rows, "verbalizer", 64, label_ids)
+    batch = LeftPadCollator(lm.tokenizer.pad_token_id)(features)
+    trainer = TaskTrainer.__new__(TaskTrainer)
+    trainer.objective, trainer.label_token_ids = "verbalizer", label_ids
+    loss = trainer.compute_loss(lm.model, batch)
+    expected = []
+    for ex in batch_rows:
+        ids = builder.encode(builder.render(ex))
+        with torch.no_grad():
+            logits = lm.model(input_ids=torch.tensor([ids])).logits[0, -1, label_ids].float()
+        expected.append(F.cross_entropy(logits[None], torch.tensor([ex["label"]])))
+    torch.testing.assert_close(loss, torch.stack(expected).mean(), atol=1e-4, rtol=1e-4)
+
+
+def test_lm_labels_mask_everything_but_the_label_token(tiny_llama):
+    lm, task, builder, label_ids, _ = setup(tiny_llama, "lm")
+    (feature,) = task.train_features(builder, rows(1), "lm", 64, label_ids)
+    assert feature["labels"][:-1] == [-100] * (len(feature["labels"]) - 1)
+    assert feature["labels"][-1] == feature["input_ids"][-1] == label_ids[rows(1)[0]["label"]]
+
+
+def test_seqcls_adapter_reloads_and_scores_identically(tiny_models, tmp_path):
+    from peft import PeftModel
+
+    lm, task, builder, label_ids, _ = setup(tiny_models["gemma3"], "seqcls")
+    cfg = TrainConfig(objective="seqcls", lora_r=4, batch_size=8, max_steps=3, eval_steps=3, warmup_ratio=0.0,
+                      learning_rate=1e-3)
+    model = add_lora(lm.model, cfg, "seqcls")
+    features = task.train_features(builder, rows(24), "seqcls", 64, label_ids)
+    fit(model, lm.tokenizer, features, features[:1], cfg, tmp_path, "seqcls",
+        lambda m: task.validation_metrics(m, builder, rows(8), 8, head="seqcls"), "accuracy", label_ids)
+    model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    encoded = [builder.encode(builder.render(r)) for r in rows(10, seed=5)]
+    model.eval()
+    before = classify(model, encoded, lm.tokenizer.pad_token_id, 4)
+    fresh = load_model(str(tiny_models["gemma3"]), dtype="fp32", head="seqcls")
+    reloaded = PeftModel.from_pretrained(fresh.model, tmp_path / "adapter").eval()
+    after = classify(reloaded, encoded, lm.tokenizer.pad_token_id, 4)
+    torch.testing.assert_close(before, after)

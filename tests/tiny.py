@@ -1,0 +1,86 @@
+"""Tiny random causal LMs (hidden 64, 2 layers) with a word-level tokenizer, saved like a hub model.
+
+They go through the same `--model DIR` code path as a real model; a LoRA step takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+POSITIVE_WORDS = ["good", "great", "lovely", "brilliant", "fun", "charming", "moving", "superb"]
+NEGATIVE_WORDS = ["bad", "awful", "dull", "boring", "messy", "tedious", "weak", "clumsy"]
+FILLER = ["the", "film", "movie", "story", "is", "was", "a", "an", "very", "quite", "and", "but", "plot",
+          "acting", "really", "so", "of", "it", "this", "cast"]
+PROMPT_WORDS = ["Question", "Is", "this", "sentence", "positive", "or", "negative", "Answer", "?", ":", ".",
+                ",", "Title", "Context", "unanswerable", "when", "who", "what", "where", "Paris", "France",
+                "capital", "in", "1900", "born", "city", "river", "Seine", "flows", "through", "answer"]
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+VOCAB = SPECIALS + sorted(set(POSITIVE_WORDS + NEGATIVE_WORDS + FILLER + PROMPT_WORDS))
+
+
+def save_tokenizer(out: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>", padding_side="left")
+    fast.save_pretrained(out)
+
+
+def tiny_config(arch: str):
+    from transformers import Gemma2Config, Gemma3TextConfig, LlamaConfig
+
+    common = dict(vocab_size=len(VOCAB), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "llama":
+        return LlamaConfig(**common, tie_word_embeddings=False)
+    if arch == "gemma2":
+        return Gemma2Config(**common, head_dim=16, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+                            sliding_window=16)
+    if arch == "gemma3":
+        return Gemma3TextConfig(**common, head_dim=16, sliding_window=16)
+    raise ValueError(arch)
+
+
+def make_tiny_model(out: Path, arch: str = "llama", seed: int = 0) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch))
+    model.save_pretrained(out)
+    save_tokenizer(out)
+    return out
+
+
+def sentiment_rows(n: int, seed: int = 0) -> list[tuple[str, int]]:
+    """Synthetic SST-2-like rows: the label is carried by one sentiment word."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        word = rng.choice(POSITIVE_WORDS if label else NEGATIVE_WORDS)
+        words = rng.sample(FILLER, rng.randint(2, 7)) + [word]
+        rng.shuffle(words)
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def write_sst2_tsv(path: Path, n: int = 120, seed: int = 0) -> Path:
+    lines = ["sentence\tlabel"] + [f"{s} \t{l}" for s, l in sentiment_rows(n, seed)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def write_sst2_jsonl(path: Path, n: int = 40, seed: int = 0) -> Path:
+    path.write_text("".join(json.dumps({"sentence": s, "label": l}) + "\n" for s, l in sentiment_rows(n, seed)))
+    return path
