@@ -52,8 +52,8 @@ def test_batched_scoring_equals_single(loaded):
 def test_batched_generation_equals_single(loaded):
     lm, builder = loaded
     _, encoded = prompts(builder)
-    batched, _ = infer.generate(lm.model, lm.tokenizer, encoded, 4, batch_size=9)
-    single, _ = infer.generate(lm.model, lm.tokenizer, encoded, 4, batch_size=1)
+    batched = infer.generate(lm.model, lm.tokenizer, encoded, 4, batch_size=9).texts
+    single = infer.generate(lm.model, lm.tokenizer, encoded, 4, batch_size=1).texts
     assert batched == single
 
 
@@ -72,7 +72,7 @@ def test_first_token_probability_matches_a_forward_pass(loaded):
     lm, builder = loaded
     _, encoded = prompts(builder, n=3)
     token = 5
-    _, probs = infer.generate(lm.model, lm.tokenizer, encoded, 2, batch_size=3, first_token_id=token)
+    probs = infer.generate(lm.model, lm.tokenizer, encoded, 2, batch_size=3, first_token_id=token).first_token_probs
     for ids, p in zip(encoded, probs):
         with torch.no_grad():
             logits = lm.model(input_ids=torch.tensor([ids])).logits[0, -1].float()

@@ -7,6 +7,8 @@ it would be alone.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 
 import torch
 from tqdm.auto import tqdm
@@ -99,19 +101,31 @@ def classify(model, encoded: list[list[int]], pad_id: int, batch_size: int = 16,
     return out
 
 
+@dataclass
+class Generations:
+    texts: list[str]
+    first_token_probs: list[float] | None = None  # P(first_token_id) at the first step
+    first_token_is_top: list[bool] | None = None  # would plain greedy have chosen it?
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, encoded: list[list[int]], max_new_tokens: int, batch_size: int = 16,
-             stop_at_newline: bool = False, first_token_id: int | None = None,
-             desc: str = "generate") -> tuple[list[str], list[float] | None]:
+             stop_at_newline: bool = False, first_token_id: int | None = None, suppress_first: bool = False,
+             desc: str = "generate") -> Generations:
     """Greedy generation for every prompt, batched with a KV cache.
 
-    With `first_token_id`, also return the probability of that token at the first generation step,
-    read from the same forward pass that chose the first token (no second pass).
+    With `first_token_id`, also return that token's probability at the first generation step, read from the
+    raw logits of the same forward pass that chose the first token (no second pass). `suppress_first` forbids
+    it as the first token, so the text is the best non-abstaining answer while the probability still tells
+    how much the model wanted to abstain.
     """
     texts: list[str] = [""] * len(encoded)
     first_probs = [0.0] * len(encoded) if first_token_id is not None else None
+    first_top = [False] * len(encoded) if first_token_id is not None else None
     lm = unwrap(model)
     extra = {"stop_strings": ["\n"], "tokenizer": tokenizer} if stop_at_newline else {}
+    if suppress_first and first_token_id is not None:
+        extra["begin_suppress_tokens"] = [first_token_id]
     for idx in tqdm(list(batches(encoded, batch_size)), desc=desc, leave=False):
         ids, mask = left_pad([encoded[i] for i in idx], tokenizer.pad_token_id)
         out = lm.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
@@ -124,10 +138,12 @@ def generate(model, tokenizer, encoded: list[list[int]], max_new_tokens: int, ba
         for row, i in enumerate(idx):
             texts[i] = decoded[row].split("\n", 1)[0] if stop_at_newline else decoded[row]
         if first_token_id is not None:
-            probs = torch.softmax(out.logits[0].float(), dim=-1)[:, first_token_id].cpu().tolist()
+            step = out.logits[0].float()  # raw logits of the first step, before any suppression
+            probs = torch.softmax(step, dim=-1)[:, first_token_id].cpu().tolist()
+            top = (step.argmax(-1) == first_token_id).cpu().tolist()
             for row, i in enumerate(idx):
-                first_probs[i] = probs[row]
-    return texts, first_probs
+                first_probs[i], first_top[i] = probs[row], top[row]
+    return Generations(texts, first_probs, first_top)
 
 
 def merge_for_inference(model) -> torch.nn.Module:

@@ -70,6 +70,8 @@ def prepare(recipe: Recipe) -> Prepared:
     start = time.perf_counter()
     lm = load_model(recipe.model, recipe.dtype)
     timings["model_load_s"] = time.perf_counter() - start
+    if hasattr(task, "max_prompt_tokens"):
+        task.max_prompt_tokens = recipe.eval.max_prompt_tokens
     builder = PromptBuilder(task, lm.tokenizer, recipe.eval.prompt_format, recipe.eval.shots,
                             shot_pool=examples["train"], seed=recipe.data.seed)
     label_ids = task.label_token_ids(builder, examples["test"][0]) if hasattr(task, "label_token_ids") else None
@@ -81,8 +83,11 @@ def evaluate_stage(p: Prepared, model, out_dir: Path, head: str = "causal_lm") -
     test = p.examples["test"]
     generate_ids = {ex["id"] for ex in sample(test, cfg.limit_generate, p.recipe.data.seed)}
     start = time.perf_counter()
+    extra = {}
+    if hasattr(p.task, "calibrate"):  # SQuAD v2: abstention threshold chosen on the validation slice
+        extra["na_threshold"] = p.task.calibrate(model, p.builder, p.examples["validation"], cfg.batch_size)
     metrics, records = p.task.evaluate(model, p.builder, test, cfg.protocols, cfg.batch_size, head=head,
-                                       generate_ids=generate_ids)
+                                       generate_ids=generate_ids, **extra)
     metrics["seconds"] = round(time.perf_counter() - start, 3)
     write_json(out_dir / "metrics.json", metrics)
     write_jsonl(out_dir / "predictions.jsonl", records)
@@ -125,7 +130,7 @@ def run(recipe: Recipe, overwrite: bool = False, train_only: bool = False) -> Pa
         if not train_only:
             print(f"[tasktune] zero-shot evaluation on {len(p.examples['test'])} test examples")
             zeroshot = evaluate_stage(p, p.lm.model, work / "zeroshot")
-            print_metrics("zero-shot", zeroshot)
+            print(f"[tasktune] zero-shot  {p.task.summary(zeroshot)}")
         start = time.perf_counter()
         model, training, head = train_stage(p, work)
         p.timings["train_s"] = time.perf_counter() - start
@@ -134,7 +139,7 @@ def run(recipe: Recipe, overwrite: bool = False, train_only: bool = False) -> Pa
             merged = merge_for_inference(model)
             print(f"[tasktune] fine-tuned evaluation on {len(p.examples['test'])} test examples")
             finetuned = evaluate_stage(p, merged, work / "finetuned", head=head)
-            print_metrics("fine-tuned", finetuned)
+            print(f"[tasktune] fine-tuned {p.task.summary(finetuned)}")
         from tasktune.report import write_report
 
         write_report(work, recipe=recipe, prepared=p, zeroshot=zeroshot, finetuned=finetuned,
@@ -142,9 +147,3 @@ def run(recipe: Recipe, overwrite: bool = False, train_only: bool = False) -> Pa
     print(f"[tasktune] wrote {recipe.run_dir}")
     return recipe.run_dir
 
-
-def print_metrics(label: str, metrics: dict) -> None:
-    for protocol, m in metrics.items():
-        if isinstance(m, dict) and "accuracy" in m:
-            print(f"[tasktune] {label:10s} {protocol:10s} accuracy {m['accuracy']:.4f}  f1 {m['f1']:.4f}  "
-                  f"none {m['none_rate']:.3f}  n {m['n']}")

@@ -6,9 +6,6 @@ from pathlib import Path
 
 from tasktune.rundir import write_json
 
-CLASSIFICATION_ROWS = ("accuracy", "precision", "recall", "f1", "f1_macro", "none_rate", "n")
-
-
 def _fmt(value) -> str:
     if value is None:
         return "—"
@@ -19,15 +16,15 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def comparison_table(zeroshot: dict | None, finetuned: dict | None, rows=CLASSIFICATION_ROWS) -> str:
-    """Markdown table: one row per metric, one column per (stage, protocol)."""
+def comparison_table(task, zeroshot: dict | None, finetuned: dict | None) -> str:
+    """Markdown table: one row per metric, one column per (stage, protocol or decision)."""
     columns = []
     for stage, metrics in (("zero-shot", zeroshot), ("fine-tuned", finetuned)):
-        for protocol, values in (metrics or {}).items():
-            if isinstance(values, dict):
-                columns.append((f"{stage} `{protocol}`", values))
+        for name, values in task.report_columns(metrics or {}):
+            columns.append((f"{stage} `{name}`", values))
     if not columns:
         return "_no evaluation was run_\n"
+    rows = [r for r in task.report_rows if any(r in values for _, values in columns)]
     lines = ["| metric | " + " | ".join(c for c, _ in columns) + " |",
              "|---|" + "---:|" * len(columns)]
     for row in rows:
@@ -50,11 +47,11 @@ def write_report(run_dir: Path, recipe, prepared, zeroshot, finetuned, training,
         "config": recipe.to_dict(), "versions": versions,
     }
     write_json(run_dir / "report.json", report)
-    (run_dir / "report.md").write_text(render_markdown(report, history), encoding="utf-8")
+    (run_dir / "report.md").write_text(render_markdown(report, history, prepared.task), encoding="utf-8")
     return report
 
 
-def render_markdown(report: dict, history: list[dict]) -> str:
+def render_markdown(report: dict, history: list[dict], task) -> str:
     proto = report["protocol"]
     adapted = report["parameters"]["adapted"] or {}
     train = report["training"]
@@ -67,14 +64,12 @@ def render_markdown(report: dict, history: list[dict]) -> str:
         "",
         "## Zero-shot vs fine-tuned (same test split, same protocol)",
         "",
-        comparison_table(report["zeroshot"], report["finetuned"]),
+        comparison_table(task, report["zeroshot"], report["finetuned"]),
         "## Protocol",
         "",
         f"- prompt format `{proto['prompt_format']}`, shots {proto['shots']}",
         f"- template: `{proto['template']!r}`",
-        f"- verbalizers {proto.get('verbalizers')} → token ids {proto.get('label_token_ids')}",
-        "- `score`: log-likelihood of each verbalizer after the prompt, argmax (never None).",
-        "- `generate`: greedy generation, first word parsed; anything else counts as None (wrong).",
+        *task.protocol_notes(proto),
         "",
         "## Parameters",
         "",

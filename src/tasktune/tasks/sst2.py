@@ -120,13 +120,28 @@ class SST2Task:
         if "generate" in protocols:
             start = time.perf_counter()
             subset = [i for i, ex in enumerate(examples) if generate_ids is None or ex["id"] in generate_ids]
-            texts, _ = infer.generate(model, tok, [encoded[i] for i in subset], self.max_new_tokens,
-                                      batch_size)
+            texts = infer.generate(model, tok, [encoded[i] for i in subset], self.max_new_tokens,
+                                   batch_size).texts
             preds = [self.parse(t) for t in texts]
             metrics["generate"] = self._finish([golds[i] for i in subset], preds, start)
             for i, text, p in zip(subset, texts, preds):
                 records[i]["generate_text"], records[i]["generate_pred"] = text, p
         return metrics, records
+
+    # --- reporting --------------------------------------------------------------------------------
+    report_rows = ("accuracy", "precision", "recall", "f1", "f1_macro", "none_rate", "n")
+
+    def report_columns(self, metrics: dict) -> list[tuple[str, dict]]:
+        return [(protocol, values) for protocol, values in metrics.items() if isinstance(values, dict)]
+
+    def protocol_notes(self, proto: dict) -> list[str]:
+        return [f"- verbalizers {list(self.verbalizers)} → token ids {proto.get('label_token_ids')}",
+                "- `score`: log-likelihood of each verbalizer after the prompt, argmax (never None).",
+                "- `generate`: greedy generation, first word parsed; anything else counts as None (wrong)."]
+
+    def summary(self, metrics: dict) -> str:
+        return " | ".join(f"{name} accuracy {m['accuracy']:.4f} f1 {m['f1']:.4f} none {m['none_rate']:.3f} "
+                          f"n {m['n']}" for name, m in self.report_columns(metrics))
 
     @staticmethod
     def _finish(golds, preds, start) -> dict:

@@ -1,0 +1,146 @@
+"""SQuAD v2 questions from the official JSON, JSONL, or the hub (`rajpurkar/squad_v2`).
+
+Each question becomes `{"id", "title", "context", "question", "answers": [text, ...], "answer_starts",
+"is_impossible"}`; `answers` is empty for unanswerable questions. A directory pools every `*.json` /
+`*.jsonl` file in it (official train and dev parts alike), then the split decides what is test.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tasktune.data import read_text, resolve_data_path
+from tasktune.errors import TasktuneError
+
+HUB_ID = "rajpurkar/squad_v2"
+
+
+def _require(obj, key, kind, where):
+    if not isinstance(obj, dict) or key not in obj:
+        raise TasktuneError(f"{where}: missing {key!r} (expected the official SQuAD v2 layout "
+                            "data[].paragraphs[].qas[])")
+    value = obj[key]
+    if not isinstance(value, kind):
+        raise TasktuneError(f"{where}: {key!r} must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _question(qid, title, context, question, answers, starts, impossible, where) -> dict:
+    if not question.strip():
+        raise TasktuneError(f"{where}: empty question")
+    if not context.strip():
+        raise TasktuneError(f"{where}: empty context")
+    if not impossible and not answers:
+        raise TasktuneError(f"{where}: answerable question (is_impossible false) has no answers")
+    return {"id": qid, "title": title, "context": context, "question": question.strip(),
+            "answers": [] if impossible else answers, "answer_starts": [] if impossible else starts,
+            "is_impossible": impossible}
+
+
+def load_official(path: Path) -> list[dict]:
+    try:
+        doc = json.loads(read_text(path))
+    except json.JSONDecodeError as exc:
+        raise TasktuneError(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno} ({exc.msg})") from exc
+    rows = []
+    for a, article in enumerate(_require(doc, "data", list, str(path))):
+        title = str(article.get("title", f"article-{a}")) if isinstance(article, dict) else ""
+        for p, paragraph in enumerate(_require(article, "paragraphs", list, f"{path}, data[{a}]")):
+            where_p = f"{path}, data[{a}].paragraphs[{p}]"
+            context = _require(paragraph, "context", str, where_p)
+            for q, qa in enumerate(_require(paragraph, "qas", list, where_p)):
+                where_q = f"{where_p}.qas[{q}]"
+                qid = _require(qa, "id", str, where_q)
+                question = _require(qa, "question", str, where_q)
+                impossible = bool(qa.get("is_impossible", False))
+                answers = qa.get("answers", [])
+                if not isinstance(answers, list) or not all(isinstance(x, dict) and isinstance(x.get("text"), str)
+                                                            for x in answers):
+                    raise TasktuneError(f"{where_q} (id {qid}): 'answers' must be a list of {{text, answer_start}}")
+                rows.append(_question(qid, title, context, question, [x["text"] for x in answers],
+                                      [x.get("answer_start", -1) for x in answers], impossible,
+                                      f"{where_q} (id {qid})"))
+    return rows
+
+
+def _jsonl_answers(obj, where) -> tuple[list[str], list[int]]:
+    answers = obj.get("answers", [])
+    if isinstance(answers, dict):  # the hub layout: {"text": [...], "answer_start": [...]}
+        texts = answers.get("text", [])
+        return list(texts), list(answers.get("answer_start", [-1] * len(texts)))
+    if isinstance(answers, list):
+        texts = [a["text"] if isinstance(a, dict) else a for a in answers]
+        if not all(isinstance(t, str) for t in texts):
+            raise TasktuneError(f"{where}: 'answers' must hold strings or {{text}} objects")
+        return texts, [a.get("answer_start", -1) if isinstance(a, dict) else -1 for a in answers]
+    raise TasktuneError(f"{where}: 'answers' must be a list or {{text: [...]}}")
+
+
+def load_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for n, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TasktuneError(f"{where}: not valid JSON ({exc.msg})") from exc
+        for key in ("id", "question", "context"):
+            _require(obj, key, str, where)
+        texts, starts = _jsonl_answers(obj, where)
+        impossible = bool(obj.get("is_impossible", not texts))
+        rows.append(_question(obj["id"], str(obj.get("title", "")), obj["context"], obj["question"], texts,
+                              starts, impossible, f"{where} (id {obj['id']})"))
+    return rows
+
+
+def load_hub(split: str = "train") -> list[dict]:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise TasktuneError("no local SQuAD v2 file was given and `datasets` is not installed for the hub: "
+                            "pass --data PATH, set $TASKTUNE_DATA_DIR, or pip install 'tasktune[hub]'") from exc
+    try:
+        ds = datasets.load_dataset(HUB_ID, split=split)
+    except Exception as exc:  # the hub raises many types; all mean "not available"
+        raise TasktuneError(f"cannot load {HUB_ID!r} from the Hugging Face Hub (offline?): {exc}") from exc
+    return [_question(r["id"], r["title"], r["context"], r["question"], list(r["answers"]["text"]),
+                      list(r["answers"]["answer_start"]), not r["answers"]["text"], f"{HUB_ID}[{i}]")
+            for i, r in enumerate(ds)]
+
+
+def _load_file(path: Path) -> list[dict]:
+    if path.suffix.lower() == ".jsonl":
+        return load_jsonl(path)
+    if path.suffix.lower() == ".json":
+        return load_official(path)
+    raise TasktuneError(f"{path}: unknown SQuAD v2 format {path.suffix!r} (expected .json or .jsonl)")
+
+
+def load(path: str | None = None) -> tuple[list[dict], str]:
+    if path in (HUB_ID, f"hub:{HUB_ID}"):
+        return load_hub(), f"hub:{HUB_ID}"
+    if path and Path(path).expanduser().is_dir():
+        files = sorted(p for p in Path(path).expanduser().iterdir() if p.suffix.lower() in (".json", ".jsonl"))
+        if not files:
+            raise TasktuneError(f"data directory {path} holds no .json or .jsonl files")
+    else:
+        resolved = resolve_data_path(path, "squad_v2", ("train-v2.0.json", "train.jsonl", "squad_v2.json"))
+        if resolved is None:
+            root = Path(__import__("os").environ.get("TASKTUNE_DATA_DIR", "")) / "squad_v2"
+            if root.is_dir() and any(p.suffix in (".json", ".jsonl") for p in root.iterdir()):
+                return load(str(root))
+            return load_hub(), f"hub:{HUB_ID}"
+        files = [resolved]
+    rows, seen = [], {}
+    for file in files:
+        for row in _load_file(file):
+            if row["id"] in seen:
+                raise TasktuneError(f"{file}: duplicate question id {row['id']!r} (first seen in {seen[row['id']]})")
+            seen[row["id"]] = file
+            rows.append(row)
+    if not rows:
+        raise TasktuneError(f"{', '.join(map(str, files))}: no questions found")
+    return rows, ", ".join(str(f) for f in files)

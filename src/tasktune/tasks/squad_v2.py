@@ -1,0 +1,185 @@
+"""SQuAD v2: generative extractive QA that must say "unanswerable" when the context has no answer.
+
+Decisions reported (DESIGN.md):
+- `raw`: greedy generation; the model abstains when its first token is the first token of " unanswerable".
+- `calibrated`: abstain when P(first token of " unanswerable") exceeds a threshold chosen on the validation
+  slice (best F1); otherwise answer with the best non-abstaining generation.
+One generation pass gives both: the first token of " unanswerable" is suppressed at the first step, and its
+probability is read from that step's raw logits.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+from tasktune import infer
+from tasktune.data import squad_v2 as squad_data
+from tasktune.data.split import grouped_split, random_split
+from tasktune.errors import TasktuneError
+from tasktune.metrics.squad_v2 import best_threshold, normalize_answer, raw_scores, squad_v2_metrics
+from tasktune.metrics.text_overlap import text_overlap_metrics
+
+ABSTAIN_WORD = "unanswerable"
+
+
+class SquadV2Task:
+    name = "squad_v2"
+    template = "Title: {title}\nContext: {context}\nQuestion: {question}\nAnswer:"
+    max_new_tokens = 32
+    metric_for_best = "f1"
+    max_prompt_tokens = 384  # overridden from the recipe's eval.max_prompt_tokens
+
+    def prompt(self, example: dict) -> str:
+        return self.template.format(title=example["title"].replace("_", " "), context=example["context"],
+                                    question=example["question"])
+
+    def target(self, example: dict) -> str:
+        return " " + (example["answers"][0] if example["answers"] else ABSTAIN_WORD)
+
+    def label_token_ids(self, builder, example: dict) -> list[int]:
+        """The first token of " unanswerable" in the final context (its probability is `na_prob`)."""
+        context = builder.render(example)
+        base = builder.encode(context)
+        full = builder.encode(context + " " + ABSTAIN_WORD)
+        if full[: len(base)] != base or len(full) == len(base):
+            raise TasktuneError(f"cannot find the first token of ' {ABSTAIN_WORD}' after the prompt")
+        return [full[len(base)]]
+
+    # --- data -------------------------------------------------------------------------------------
+    def load(self, path: str | None) -> tuple[list[dict], str]:
+        return squad_data.load(path)
+
+    def split(self, rows: list[dict], data_cfg) -> dict[str, list]:
+        """80:20 by article (default: no context on both sides) or by question (the seed's protocol)."""
+        ids = [r["id"] for r in rows]
+        if data_cfg.split_by == "article":
+            train, test = grouped_split([r["title"] for r in rows], data_cfg.test_size, data_cfg.seed)
+        else:
+            train, test = random_split(len(rows), data_cfg.test_size, data_cfg.seed)
+        val_n = min(data_cfg.val_size, len(train) // 2)
+        shuffled = random.Random(data_cfg.seed).sample(train, len(train))
+        val = sorted(shuffled[:val_n])
+        fit = sorted(shuffled[val_n:])
+        return {"train": [ids[i] for i in fit], "validation": [ids[i] for i in val], "test": [ids[i] for i in test]}
+
+    # --- prompts under a token budget -------------------------------------------------------------
+    def fit_prompt(self, builder, example: dict, budget: int, keep_answer: bool) -> tuple[list[int], bool]:
+        """Encoded prompt within `budget` tokens; long contexts are cut to a window of characters
+        around the answer (training) or to their beginning (evaluation, where the answer is unknown)."""
+        ids = builder.encode(builder.render(example))
+        if len(ids) <= budget:
+            return ids, False
+        context = example["context"]
+        center = 0
+        if keep_answer and example["answers"]:
+            start = example["answer_starts"][0] if example.get("answer_starts") else -1
+            found = context.find(example["answers"][0])
+            center = start if start >= 0 and context[start:].startswith(example["answers"][0]) else max(found, 0)
+            center += len(example["answers"][0]) // 2
+        keep = len(context)
+        while len(ids) > budget and keep > 0:
+            keep = int(keep * budget / len(ids) * 0.95)
+            lo = max(0, min(center - keep // 2, len(context) - keep)) if keep_answer else 0
+            cut = dict(example, context=context[lo:lo + keep])
+            ids = builder.encode(builder.render(cut))
+        return ids, True
+
+    # --- training ---------------------------------------------------------------------------------
+    def train_features(self, builder, examples: list[dict], objective: str, max_length: int,
+                       label_token_ids=None) -> list[dict]:
+        features = []
+        for ex in examples:
+            # The newline teaches the model to stop right after a short answer.
+            target = builder.tokenizer(self.target(ex) + "\n", add_special_tokens=False)["input_ids"]
+            prompt, _ = self.fit_prompt(builder, ex, max_length - len(target), keep_answer=True)
+            features.append({"input_ids": prompt + target, "labels": [-100] * len(prompt) + target})
+        return features
+
+    def validation_metrics(self, model, builder, examples: list[dict], batch_size: int, head: str = "causal_lm") -> dict:
+        metrics, _ = self.evaluate(model, builder, examples, ["generate"], batch_size, with_text_metrics=False)
+        return {"f1": metrics["f1"], "exact": metrics["exact"], "HasAns_f1": metrics.get("HasAns_f1", 0.0),
+                "NoAns_f1": metrics.get("NoAns_f1", 0.0)}
+
+    def calibrate(self, model, builder, examples: list[dict], batch_size: int) -> float:
+        """The na_prob threshold that maximises F1 on `examples` (the validation slice)."""
+        _, records = self.evaluate(model, builder, examples, ["generate"], batch_size, with_text_metrics=False)
+        answers = {r["id"]: r["answer"] for r in records}
+        golds = {r["id"]: r["golds"] for r in records}
+        na = {r["id"]: r["na_prob"] for r in records}
+        has = {q: bool(g) and any(normalize_answer(x) for x in g) for q, g in golds.items()}
+        _, f1 = raw_scores(golds, answers)
+        return best_threshold(answers, f1, na, has)[1]
+
+    # --- evaluation -------------------------------------------------------------------------------
+    def evaluate(self, model, builder, examples: list[dict], protocols=("generate",), batch_size: int = 16,
+                 head: str = "causal_lm", generate_ids=None, na_threshold: float | None = None,
+                 with_text_metrics: bool = True) -> tuple[dict, list[dict]]:
+        start = time.perf_counter()
+        tok = builder.tokenizer
+        fitted = [self.fit_prompt(builder, ex, self.max_prompt_tokens, keep_answer=False) for ex in examples]
+        abstain_id = self.label_token_ids(builder, examples[0])[0]
+        gen = infer.generate(model, tok, [ids for ids, _ in fitted], self.max_new_tokens, batch_size,
+                             stop_at_newline=True, first_token_id=abstain_id, suppress_first=True)
+        records, raw, answers, na = [], {}, {}, {}
+        for ex, (_, truncated), text, p, top in zip(examples, fitted, gen.texts, gen.first_token_probs,
+                                                   gen.first_token_is_top):
+            answer = text.strip()
+            if normalize_answer(answer) == ABSTAIN_WORD:  # said in words after a different first token
+                answer, top = "", True
+            raw[ex["id"]] = "" if top else answer
+            answers[ex["id"]], na[ex["id"]] = answer, p
+            records.append({"id": ex["id"], "question": ex["question"], "prediction": raw[ex["id"]],
+                            "answer": answer, "na_prob": round(p, 6), "golds": ex["answers"],
+                            "truncated": truncated})
+        golds = {ex["id"]: ex["answers"] for ex in examples}
+        metrics = squad_v2_metrics(golds, raw, na)
+        exact, f1 = raw_scores(golds, raw)
+        for rec in records:
+            rec["em"], rec["f1"] = exact[rec["id"]], round(f1[rec["id"]], 4)
+        metrics["abstain_rate"] = sum(not v for v in raw.values()) / len(raw)
+        metrics["truncated_prompts"] = sum(t for _, t in fitted)
+        if with_text_metrics:
+            # Text overlap compares the words produced: an abstention is the word "unanswerable".
+            preds = [raw[ex["id"]] or ABSTAIN_WORD for ex in examples]
+            refs = [list(dict.fromkeys(ex["answers"])) or [ABSTAIN_WORD] for ex in examples]
+            metrics.update(text_overlap_metrics(preds, refs))
+        if na_threshold is not None:
+            calibrated = {q: "" if na[q] > na_threshold else answers[q] for q in answers}
+            cal = squad_v2_metrics(golds, calibrated, na)
+            metrics["calibrated"] = {"threshold": na_threshold, **{k: v for k, v in cal.items()
+                                                                    if not k.startswith("best_")},
+                                     "abstain_rate": sum(not v for v in calibrated.values()) / len(calibrated)}
+            for rec in records:
+                rec["calibrated_prediction"] = calibrated[rec["id"]]
+        metrics["n"] = len(examples)
+        metrics["seconds"] = round(time.perf_counter() - start, 3)
+        return metrics, records
+
+    # --- reporting --------------------------------------------------------------------------------
+    report_rows = ("exact", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1", "best_exact",
+                   "best_exact_thresh", "best_f1", "best_f1_thresh", "abstain_rate", "bleu", "bleu_smoothed",
+                   "meteor", "meteor_exact_stem", "rouge1", "rouge2", "rougeL", "threshold", "truncated_prompts",
+                   "total")
+
+    def report_columns(self, metrics: dict) -> list[tuple[str, dict]]:
+        columns = [("raw", metrics)]
+        if "calibrated" in metrics:
+            columns.append(("calibrated", metrics["calibrated"]))
+        return columns
+
+    def protocol_notes(self, proto: dict) -> list[str]:
+        return [f"- greedy generation, stop at newline, ≤ {self.max_new_tokens} new tokens; prompts ≤ "
+                f"{self.max_prompt_tokens} tokens (longer contexts cut, counted in `truncated_prompts`)",
+                f"- `raw`: abstains when the first generated token is the first token of ' {ABSTAIN_WORD}' "
+                f"(id {proto.get('label_token_ids')}); scored with the official SQuAD v2 semantics",
+                "- `calibrated`: abstains when that token's first-step probability (`na_prob`) exceeds the "
+                "threshold that maximised F1 on the validation slice; otherwise gives the best other answer",
+                "- `best_*`: the official script's oracle threshold search on the test set (for reference)",
+                "- `bleu`: corpus BLEU-4, no smoothing; `bleu_smoothed`: mean sentence BLEU, exp smoothing "
+                "(sacrebleu); ROUGE F-measure with stemming (best reference); METEOR (nltk, WordNet)"]
+
+    def summary(self, metrics: dict) -> str:
+        return " | ".join(f"{name} EM {m['exact']:.2f} F1 {m['f1']:.2f} HasAns F1 {m.get('HasAns_f1', 0):.2f} "
+                          f"NoAns F1 {m.get('NoAns_f1', 0):.2f} abstain {m['abstain_rate']:.2f}"
+                          for name, m in self.report_columns(metrics))
