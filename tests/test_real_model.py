@@ -60,3 +60,21 @@ def test_few_step_run_on_real_data(shared_data, tmp_path):
     assert report["finetuned"]["score"]["none_rate"] == 0
     assert report["training"]["global_step"] == 4
     assert report["parameters"]["base"]["total"] == 268_098_176
+
+
+def test_squad_few_steps_on_real_data(shared_data, tmp_path):
+    from tasktune.cli import main
+
+    recipe = Path(__file__).parents[1] / "recipes" / "squad2-gemma3-270m-cpu.yaml"
+    code = main(["run", str(recipe), f"output_dir={tmp_path}", "name=sq", f"data.path={shared_data / 'squad_v2'}",
+                 "data.limit_train=16", "data.limit_test=12", "data.val_size=6", "train.max_steps=2",
+                 "train.eval_steps=2", "train.batch_size=4", "eval.batch_size=12", "eval.max_prompt_tokens=256",
+                 "train.max_length=288"])
+    assert code == 0
+    report = json.loads((tmp_path / "sq" / "report.json").read_text())
+    for stage in ("zeroshot", "finetuned"):
+        metrics = report[stage]
+        assert metrics["total"] == 12 and 0 <= metrics["f1"] <= 100
+        assert "calibrated" in metrics and "rougeL" in metrics
+    records = [json.loads(x) for x in (tmp_path / "sq" / "finetuned" / "predictions.jsonl").read_text().splitlines()]
+    assert all("\n" not in r["prediction"] for r in records)  # generation stops at the newline

@@ -94,3 +94,25 @@ def test_seqcls_adapter_reloads_and_scores_identically(tiny_models, tmp_path):
     reloaded = PeftModel.from_pretrained(fresh.model, tmp_path / "adapter").eval()
     after = classify(reloaded, encoded, lm.tokenizer.pad_token_id, 4)
     torch.testing.assert_close(before, after)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_answer_loss_equals_full_logit_lm_loss(tiny_models, arch):
+    from tasktune.tasks.squad_v2 import SquadV2Task
+    from tasktune.train import answer_positions_loss
+
+    lm = load_model(str(tiny_models[arch]), dtype="fp32")
+    task = SquadV2Task()
+    builder = PromptBuilder(task, lm.tokenizer)
+    examples = [{"id": str(i), "title": "T", "context": "Paris is the capital of France .", "question": q,
+                 "answers": a, "answer_starts": [0] if a else []}
+                for i, (q, a) in enumerate([("what is the capital ?", ["Paris"]), ("who was born ?", []),
+                                            ("what river flows through Paris ?", ["the Seine"])])]
+    features = task.train_features(builder, examples, "answer", 128)
+    batch = LeftPadCollator(lm.tokenizer.pad_token_id)(features)
+    with torch.no_grad():
+        ours = answer_positions_loss(lm.model, batch["input_ids"], batch["attention_mask"],
+                                     batch["position_ids"], batch["labels"])
+        reference = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             position_ids=batch["position_ids"], labels=batch["labels"]).loss
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)

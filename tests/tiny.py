@@ -84,3 +84,25 @@ def write_sst2_tsv(path: Path, n: int = 120, seed: int = 0) -> Path:
 def write_sst2_jsonl(path: Path, n: int = 40, seed: int = 0) -> Path:
     path.write_text("".join(json.dumps({"sentence": s, "label": l}) + "\n" for s, l in sentiment_rows(n, seed)))
     return path
+
+
+def squad_doc(n_articles: int = 4) -> dict:
+    """A small official-layout SQuAD v2 document with answerable and unanswerable questions."""
+    data = []
+    for a in range(n_articles):
+        qas = [
+            {"id": f"a{a}-q1", "question": "what is the capital of France ?", "is_impossible": False,
+             "answers": [{"text": "Paris", "answer_start": 0}, {"text": "Paris", "answer_start": 0}]},
+            {"id": f"a{a}-q2", "question": "what river flows through Paris ?", "is_impossible": False,
+             "answers": [{"text": "the Seine", "answer_start": 35}]},
+            {"id": f"a{a}-q3", "question": "who was born in 1900 ?", "is_impossible": True, "answers": [],
+             "plausible_answers": [{"text": "Paris", "answer_start": 0}]},
+        ]
+        context = "Paris is the capital of France . the Seine flows through the city ."
+        data.append({"title": f"Article_{a}", "paragraphs": [{"context": context, "qas": qas}]})
+    return {"version": "v2.0", "data": data}
+
+
+def write_squad_json(path: Path, n_articles: int = 4) -> Path:
+    path.write_text(json.dumps(squad_doc(n_articles)))
+    return path

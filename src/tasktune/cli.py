@@ -63,8 +63,64 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="auto", help="auto (bf16 where supported), bf16, fp32, fp16")
     e.add_argument("--prompt-format", default="plain", choices=["plain", "chat", "auto"])
     e.add_argument("--shots", type=int, default=0, help="in-context examples drawn from the other rows")
+    e.add_argument("--max-prompt-tokens", type=_positive_int, default=512,
+                   help="SQuAD v2: longer contexts are cut to fit (default 512)")
     e.add_argument("--out", required=True, help="output directory")
+    s = sub.add_parser("score", help="score official-format SQuAD v2 predictions with tasktune's metric",
+                       description="Score {id: text} predictions (and optional {id: float} no-answer "
+                                   "probabilities) against an official SQuAD v2 JSON file; writes DIR/metrics.json.")
+    s.add_argument("--task", required=True, choices=["squad_v2"])
+    s.add_argument("--data", required=True, help="official SQuAD v2 JSON (or JSONL) with the gold answers")
+    s.add_argument("--predictions", required=True, help="JSON object {question id: predicted text}")
+    s.add_argument("--na-probs", help="JSON object {question id: probability of no answer}")
+    s.add_argument("--threshold", type=float, default=1.0, help="no-answer threshold (official default 1.0)")
+    s.add_argument("--out", required=True, help="output directory")
     return parser
+
+
+def _read_json_object(path: str, what: str, value_type) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise TasktuneError(f"{what} file {p} does not exist")
+    try:
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TasktuneError(f"{p}: not valid JSON ({exc})") from exc
+    if not isinstance(obj, dict):
+        raise TasktuneError(f"{p}: expected a JSON object {{question id: {value_type.__name__}}}")
+    for key, value in obj.items():
+        ok = isinstance(value, value_type) and not isinstance(value, bool)
+        if value_type is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok:
+            raise TasktuneError(f"{p}, id {key!r}: expected a {value_type.__name__}, got {value!r}")
+    return obj
+
+
+def cmd_score(args) -> int:
+    from tasktune.data import squad_v2 as squad_data
+    from tasktune.metrics.squad_v2 import squad_v2_metrics
+    from tasktune.rundir import StagingDir, write_json
+
+    rows, source = squad_data.load(args.data)
+    golds = {r["id"]: r["answers"] for r in rows}
+    preds = _read_json_object(args.predictions, "predictions", str)
+    missing, extra = sorted(set(golds) - set(preds)), sorted(set(preds) - set(golds))
+    if missing or extra:
+        raise TasktuneError(f"{args.predictions}: {len(missing)} question id(s) missing (e.g. {missing[:3]}) and "
+                            f"{len(extra)} unknown id(s) (e.g. {extra[:3]}) compared with {source}")
+    na_probs = None
+    if args.na_probs:
+        na_probs = _read_json_object(args.na_probs, "na-probs", float)
+        missing, extra = sorted(set(golds) - set(na_probs)), sorted(set(na_probs) - set(golds))
+        if missing or extra:
+            raise TasktuneError(f"{args.na_probs}: {len(missing)} question id(s) missing (e.g. {missing[:3]}) "
+                                f"and {len(extra)} unknown id(s) (e.g. {extra[:3]})")
+    metrics = squad_v2_metrics(golds, preds, na_probs, threshold=args.threshold)
+    with StagingDir(Path(args.out), overwrite=True) as work:
+        write_json(work / "metrics.json", metrics)
+    print(json.dumps(metrics, indent=1))
+    return 0
 
 
 def cmd_run(args, train_only: bool = False) -> int:
@@ -85,6 +141,8 @@ def cmd_eval(args) -> int:
     from tasktune.tasks import PromptBuilder, get_task
 
     task = get_task(args.task)
+    if hasattr(task, "max_prompt_tokens"):
+        task.max_prompt_tokens = args.max_prompt_tokens
     rows, source = task.load(args.data)
     if args.split == "test":
         split = task.split(rows, DataConfig(seed=args.seed))
@@ -117,7 +175,7 @@ def cmd_eval(args) -> int:
     with StagingDir(Path(args.out), overwrite=True) as work:
         write_json(work / "metrics.json", metrics)
         write_jsonl(work / "predictions.jsonl", records)
-    print(json.dumps({k: v for k, v in metrics.items() if k != "protocol"}, indent=1))
+    print(f"[tasktune] {task.summary(metrics)}")
     return 0
 
 
@@ -131,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args, train_only=True)
         if args.command == "eval":
             return cmd_eval(args)
+        if args.command == "score":
+            return cmd_score(args)
     except TasktuneError as exc:
         print(f"tasktune: error: {exc}", file=sys.stderr)
         return 2

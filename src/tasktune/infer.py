@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 
 def unwrap(model):
@@ -101,6 +102,21 @@ def classify(model, encoded: list[list[int]], pad_id: int, batch_size: int = 16,
     return out
 
 
+class NewlineStop(StoppingCriteria):
+    """Stops a row once its newest token contains a newline.
+
+    transformers' `stop_strings` precomputes over the whole vocabulary and fails on some tokenizers
+    (word-level ones); decoding one token per row per step is cheap and works for any tokenizer.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        last = self.tokenizer.batch_decode(input_ids[:, -1:].tolist())
+        return torch.tensor(["\n" in text for text in last], dtype=torch.bool, device=input_ids.device)
+
+
 @dataclass
 class Generations:
     texts: list[str]
@@ -123,7 +139,7 @@ def generate(model, tokenizer, encoded: list[list[int]], max_new_tokens: int, ba
     first_probs = [0.0] * len(encoded) if first_token_id is not None else None
     first_top = [False] * len(encoded) if first_token_id is not None else None
     lm = unwrap(model)
-    extra = {"stop_strings": ["\n"], "tokenizer": tokenizer} if stop_at_newline else {}
+    extra = {"stopping_criteria": StoppingCriteriaList([NewlineStop(tokenizer)])} if stop_at_newline else {}
     if suppress_first and first_token_id is not None:
         extra["begin_suppress_tokens"] = [first_token_id]
     for idx in tqdm(list(batches(encoded, batch_size)), desc=desc, leave=False):
