@@ -93,3 +93,16 @@ def test_help_mentions_every_command(capsys):
     out = capsys.readouterr().out
     for command in ("run", "train", "eval"):
         assert command in out
+
+
+def test_verbalizer_not_single_token_exits_2(tiny_llama, sst2_tsv, tmp_path, capsys):
+    args = tiny_run_args(tiny_llama, sst2_tsv, tmp_path, 'eval.verbalizers=[" negative", " very positive"]')
+    assert main(args) == 2
+    assert "' very positive' is not a single token" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+
+
+def test_custom_verbalizers(tiny_llama, sst2_tsv, tmp_path):
+    assert main(tiny_run_args(tiny_llama, sst2_tsv, tmp_path, 'eval.verbalizers=[" bad", " good"]')) == 0
+    report = json.loads((tmp_path / "t" / "report.json").read_text())
+    assert report["protocol"]["verbalizers"] == [" bad", " good"]

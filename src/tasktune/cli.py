@@ -1,4 +1,6 @@
-"""Command line: `tasktune run|train|eval ...`. Bad input exits with code 2 and one clear line."""
+"""Command line: `tasktune run|train|eval|score|params|report|compare|export`.
+
+Bad input exits with code 2 and one clear line."""
 
 from __future__ import annotations
 
@@ -75,7 +77,49 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--na-probs", help="JSON object {question id: probability of no answer}")
     s.add_argument("--threshold", type=float, default=1.0, help="no-answer threshold (official default 1.0)")
     s.add_argument("--out", required=True, help="output directory")
+    p = sub.add_parser("params", help="parameter counts and LoRA update statistics of a run (params.json)",
+                       description="Recompute params.json for a run: base/adapted/merged counts, r×(in+out) check, "
+                                   "‖ΔW‖, ‖ΔW‖/‖W‖ and effective rank per module, frozen-weight hashes; re-renders the report.")
+    p.add_argument("run_dir")
+    r = sub.add_parser("report", help="re-render report.md, report.html and plots from a run directory")
+    r.add_argument("run_dir")
+    c = sub.add_parser("compare", help="several runs in one table and one plot")
+    c.add_argument("run_dirs", nargs="+")
+    c.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
+    x = sub.add_parser("export", help="adapter-only or merged model with a Hugging Face model card",
+                       description="Write the run's adapter (or, with --merge, the merged model) as safetensors with "
+                                   "the tokenizer, generation config and a model card; --push uploads it (token from "
+                                   "HF_TOKEN or the hub login, never printed or written).")
+    x.add_argument("run_dir")
+    x.add_argument("--out", required=True)
+    x.add_argument("--merge", action="store_true", help="fold LoRA into the base weights")
+    x.add_argument("--push", metavar="REPO_ID", help="upload to the Hugging Face Hub after exporting")
+    x.add_argument("--overwrite", action="store_true")
     return parser
+
+
+def cmd_params(args) -> int:
+    from tasktune.params import params_for_run
+    from tasktune.report import render
+
+    params = params_for_run(Path(args.run_dir))
+    render(Path(args.run_dir))
+    lora = params["analysis"]["lora"]
+    print(f"[tasktune] base {params['counts']['base']:,} | LoRA {lora['parameters']:,} "
+          f"({100 * params['counts']['lora_share']:.3f}%) = r×(in+out) {lora['rank_formula']:,} | merged "
+          f"{params['counts']['merged']:,} | frozen identical {params['frozen']['identical']}, unexpected changes "
+          f"{len(params['frozen']['unexpected_changes'])}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from tasktune.export import export_run, push
+
+    out = export_run(Path(args.run_dir), Path(args.out), merge=args.merge, overwrite=args.overwrite)
+    print(f"[tasktune] exported {'merged model' if args.merge else 'adapter'} to {out}")
+    if args.push:
+        print(f"[tasktune] pushed: {push(out, args.push)}")
+    return 0
 
 
 def _read_json_object(path: str, what: str, value_type) -> dict:
@@ -191,6 +235,21 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(args)
         if args.command == "score":
             return cmd_score(args)
+        if args.command == "params":
+            return cmd_params(args)
+        if args.command == "report":
+            from tasktune.report import render
+
+            render(Path(args.run_dir))
+            print(f"[tasktune] wrote {Path(args.run_dir) / 'report.md'} and report.html")
+            return 0
+        if args.command == "compare":
+            from tasktune.compare import compare
+
+            print(compare(args.run_dirs, Path(args.out)))
+            return 0
+        if args.command == "export":
+            return cmd_export(args)
     except TasktuneError as exc:
         print(f"tasktune: error: {exc}", file=sys.stderr)
         return 2

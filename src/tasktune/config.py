@@ -34,6 +34,7 @@ class EvalConfig:
     prompt_format: str = "plain"       # plain | chat | auto
     shots: int = 0
     max_prompt_tokens: int = 512       # SQuAD v2: longer contexts are truncated
+    verbalizers: list[str] | None = None  # SST-2: [negative, positive] words; None = [" negative", " positive"]
 
 
 @dataclass
@@ -172,6 +173,11 @@ def validate(recipe: Recipe, source: str) -> Recipe:
     if bad or not recipe.eval.protocols:
         raise TasktuneError(f"{source}: eval.protocols {recipe.eval.protocols} must be a non-empty subset "
                             f"of {list(PROTOCOLS)}")
+    verbalizers = recipe.eval.verbalizers
+    if verbalizers is not None and (recipe.task != "sst2" or len(verbalizers) != 2
+                                    or len(set(verbalizers)) != 2 or not all(v.strip() for v in verbalizers)):
+        raise TasktuneError(f"{source}: eval.verbalizers {verbalizers} must be two different non-empty words "
+                            "(negative first, then positive), and only apply to sst2")
     if not recipe.train.target_modules:
         raise TasktuneError(f"{source}: train.target_modules must name at least one module")
     allowed = {"sst2": ("verbalizer", "lm", "seqcls"), "squad_v2": ("answer",)}[recipe.task]

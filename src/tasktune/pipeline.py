@@ -19,6 +19,7 @@ from tasktune import __version__
 from tasktune.config import Recipe
 from tasktune.infer import merge_for_inference
 from tasktune.models import LoadedModel, count_parameters, load_model
+from tasktune.params import parameter_report
 from tasktune.rundir import StagingDir, write_json, write_jsonl
 from tasktune.tasks import PromptBuilder, get_task
 
@@ -58,7 +59,7 @@ def prepare(recipe: Recipe) -> Prepared:
     """Load and check everything the run needs; writes nothing."""
     timings = {}
     start = time.perf_counter()
-    task = get_task(recipe.task)
+    task = get_task(recipe.task, recipe.eval.verbalizers)
     rows, source = task.load(recipe.data.path)
     split = task.split(rows, recipe.data)
     by_id = {r["id"]: r for r in rows}
@@ -100,6 +101,7 @@ def train_stage(p: Prepared, work: Path) -> tuple[torch.nn.Module, dict, str]:
     cfg = p.recipe.train
     head = "seqcls" if cfg.objective == "seqcls" else "causal_lm"
     base = load_model(p.recipe.model, p.recipe.dtype, head="seqcls").model if head == "seqcls" else p.lm.model
+    base_count = count_parameters(base)["total"]
     torch.manual_seed(cfg.seed)  # LoRA initialisation
     model = add_lora(base, cfg, cfg.objective)
     params = count_parameters(model)
@@ -115,6 +117,7 @@ def train_stage(p: Prepared, work: Path) -> tuple[torch.nn.Module, dict, str]:
                   p.task.metric_for_best, p.label_token_ids)
     model.save_pretrained(work / "adapter")  # safetensors
     summary["parameters"] = params
+    summary["base_parameters_before_lora"] = base_count
     return model, summary, head
 
 
@@ -135,8 +138,12 @@ def run(recipe: Recipe, overwrite: bool = False, train_only: bool = False) -> Pa
         model, training, head = train_stage(p, work)
         p.timings["train_s"] = time.perf_counter() - start
         finetuned = None
+        merged = merge_for_inference(model)
+        start = time.perf_counter()
+        write_json(work / "params.json", parameter_report(p.lm.path, work / "adapter",
+                                                                training["base_parameters_before_lora"], merged))
+        p.timings["params_s"] = time.perf_counter() - start
         if not train_only:
-            merged = merge_for_inference(model)
             print(f"[tasktune] fine-tuned evaluation on {len(p.examples['test'])} test examples")
             finetuned = evaluate_stage(p, merged, work / "finetuned", head=head)
             print(f"[tasktune] fine-tuned {p.task.summary(finetuned)}")

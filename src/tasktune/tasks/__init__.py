@@ -54,7 +54,7 @@ class PromptBuilder:
                 "template": getattr(self.task, "template", None)}
 
 
-def get_task(name: str):
+def get_task(name: str, verbalizers: list[str] | None = None):
     from tasktune.tasks.sst2 import SST2Task
     tasks = {"sst2": SST2Task}
     try:
@@ -64,4 +64,4 @@ def get_task(name: str):
         pass
     if name not in tasks:
         raise TasktuneError(f"unknown task {name!r} (expected one of {sorted(tasks)})")
-    return tasks[name]()
+    return tasks[name](verbalizers) if name == "sst2" else tasks[name]()

@@ -13,8 +13,6 @@ from tasktune.metrics.classification import classification_metrics
 
 from tasktune.errors import TasktuneError
 
-LABEL_NAMES = ("negative", "positive")
-
 
 class SST2Task:
     name = "sst2"
@@ -29,11 +27,16 @@ class SST2Task:
     def target(self, example: dict) -> str:
         return self.verbalizers[example["label"]]
 
+    def __init__(self, verbalizers: list[str] | None = None):
+        if verbalizers:
+            self.verbalizers = tuple(verbalizers)
+
     def parse(self, generated: str) -> int | None:
-        """The label named by the first word of the first line, else None."""
-        words = re.findall(r"[a-z]+", generated.strip().split("\n", 1)[0].lower())
-        if words and words[0] in LABEL_NAMES:
-            return LABEL_NAMES.index(words[0])
+        """The label whose verbalizer is the first word of the first line, else None."""
+        names = [v.strip().lower() for v in self.verbalizers]
+        words = re.findall(r"\w+", generated.strip().split("\n", 1)[0].lower())
+        if words and words[0] in names:
+            return names.index(words[0])
         return None
 
     def label_token_ids(self, builder, example: dict) -> list[int]:
@@ -132,7 +135,8 @@ class SST2Task:
     report_rows = ("accuracy", "precision", "recall", "f1", "f1_macro", "none_rate", "n")
 
     def report_columns(self, metrics: dict) -> list[tuple[str, dict]]:
-        return [(protocol, values) for protocol, values in metrics.items() if isinstance(values, dict)]
+        return [(protocol, values) for protocol, values in metrics.items()
+                if isinstance(values, dict) and "accuracy" in values]
 
     def protocol_notes(self, proto: dict) -> list[str]:
         return [f"- verbalizers {list(self.verbalizers)} → token ids {proto.get('label_token_ids')}",

@@ -1,0 +1,172 @@
+"""What changed: parameter counts and per-module LoRA update statistics, computed by streaming.
+
+Only one base weight and one LoRA pair are in memory at a time, so this runs on a 1B+ model on a small
+machine. ΔW = B·A·scale is never formed densely for its statistics: with QR factors B = Q_b R_b and
+Aᵀ = Q_a R_a, ΔW = Q_b (R_b R_aᵀ) Q_aᵀ · scale has the singular values of the r×r core R_b R_aᵀ · scale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from tasktune.errors import TasktuneError
+
+LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.default)?\.weight$")
+LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def weight_files(model_path: str) -> list[Path]:
+    """The safetensors files of a local model directory or of a hub model already in the local cache."""
+    path = Path(model_path)
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(model_path, allow_patterns=["*.safetensors", "*.json"],
+                                          local_files_only=True))
+        except Exception as exc:  # not in the cache
+            raise TasktuneError(f"base weights of {model_path!r} are not available locally: {exc}") from exc
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise TasktuneError(f"{path} has no .safetensors weights (tasktune reads weights only from safetensors)")
+    return files
+
+
+class BaseWeights:
+    """Name → tensor access across safetensors shards, one tensor at a time."""
+
+    def __init__(self, model_path: str):
+        self.location = {}
+        for file in weight_files(model_path):
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    self.location[key] = file
+
+    def find(self, module: str) -> str:
+        """The stored name of `module`'s weight (prefixes differ between model classes)."""
+        for candidate in (f"{module}.weight", f"model.{module}.weight", module.split(".", 1)[-1] + ".weight"):
+            if candidate in self.location:
+                return candidate
+        suffix = module.split("model.", 1)[-1] + ".weight"
+        matches = [k for k in self.location if k.endswith(suffix)]
+        if len(matches) == 1:
+            return matches[0]
+        raise TasktuneError(f"base weight for LoRA module {module!r} not found in the base model's safetensors")
+
+    def get(self, name: str) -> torch.Tensor:
+        with safe_open(self.location[name], framework="pt") as f:
+            return f.get_tensor(name)
+
+    def numel(self) -> int:
+        total = 0
+        for file in sorted(set(self.location.values())):
+            with safe_open(file, framework="pt") as f:
+                total += sum(_prod(f.get_slice(key).get_shape()) for key in f.keys())
+        return total
+
+
+def _prod(shape) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
+
+
+def tensor_hash(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+
+
+def lora_pairs(adapter_dir: Path) -> tuple[dict, dict]:
+    """{module: (A, B)} from the saved adapter, and the adapter config."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    pairs: dict = defaultdict(dict)
+    extra = {}
+    with safe_open(adapter_dir / "adapter_model.safetensors", framework="pt") as f:
+        for key in f.keys():
+            m = LORA_KEY.match(key)
+            if m:
+                pairs[m["module"]][m["which"]] = f.get_tensor(key).float()
+            else:
+                extra[key] = _prod(f.get_slice(key).get_shape())
+    return {k: (v["A"], v["B"]) for k, v in pairs.items()}, {"config": config, "other_tensors": extra}
+
+
+def update_stats(A: torch.Tensor, B: torch.Tensor, scale: float, W: torch.Tensor, rank_tol: float = 1e-6) -> dict:
+    qb, rb = torch.linalg.qr(B.double())
+    qa, ra = torch.linalg.qr(A.double().T)
+    singular = torch.linalg.svdvals(rb @ ra.T) * scale
+    delta_norm = float(torch.linalg.vector_norm(singular))
+    w_norm = float(torch.linalg.vector_norm(W.double()))
+    top = float(singular.max()) if singular.numel() else 0.0
+    return {"delta_fro": delta_norm, "weight_fro": w_norm, "relative": delta_norm / w_norm if w_norm else 0.0,
+            "effective_rank": int((singular > rank_tol * max(top, 1e-30)).sum()) if top > 0 else 0,
+            "top_singular_values": [round(float(s), 6) for s in singular[:4]]}
+
+
+def module_type(module: str) -> str:
+    return module.rsplit(".", 1)[-1]
+
+
+def analyse(base_path: str, adapter_dir: Path, rank_tol: float = 1e-6) -> dict:
+    """Counts, the rank formula check, and per-module ΔW statistics for one adapter."""
+    pairs, meta = lora_pairs(Path(adapter_dir))
+    cfg = meta["config"]
+    r, alpha = cfg["r"], cfg["lora_alpha"]
+    scale = alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
+    base = BaseWeights(base_path)
+    modules, formula, counted = [], 0, 0
+    for module in sorted(pairs, key=lambda m: (int(LAYER.search(m)[1]) if LAYER.search(m) else -1, m)):
+        A, B = pairs[module]
+        W = base.get(base.find(module)).float()
+        if W.shape != (B.shape[0], A.shape[1]):
+            raise TasktuneError(f"LoRA shapes of {module} ({tuple(B.shape)}·{tuple(A.shape)}) do not match the base "
+                                f"weight {tuple(W.shape)}: adapter and base model differ")
+        formula += r * (W.shape[0] + W.shape[1])
+        counted += A.numel() + B.numel()
+        layer = LAYER.search(module)
+        modules.append({"module": module, "type": module_type(module), "layer": int(layer[1]) if layer else None,
+                        "shape": list(W.shape), **update_stats(A, B, scale, W, rank_tol)})
+        del W
+    if formula != counted:
+        raise TasktuneError(f"LoRA parameter count {counted} differs from r×(in+out) = {formula}")
+    extra = sum(meta["other_tensors"].values())
+    by_type: dict = defaultdict(list)
+    for m in modules:
+        by_type[m["type"]].append(m["relative"])
+    return {
+        "lora": {"r": r, "alpha": alpha, "scale": scale, "target_modules": sorted({m["type"] for m in modules}),
+                 "modules": len(modules), "parameters": counted, "rank_formula": formula,
+                 "rank_formula_matches": formula == counted, "other_trainable": extra},
+        "by_type": {t: {"mean_relative": sum(v) / len(v), "max_relative": max(v), "modules": len(v)}
+                    for t, v in sorted(by_type.items())},
+        "modules": modules,
+    }
+
+
+def frozen_check(model: torch.nn.Module, base_path: str, changed_modules: set[str]) -> dict:
+    """Hash every weight of `model` (after merging) against the base: only LoRA targets may differ."""
+    base = BaseWeights(base_path)
+    identical, changed, unexpected = 0, [], []
+    for name, param in model.state_dict().items():
+        try:
+            stored = base.find(name[: -len(".weight")] if name.endswith(".weight") else name)
+        except TasktuneError:
+            continue  # e.g. a fresh classification head
+        ref = base.get(stored).to(param.dtype)
+        same = tensor_hash(ref) == tensor_hash(param)
+        module = name.rsplit(".", 1)[0]
+        is_target = any(module.endswith(m.split("model.", 1)[-1]) for m in changed_modules)
+        if same:
+            identical += 1
+        elif is_target:
+            changed.append(name)
+        else:
+            unexpected.append(name)
+    return {"identical": identical, "changed": len(changed), "unexpected_changes": unexpected}

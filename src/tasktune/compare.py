@@ -1,0 +1,50 @@
+"""`tasktune compare RUN...`: several runs side by side in one table and one plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tasktune import plots
+from tasktune.errors import TasktuneError
+from tasktune.report import markdown_table
+
+
+def headline(report: dict) -> dict:
+    """The fine-tuned (and zero-shot) figures that make runs of one task comparable."""
+    out = {"model": report["model"], "objective": report["config"]["train"]["objective"],
+           "train_examples": report["data"].get("train"), "train_s": report["timings_s"].get("train_s")}
+    for stage in ("zeroshot", "finetuned"):
+        m = report.get(stage) or {}
+        if report["task"] == "sst2":
+            protocol = "score" if "score" in m else "classifier"
+            for key in ("accuracy", "f1", "f1_macro"):
+                if key in m.get(protocol, {}):
+                    out[f"{stage}_{key}"] = m[protocol][key]
+        else:
+            for key in ("exact", "f1", "HasAns_f1", "NoAns_f1"):
+                if key in m:
+                    out[f"{stage}_{key}"] = m[key]
+    return out
+
+
+def compare(run_dirs: list[str], out: Path) -> str:
+    reports = []
+    for run in run_dirs:
+        path = Path(run) / "report.json"
+        if not path.is_file():
+            raise TasktuneError(f"{run} is not a tasktune run directory (no report.json)")
+        reports.append(json.loads(path.read_text()))
+    if len({r["task"] for r in reports}) > 1:
+        raise TasktuneError(f"runs of different tasks cannot share a table: {sorted({r['task'] for r in reports})}")
+    columns = [(f"`{r['name']}`", headline(r)) for r in reports]
+    rows = list(dict.fromkeys(k for _, c in columns for k in c))
+    out.mkdir(parents=True, exist_ok=True)
+    keys = [k for k in rows if k.startswith("finetuned_") or k.startswith("zeroshot_")]
+    figure = plots.metric_bars([(n.strip("`"), c) for n, c in columns], keys,
+                               f"{reports[0]['task']}: runs compared", out / "compare.png")
+    text = f"# Comparison of {len(reports)} {reports[0]['task']} runs\n\n" + markdown_table(rows, columns)
+    if figure:
+        text += "\n![runs compared](compare.png)\n"
+    (out / "compare.md").write_text(text, encoding="utf-8")
+    return text
