@@ -97,3 +97,14 @@ def test_parse():
     assert task.parse(" neutral") is None
     assert task.parse("") is None
     assert task.parse(" the movie is positive") is None
+
+
+def test_generation_with_frozen_head_restores_the_flag(tiny_llama):
+    lm = load_model(str(tiny_llama), dtype="fp32")
+    builder = PromptBuilder(SST2Task(), lm.tokenizer)
+    _, encoded = prompts(builder, n=4)
+    before = infer.generate(lm.model, lm.tokenizer, encoded, 3, batch_size=4).texts
+    head = lm.model.get_output_embeddings().weight
+    head.requires_grad_(False)  # as after LoRA wrapping or peft loading
+    after = infer.generate(lm.model, lm.tokenizer, encoded, 3, batch_size=4).texts
+    assert after == before and head.requires_grad is False

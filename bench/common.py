@@ -1,0 +1,91 @@
+"""Shared helpers for the benchmarks: machine facts, subprocess workers, medians, RESULTS.md entries.
+
+Each measured configuration runs in its own subprocess so its peak RSS (ru_maxrss) is its own.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "RESULTS.md"
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def machine() -> dict:
+    import torch
+    import transformers
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_memory_mib() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return peak_rss_mib()
+
+
+def run_worker(script: Path, config: str, args: list[str]) -> dict:
+    """Run `script --worker CONFIG ARGS` in a fresh process; it prints one JSON line last."""
+    proc = subprocess.run([sys.executable, str(script), "--worker", config, *args], capture_output=True, text=True,
+                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {config} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    def fmt(v):
+        return f"{v:,.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def append_results(title: str, command: str, body: str, facts: dict) -> None:
+    """Append a dated entry to bench/RESULTS.md (never in --quick mode)."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    entry = [f"\n## {title} — {stamp}", "", f"Command: `{command}`", "",
+             "Machine: " + ", ".join(f"{k} {v}" for k, v in facts.items()), "", body, ""]
+    if not RESULTS.exists():
+        RESULTS.write_text("# Benchmark results\n\nEach entry is appended by a script in `bench/`.\n")
+    with RESULTS.open("a") as f:
+        f.write("\n".join(entry))
+
+
+def tiny_model(tmp: Path) -> Path:
+    """The tests' tiny random model, for --quick runs."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny import make_tiny_model
+
+    return make_tiny_model(tmp / "tiny-llama", "llama")

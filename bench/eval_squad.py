@@ -1,0 +1,92 @@
+"""SQuAD v2 evaluation throughput: per-example generate + a second pass for na_prob vs tasktune's batch.
+
+baseline   for each question: model.generate(≤32 new tokens, greedy), cut at the first newline, then a second
+           forward pass over the prompt for P(first token of " unanswerable")
+tasktune   length-sorted left-padded batches, KV cache, stop at newline, na_prob from the same first step
+
+Usage: python bench/eval_squad.py [--quick] [--n 64] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from train_squad import squad_rows  # noqa: E402
+
+CONFIGS = ["baseline", "tasktune"]
+
+
+def worker(config: str, model: str, n: int, batch: int, quick: bool) -> dict:
+    import torch
+
+    from tasktune.models import load_model
+    from tasktune.tasks import PromptBuilder
+    from tasktune.tasks.squad_v2 import SquadV2Task
+
+    lm = load_model(model, "auto")
+    task = SquadV2Task()
+    builder = PromptBuilder(task, lm.tokenizer)
+    rows = squad_rows(n, quick)
+    abstain_id = task.label_token_ids(builder, rows[0])[0]
+    start = time.perf_counter()
+    if config == "baseline":
+        preds, na = [], []
+        with torch.inference_mode():
+            for row in rows:
+                ids, _ = task.fit_prompt(builder, row, task.max_prompt_tokens, keep_answer=False)
+                enc = torch.tensor([ids])
+                out = lm.model.generate(input_ids=enc, max_new_tokens=task.max_new_tokens, do_sample=False, top_p=None,
+                                        top_k=None, temperature=None, pad_token_id=lm.tokenizer.pad_token_id)
+                preds.append(lm.tokenizer.decode(out[0, enc.shape[1]:], skip_special_tokens=True).split("\n")[0].strip())
+                logits = lm.model(input_ids=enc).logits[0, -1].float()
+                na.append(torch.softmax(logits, -1)[abstain_id].item())
+    else:
+        metrics, records = task.evaluate(lm.model, builder, rows, batch_size=batch, with_text_metrics=False)
+        na = [r["na_prob"] for r in records]
+    seconds = time.perf_counter() - start
+    return {"config": config, "examples_per_s": n / seconds, "seconds": seconds, "na_probs": na}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny random model, 1 repeat, no RESULTS.md entry")
+    parser.add_argument("--n", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", default="gemma3-270m")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.model, args.n, args.batch, args.quick)))
+        return
+    if args.quick:
+        args.model, args.repeats, args.n = str(common.tiny_model(Path(tempfile.mkdtemp()))), 1, 12
+    worker_args = ["--model", args.model, "--n", str(args.n), "--batch", str(args.batch)] + \
+        (["--quick"] if args.quick else [])
+    results = {c: [] for c in CONFIGS}
+    for _ in range(args.repeats):
+        for config in CONFIGS:
+            results[config].append(common.run_worker(Path(__file__), config, worker_args))
+    gap = max(abs(a - b) for a, b in zip(results["baseline"][0]["na_probs"], results["tasktune"][0]["na_probs"]))
+    rows = []
+    for config in CONFIGS:
+        ratios = [r["examples_per_s"] / b["examples_per_s"] for r, b in zip(results[config], results["baseline"])]
+        rows.append([config, common.median([r["examples_per_s"] for r in results[config]]), common.median(ratios)])
+    body = common.table(["config", "questions/s (median)", "speed × baseline"], rows)
+    body += (f"\n\nn {args.n} questions (official train subset), batch {args.batch}, {args.repeats} repeats "
+             f"interleaved; largest |na_prob difference| single-pass vs batched: {gap:.4f}.")
+    print(body)
+    if not args.quick:
+        common.append_results("SQuAD v2 evaluation", "python bench/eval_squad.py " + " ".join(sys.argv[1:]), body,
+                              common.machine())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""SST-2 training throughput and peak memory: a hand-written Trainer+peft script vs tasktune's objectives.
+
+baseline          HF Trainer + peft LoRA, causal-LM loss over the full vocabulary with labels masked to the
+                  answer token, inputs padded to max_length (what the seed and most tutorials do)
+baseline_dynamic  the same with dynamic padding, to separate the padding effect from the loss
+verbalizer        tasktune: last hidden state × 2 LM-head rows, dynamic left padding, length grouping
+lm / seqcls       tasktune's other objectives, for reference
+
+Same model, data, batch size, max sequence length, dtype, LoRA config and number of steps for all.
+Usage: python bench/train_sst2.py [--quick] [--repeats 3] [--steps 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+CONFIGS = ["baseline", "baseline_dynamic", "verbalizer", "lm", "seqcls"]
+
+
+def rows_for(n: int, quick: bool) -> list[dict]:
+    if quick:
+        sys.path.insert(0, str(common.ROOT / "tests"))
+        from tiny import sentiment_rows
+
+        return [{"id": i, "sentence": s, "label": l} for i, (s, l) in enumerate(sentiment_rows(n))]
+    from tasktune.data import sst2
+
+    rows, _ = sst2.load(str(common.SHARED / "sst2" / "train.tsv"))
+    long_enough = [r for r in rows if len(r["sentence"].split()) >= 8]  # full sentences, not short phrases
+    return long_enough[:n]
+
+
+def timer_callback(warmup: int):
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        start = end = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == warmup:
+                self.start = time.perf_counter()
+            self.end = time.perf_counter()
+
+    return Timer()
+
+
+def common_args(out: str, steps: int, batch: int, seed: int = 0):
+    import torch
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=batch, learning_rate=1e-4,
+                             lr_scheduler_type="constant", logging_steps=10_000, save_strategy="no", report_to="none",
+                             use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, seed=seed,
+                             dataloader_num_workers=0, disable_tqdm=True)
+
+
+def worker_baseline(model: str, rows: list[dict], batch: int, steps: int, warmup: int, seq_len: int, dynamic: bool):
+    """A plain transformers + peft script, written as the tutorials write it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, default_data_collator
+
+    from tasktune.models import resolve_dtype, resolve_model_path
+
+    path = resolve_model_path(model)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "right"
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype("auto"))
+    lm.config.pad_token_id = tok.pad_token_id
+    template = "{sentence}\nQuestion: Is this sentence positive or negative?\nAnswer:"
+    features = []
+    for r in rows:
+        prompt = tok(template.format(sentence=r["sentence"]))["input_ids"][: seq_len - 1]
+        answer = tok(" positive" if r["label"] else " negative", add_special_tokens=False)["input_ids"][:1]
+        ids = prompt + answer
+        labels = [-100] * len(prompt) + answer
+        if not dynamic:
+            pad = seq_len - len(ids)
+            ids, labels = ids + [tok.pad_token_id] * pad, labels + [-100] * pad
+        features.append({"input_ids": ids, "attention_mask": [1] * (len(prompt) + 1) + [0] * (len(ids) - len(prompt) - 1),
+                         "labels": labels})
+    model_ = get_peft_model(lm, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                           "up_proj", "down_proj"]))
+    collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100) if dynamic else default_data_collator
+    timer = timer_callback(warmup)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(model=model_, args=common_args(out, steps + warmup, batch), train_dataset=features,
+                          data_collator=collator, callbacks=[timer])
+        trainer.train()
+    return timer
+
+
+def worker_tasktune(model: str, rows: list[dict], batch: int, steps: int, warmup: int, seq_len: int, objective: str):
+    from tasktune.config import TrainConfig
+    from tasktune.models import load_model
+    from tasktune.tasks import PromptBuilder
+    from tasktune.tasks.sst2 import SST2Task
+    from tasktune.train import LeftPadCollator, TaskTrainer, add_lora
+
+    lm = load_model(model, "auto", head="seqcls" if objective == "seqcls" else "causal_lm")
+    task = SST2Task()
+    builder = PromptBuilder(task, lm.tokenizer)
+    label_ids = task.label_token_ids(builder, rows[0])
+    features = task.train_features(builder, rows, objective, seq_len, label_ids)
+    model_ = add_lora(lm.model, TrainConfig(lora_r=16, lora_alpha=32, lora_dropout=0.0), objective)
+    timer = timer_callback(warmup)
+    with tempfile.TemporaryDirectory() as out:
+        args = common_args(out, steps + warmup, batch)
+        args.train_sampling_strategy = "group_by_length"
+        trainer = TaskTrainer(model=model_, args=args, train_dataset=features,
+                              data_collator=LeftPadCollator(lm.tokenizer.pad_token_id), callbacks=[timer],
+                              objective=objective, label_token_ids=label_ids, validate=None)
+        trainer.train()
+    return timer
+
+
+def worker(config: str, model: str, batch: int, steps: int, warmup: int, seq_len: int, quick: bool) -> dict:
+    rows = rows_for(batch * (steps + warmup), quick)
+    if config.startswith("baseline"):
+        timer = worker_baseline(model, rows, batch, steps, warmup, seq_len, dynamic=config == "baseline_dynamic")
+    else:
+        timer = worker_tasktune(model, rows, batch, steps, warmup, seq_len, config)
+    seconds = timer.end - timer.start
+    return {"config": config, "examples_per_s": batch * steps / seconds, "s_per_step": seconds / steps,
+            "peak_mib": common.peak_memory_mib()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny random model, 1 repeat, no RESULTS.md entry")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--model", default="gemma3-270m")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.model, args.batch, args.steps, args.warmup, args.seq_len, args.quick)))
+        return
+    tmp = tempfile.mkdtemp()
+    if args.quick:
+        args.model, args.repeats, args.steps, args.warmup = str(common.tiny_model(Path(tmp))), 1, 2, 1
+    worker_args = ["--model", args.model, "--batch", str(args.batch), "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--seq-len", str(args.seq_len)] + (["--quick"] if args.quick else [])
+    results: dict[str, list[dict]] = {c: [] for c in CONFIGS}
+    for _ in range(args.repeats):  # interleaved, so drift on a noisy machine hits every config alike
+        for config in CONFIGS:
+            results[config].append(common.run_worker(Path(__file__), config, worker_args))
+    rows = []
+    for config in CONFIGS:
+        speed_ratios = [r["examples_per_s"] / b["examples_per_s"] for r, b in zip(results[config], results["baseline"])]
+        memory_ratios = [r["peak_mib"] / b["peak_mib"] for r, b in zip(results[config], results["baseline"])]
+        rows.append([config, common.median([r["examples_per_s"] for r in results[config]]),
+                     common.median([r["s_per_step"] for r in results[config]]),
+                     common.median([r["peak_mib"] for r in results[config]]),
+                     common.median(speed_ratios), common.median(memory_ratios)])
+    body = common.table(["config", "examples/s (median)", "s/step", "peak memory MiB", "speed × baseline",
+                         "memory × baseline"], rows)
+    body += (f"\n\nbatch {args.batch}, max length {args.seq_len}, {args.steps} timed steps after {args.warmup} warm-up, "
+             f"{args.repeats} repeats interleaved; ratios are medians of per-repeat pairs. Peak memory is the "
+             "worker process's peak RSS (CPU) or peak CUDA allocation.")
+    print(body)
+    if not args.quick:
+        common.append_results("SST-2 training", "python bench/train_sst2.py " + " ".join(sys.argv[1:]), body,
+                              common.machine())
+
+
+if __name__ == "__main__":
+    main()
