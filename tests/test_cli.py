@@ -106,3 +106,19 @@ def test_custom_verbalizers(tiny_llama, sst2_tsv, tmp_path):
     assert main(tiny_run_args(tiny_llama, sst2_tsv, tmp_path, 'eval.verbalizers=[" bad", " good"]')) == 0
     report = json.loads((tmp_path / "t" / "report.json").read_text())
     assert report["protocol"]["verbalizers"] == [" bad", " good"]
+
+
+def test_pickle_weights_are_refused(tiny_llama, sst2_tsv, tmp_path, capsys):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    model_dir = tmp_path / "pickled"
+    shutil.copytree(tiny_llama, model_dir)
+    (model_dir / "model.safetensors").unlink()
+    torch.save(load_file(tiny_llama / "model.safetensors"), model_dir / "pytorch_model.bin")
+    out = tmp_path / "ev"
+    code = main(["eval", "--task", "sst2", "--model", str(model_dir), "--data", str(sst2_tsv), "--out", str(out)])
+    assert code == 2 and not out.exists()
+    assert "only from safetensors" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from tasktune.errors import TasktuneError
+from tasktune.train import TrainingInterrupted
 
 EPILOG = """examples:
   tasktune run recipes/sst2-gemma3-270m-cpu.yaml data.path=../shared/data/sst2/train.tsv
@@ -47,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                                   "train.objective=verbalizer|lm|seqcls eval.protocols=score,generate")
         p.add_argument("recipe", help="recipe YAML (see recipes/)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
-        p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace an existing (or unfinished) run directory made from a different recipe")
+        p.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run (also what re-running the same command does)")
 
     e = sub.add_parser("eval", help="evaluate a model (optionally with a LoRA adapter) on a task",
                        description="Evaluate a base model, or base + adapter, and write DIR/metrics.json and "
@@ -63,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=_positive_int, help="evaluate a seeded random sample of N rows")
     e.add_argument("--batch-size", type=_positive_int, default=32)
     e.add_argument("--dtype", default="auto", help="auto (bf16 where supported), bf16, fp32, fp16")
+    e.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model repository's own Python code to run (off by default)")
     e.add_argument("--prompt-format", default="plain", choices=["plain", "chat", "auto"])
     e.add_argument("--shots", type=int, default=0, help="in-context examples drawn from the other rows")
     e.add_argument("--max-prompt-tokens", type=_positive_int, default=512,
@@ -203,7 +209,7 @@ def cmd_eval(args) -> int:
             raise TasktuneError(f"{args.adapter} is not a LoRA adapter directory (no adapter_config.json)")
         if json.loads(adapter_config.read_text()).get("task_type") == "SEQ_CLS":
             head = "seqcls"
-    lm = load_model(args.model, args.dtype, head=head)
+    lm = load_model(args.model, args.dtype, head=head, trust_remote_code=args.trust_remote_code)
     model = lm.model
     if args.adapter:
         from peft import PeftModel
@@ -253,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     except TasktuneError as exc:
         print(f"tasktune: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as exc:
+        print(f"tasktune: {exc}", file=sys.stderr)
+        return 130
     parser.error(f"unknown command {args.command}")
     return 2
 

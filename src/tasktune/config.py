@@ -67,6 +67,7 @@ class Recipe:
     task: str = "sst2"
     model: str = "gemma3-270m"
     dtype: str = "auto"
+    trust_remote_code: bool = False  # run a hub model's own Python code: only for models you trust
     output_dir: str = "runs"
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

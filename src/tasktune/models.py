@@ -122,10 +122,10 @@ class LoadedModel:
     dtype: torch.dtype
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     # Left padding: the last position of every row is then the last real token, which is where
     # label scoring reads and where generation continues.
     tok.padding_side = "left"
@@ -143,20 +143,24 @@ def load_model(name: str, dtype: str = "auto", head: str = "causal_lm", num_labe
     torch_dtype = resolve_dtype(dtype)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        tokenizer = load_tokenizer(path)
+        tokenizer = load_tokenizer(path, trust_remote_code)
     except (OSError, ValueError) as exc:
         raise TasktuneError(
             f"cannot load model {name!r}: it is not a local directory or .gguf file, and the Hugging "
             f"Face Hub did not provide it (offline, misspelt, or gated without a token?): {exc}") from exc
     config.pad_token_id = tokenizer.pad_token_id
-    kwargs = dict(config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    # Weights only from safetensors (never pickle); remote code only when the user asked for it.
+    kwargs = dict(config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
     if config.model_type == "gemma2":
         kwargs["attn_implementation"] = "eager"  # SDPA drops Gemma 2's attention logit soft-capping
+    auto_class = AutoModelForSequenceClassification if head == "seqcls" else AutoModelForCausalLM
     if head == "seqcls":
         config.num_labels = num_labels
-        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    try:
+        model = auto_class.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise TasktuneError(f"cannot load the weights of {name!r}: tasktune loads weights only from safetensors "
+                            f"files (never pickled .bin files): {exc}") from exc
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -6,6 +6,7 @@ directory is created; the directory itself is staged and renamed into place only
 
 from __future__ import annotations
 
+import json
 import platform
 import random
 import time
@@ -13,14 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
-
 from tasktune import __version__
 from tasktune.config import Recipe
 from tasktune.infer import merge_for_inference
 from tasktune.models import LoadedModel, count_parameters, load_model
 from tasktune.params import parameter_report
-from tasktune.rundir import StagingDir, write_json, write_jsonl
+from tasktune.rundir import RunDir, sha256_file, write_json, write_jsonl
 from tasktune.tasks import PromptBuilder, get_task
 
 
@@ -69,7 +68,7 @@ def prepare(recipe: Recipe) -> Prepared:
     timings["data_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    lm = load_model(recipe.model, recipe.dtype)
+    lm = load_model(recipe.model, recipe.dtype, trust_remote_code=recipe.trust_remote_code)
     timings["model_load_s"] = time.perf_counter() - start
     if hasattr(task, "max_prompt_tokens"):
         task.max_prompt_tokens = recipe.eval.max_prompt_tokens
@@ -96,11 +95,12 @@ def evaluate_stage(p: Prepared, model, out_dir: Path, head: str = "causal_lm") -
 
 
 def train_stage(p: Prepared, work: Path) -> tuple[torch.nn.Module, dict, str]:
+    """LoRA fine-tuning (resuming from a checkpoint when one exists); writes adapter/ and train/summary.json."""
     from tasktune.train import add_lora, fit
 
     cfg = p.recipe.train
     head = "seqcls" if cfg.objective == "seqcls" else "causal_lm"
-    base = load_model(p.recipe.model, p.recipe.dtype, head="seqcls").model if head == "seqcls" else p.lm.model
+    base = base_for_training(p, head)
     base_count = count_parameters(base)["total"]
     torch.manual_seed(cfg.seed)  # LoRA initialisation
     model = add_lora(base, cfg, cfg.objective)
@@ -116,41 +116,84 @@ def train_stage(p: Prepared, work: Path) -> tuple[torch.nn.Module, dict, str]:
     summary = fit(model, p.lm.tokenizer, features, val_features, cfg, work / "train", cfg.objective, validate,
                   p.task.metric_for_best, p.label_token_ids)
     model.save_pretrained(work / "adapter")  # safetensors
-    summary["parameters"] = params
-    summary["base_parameters_before_lora"] = base_count
+    summary.pop("log_history")
+    summary.update(parameters=params, base_parameters_before_lora=base_count, head=head)
+    write_json(work / "train" / "summary.json", summary)
     return model, summary, head
+
+
+def base_for_training(p: Prepared, head: str) -> torch.nn.Module:
+    if head == "seqcls":
+        return load_model(p.recipe.model, p.recipe.dtype, head="seqcls",
+                          trust_remote_code=p.recipe.trust_remote_code).model
+    return p.lm.model
+
+
+def load_trained(p: Prepared, work: Path) -> tuple[torch.nn.Module, dict, str]:
+    """The train stage's results when it already finished in an earlier (interrupted) invocation."""
+    from peft import PeftModel
+
+    summary = json.loads((work / "train" / "summary.json").read_text())
+    model = PeftModel.from_pretrained(base_for_training(p, summary["head"]), work / "adapter")
+    return model, summary, summary["head"]
+
+
+def data_fingerprint(source: str) -> dict:
+    """sha256 of every local data file the run read (hub datasets are named, not hashed)."""
+    return {path: sha256_file(Path(path)) for path in source.split(", ") if Path(path).is_file()}
 
 
 def run(recipe: Recipe, overwrite: bool = False, train_only: bool = False) -> Path:
     p = prepare(recipe)
-    with StagingDir(recipe.run_dir, overwrite=overwrite) as work:
-        (work / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-        write_json(work / "split.json", {"source": p.source, "seed": recipe.data.seed,
-                                         **{k: v for k, v in p.split.items()},
+    run_dir = RunDir(recipe.run_dir, recipe.to_dict(), overwrite=overwrite)
+    if run_dir.complete:
+        print(f"[tasktune] {recipe.run_dir} is already complete for this recipe; nothing to do")
+        return recipe.run_dir
+    work = run_dir.start()
+    if run_dir.resumed:
+        print(f"[tasktune] resuming {run_dir.work} (finished stages are kept)")
+    if not run_dir.done("split"):
+        write_json(work / "split.json", {"source": p.source, "data_sha256": data_fingerprint(p.source),
+                                         "seed": recipe.data.seed, **p.split,
                                          "limited": {k: [e["id"] for e in v] for k, v in p.examples.items()}})
-        base_params = count_parameters(p.lm.model)
-        zeroshot = None
-        if not train_only:
+        run_dir.mark("split")
+    base_params = count_parameters(p.lm.model)
+    zeroshot = None
+    if not train_only:
+        if run_dir.done("zeroshot"):
+            zeroshot = json.loads((work / "zeroshot" / "metrics.json").read_text())
+        else:
             print(f"[tasktune] zero-shot evaluation on {len(p.examples['test'])} test examples")
             zeroshot = evaluate_stage(p, p.lm.model, work / "zeroshot")
-            print(f"[tasktune] zero-shot  {p.task.summary(zeroshot)}")
-        start = time.perf_counter()
+            run_dir.mark("zeroshot")
+        print(f"[tasktune] zero-shot  {p.task.summary(zeroshot)}")
+    start = time.perf_counter()
+    if run_dir.done("train"):
+        model, training, head = load_trained(p, work)
+    else:
         model, training, head = train_stage(p, work)
-        p.timings["train_s"] = time.perf_counter() - start
-        finetuned = None
-        merged = merge_for_inference(model)
+        run_dir.mark("train")
+    p.timings["train_s"] = training.get("train_runtime_s") or time.perf_counter() - start
+    merged = merge_for_inference(model)
+    if not run_dir.done("params"):
         start = time.perf_counter()
         write_json(work / "params.json", parameter_report(p.lm.path, work / "adapter",
-                                                                training["base_parameters_before_lora"], merged))
+                                                          training["base_parameters_before_lora"], merged))
         p.timings["params_s"] = time.perf_counter() - start
-        if not train_only:
+        run_dir.mark("params")
+    finetuned = None
+    if not train_only:
+        if run_dir.done("finetuned"):
+            finetuned = json.loads((work / "finetuned" / "metrics.json").read_text())
+        else:
             print(f"[tasktune] fine-tuned evaluation on {len(p.examples['test'])} test examples")
             finetuned = evaluate_stage(p, merged, work / "finetuned", head=head)
-            print(f"[tasktune] fine-tuned {p.task.summary(finetuned)}")
-        from tasktune.report import write_report
+            run_dir.mark("finetuned")
+        print(f"[tasktune] fine-tuned {p.task.summary(finetuned)}")
+    from tasktune.report import write_report
 
-        write_report(work, recipe=recipe, prepared=p, zeroshot=zeroshot, finetuned=finetuned,
-                     training=training, base_params=base_params, versions=versions())
+    write_report(work, recipe=recipe, prepared=p, zeroshot=zeroshot, finetuned=finetuned,
+                 training=training, base_params=base_params, versions=versions())
+    run_dir.finish()
     print(f"[tasktune] wrote {recipe.run_dir}")
     return recipe.run_dir
-

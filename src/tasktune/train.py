@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import signal
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 
 from tasktune.infer import head_logits, last_hidden_state, left_pad, position_ids_from_mask, unwrap
+from tasktune.rundir import sha256_file, write_json
 
 OBJECTIVES = ("verbalizer", "lm", "seqcls", "answer")
 
@@ -104,6 +106,72 @@ class TaskTrainer(Trainer):
         return metrics
 
 
+SEAL = "tasktune_complete.json"
+
+
+class SealCheckpoints(TrainerCallback):
+    """After the Trainer writes checkpoint-N, record every file's size and sha256 in it. A checkpoint without
+    a matching seal (killed mid-write, truncated, corrupted) is never resumed from."""
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+                     for f in sorted(folder.iterdir()) if f.is_file() and f.name != SEAL}
+            write_json(folder / SEAL, {"step": state.global_step, "files": files})
+
+
+def complete_checkpoint(folder: Path) -> bool:
+    seal = folder / SEAL
+    try:
+        files = json.loads(seal.read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return all((folder / name).is_file() and (folder / name).stat().st_size == meta["bytes"]
+               and sha256_file(folder / name) == meta["sha256"] for name, meta in files.items())
+
+
+def last_complete_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest sealed checkpoint whose files still match their seal; damaged ones are skipped."""
+    found = sorted((p for p in checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for folder in found:
+        if complete_checkpoint(folder):
+            return folder
+        print(f"[tasktune] skipping incomplete or damaged checkpoint {folder}")
+    return None
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGINT/SIGTERM: finish the current step, save a checkpoint, stop; the run can then be resumed."""
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    def install(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+class TrainingInterrupted(Exception):
+    def __init__(self, signal_name: str, step: int):
+        super().__init__(f"{signal_name} received: checkpoint saved at step {step}; run the same command again "
+                         "to resume")
+
+
 def training_arguments(train_cfg, output_dir: Path, metric: str) -> TrainingArguments:
     report_to = ["tensorboard"] if importlib.util.find_spec("tensorboard") else "none"
     return TrainingArguments(
@@ -122,7 +190,7 @@ def training_arguments(train_cfg, output_dir: Path, metric: str) -> TrainingArgu
         eval_steps=train_cfg.eval_steps,
         save_strategy="steps",
         save_steps=train_cfg.eval_steps,
-        save_total_limit=2,
+        save_total_limit=3,
         load_best_model_at_end=True,
         metric_for_best_model=metric,
         greater_is_better=True,
@@ -134,27 +202,41 @@ def training_arguments(train_cfg, output_dir: Path, metric: str) -> TrainingArgu
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
         report_to=report_to,
-        save_only_model=True,
+        save_only_model=False,  # optimizer, scheduler and RNG states too, for exact resumption
     )
 
 
 def fit(model, tokenizer, train_features: list[dict], val_features: list[dict], train_cfg, output_dir: Path,
         objective: str, validate: Callable, metric: str, label_token_ids: list[int] | None = None) -> dict:
-    """Train `model` (already LoRA-wrapped) in place and return the Trainer's log history and timings."""
-    args = training_arguments(train_cfg, output_dir / "checkpoints", metric)
+    """Train `model` (already LoRA-wrapped) in place and return the Trainer's log history and timings.
+
+    Resumes from the last complete checkpoint in `output_dir/checkpoints` when there is one.
+    """
+    checkpoints = output_dir / "checkpoints"
+    args = training_arguments(train_cfg, checkpoints, metric)
+    stopper = StopOnSignal()
     trainer = TaskTrainer(
         model=model, args=args, train_dataset=train_features, eval_dataset=val_features,
         data_collator=LeftPadCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-        callbacks=[EarlyStoppingCallback(early_stopping_patience=train_cfg.patience)],
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=train_cfg.patience), SealCheckpoints(), stopper],
         objective=objective, label_token_ids=label_token_ids, validate=validate,
     )
-    result = trainer.train()
+    resume = last_complete_checkpoint(checkpoints) if checkpoints.is_dir() else None
+    if resume:
+        print(f"[tasktune] resuming training from {resume}")
+    stopper.install()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    finally:
+        stopper.uninstall()
+    if stopper.received:
+        raise TrainingInterrupted(stopper.received, trainer.state.global_step)
     history = trainer.state.log_history
     (output_dir / "log_history.json").write_text(json.dumps(history, indent=1))
     return {
         "global_step": trainer.state.global_step,
         "best_metric": trainer.state.best_metric,
-        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "best_checkpoint": Path(trainer.state.best_model_checkpoint).name if trainer.state.best_model_checkpoint else None,
         "train_runtime_s": result.metrics.get("train_runtime"),
         "train_samples_per_second": result.metrics.get("train_samples_per_second"),
         "train_loss": result.metrics.get("train_loss"),
