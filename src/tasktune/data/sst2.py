@@ -48,11 +48,12 @@ def load_delimited(path: Path) -> list[dict]:
     # GLUE's TSV has no quoting; quotes in CSV files are honoured.
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     reader = csv.reader(io.StringIO(text), delimiter=delimiter, quoting=quoting)
-    header = next(reader)
+    header = next(reader, [])
     text_col, label_col = _pick(header, TEXT_COLUMNS), _pick(header, LABEL_COLUMNS)
     if text_col is None or label_col is None:
-        other = "," if delimiter == "\t" else "\\t"
-        hint = f" (the header contains {other!r}: wrong delimiter?)" if other.replace("\\t", "\t") in header[0] else ""
+        other = "," if delimiter == "\t" else "\t"
+        wrong = header and other in header[0]
+        hint = f" (the header contains {other!r}: wrong delimiter?)" if wrong else ""
         raise TasktuneError(
             f"{path}, header: columns {header} do not include a text column {list(TEXT_COLUMNS)} and a "
             f"label column {list(LABEL_COLUMNS)} separated by {delimiter!r}{hint}")
