@@ -56,7 +56,8 @@ class TrainConfig:
     patience: int = 2
     logging_steps: int = 10
     seed: int = 42
-    group_by_length: bool = True
+    group_by_length: bool = True     # batches of similar length: less padding
+    shuffle: bool = True             # false: file order (used to compare multi-process with single-process)
     gradient_checkpointing: bool = False
     max_length: int = 256
 

@@ -7,6 +7,7 @@ it would be alone.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -63,6 +64,11 @@ def head_logits(model, hidden: torch.Tensor, rows: list[int] | None = None) -> t
     return logits
 
 
+def progress(items, desc: str):
+    """A progress bar on the main process only (RANK is set by accelerate launch / torchrun)."""
+    return tqdm(items, desc=desc, leave=False, disable=int(os.environ.get("RANK", "0")) != 0)
+
+
 def batches(encoded: list[list[int]], batch_size: int):
     """Yield lists of example indices, longest first, `batch_size` at a time."""
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
@@ -80,7 +86,7 @@ def score_tokens(model, encoded: list[list[int]], token_ids: list[int], pad_id: 
     """
     out = torch.empty((len(encoded), len(token_ids)), dtype=torch.float32)
     chunks = list(batches(encoded, batch_size))
-    for idx in tqdm(chunks, desc=desc, leave=False):
+    for idx in progress(chunks, desc):
         ids, mask = left_pad([encoded[i] for i in idx], pad_id)
         hidden = last_hidden_state(model, ids.to(model.device), mask.to(model.device))
         logprobs = torch.log_softmax(head_logits(model, hidden).float(), dim=-1)
@@ -93,7 +99,7 @@ def classify(model, encoded: list[list[int]], pad_id: int, batch_size: int = 16,
              desc: str = "classify") -> torch.Tensor:
     """Logits of a sequence-classification head: [n, num_labels], fp32."""
     out = None
-    for idx in tqdm(list(batches(encoded, batch_size)), desc=desc, leave=False):
+    for idx in progress(list(batches(encoded, batch_size)), desc):
         ids, mask = left_pad([encoded[i] for i in idx], pad_id)
         logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                        position_ids=position_ids_from_mask(mask).to(model.device)).logits.float().cpu()
@@ -144,7 +150,7 @@ def generate(model, tokenizer, encoded: list[list[int]], max_new_tokens: int, ba
     if suppress_first and first_token_id is not None:
         extra["begin_suppress_tokens"] = [first_token_id]
     with foldable_lm_head(lm):
-        for idx in tqdm(list(batches(encoded, batch_size)), desc=desc, leave=False):
+        for idx in progress(list(batches(encoded, batch_size)), desc):
             ids, mask = left_pad([encoded[i] for i in idx], tokenizer.pad_token_id)
             out = lm.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
                               max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+
 from tasktune import __version__
 from tasktune.config import Recipe
 from tasktune.infer import merge_for_inference
@@ -78,19 +81,42 @@ def prepare(recipe: Recipe) -> Prepared:
     return Prepared(recipe, task, source, split, examples, lm, builder, label_ids, timings)
 
 
+STAGES = ("split", "zeroshot", "train", "params", "finetuned")
+
+
+def process_state() -> PartialState:
+    """This process's place among those started by accelerate launch / torchrun (one, when run plainly).
+    On machines without CUDA the processes join a gloo group, as the Trainer's `use_cpu` expects."""
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def evaluate_stage(p: Prepared, model, out_dir: Path, head: str = "causal_lm") -> dict:
+    """Evaluate the test split. Under `accelerate launch`/`torchrun` each process predicts its own shard, the
+    records are gathered, and every process computes the same metrics; only the main process writes."""
     cfg = p.recipe.eval
+    state = process_state()
     test = p.examples["test"]
     generate_ids = {ex["id"] for ex in sample(test, cfg.limit_generate, p.recipe.data.seed)}
     start = time.perf_counter()
     extra = {}
     if hasattr(p.task, "calibrate"):  # SQuAD v2: abstention threshold chosen on the validation slice
         extra["na_threshold"] = p.task.calibrate(model, p.builder, p.examples["validation"], cfg.batch_size)
-    metrics, records = p.task.evaluate(model, p.builder, test, cfg.protocols, cfg.batch_size, head=head,
-                                       generate_ids=generate_ids, **extra)
+    shard = test[state.process_index::state.num_processes]
+    records, seconds = p.task.predict(model, p.builder, shard, cfg.protocols, cfg.batch_size, head=head,
+                                      generate_ids=generate_ids)
+    if state.num_processes > 1:
+        for record in records:
+            record["process"] = state.process_index
+        records = gather_object(records)
+        order = {ex["id"]: n for n, ex in enumerate(test)}
+        records.sort(key=lambda r: order[r["id"]])
+        seconds = {k: max(s[k] for s in gather_object([seconds])) for k in seconds}
+    metrics = p.task.score(records, seconds, **extra)
     metrics["seconds"] = round(time.perf_counter() - start, 3)
-    write_json(out_dir / "metrics.json", metrics)
-    write_jsonl(out_dir / "predictions.jsonl", records)
+    metrics["processes"] = state.num_processes
+    if state.is_main_process:
+        write_json(out_dir / "metrics.json", metrics)
+        write_jsonl(out_dir / "predictions.jsonl", records)
     return metrics
 
 
@@ -115,10 +141,12 @@ def train_stage(p: Prepared, work: Path) -> tuple[torch.nn.Module, dict, str]:
 
     summary = fit(model, p.lm.tokenizer, features, val_features, cfg, work / "train", cfg.objective, validate,
                   p.task.metric_for_best, p.label_token_ids)
-    model.save_pretrained(work / "adapter")  # safetensors
     summary.pop("log_history")
     summary.update(parameters=params, base_parameters_before_lora=base_count, head=head)
-    write_json(work / "train" / "summary.json", summary)
+    if process_state().is_main_process:
+        model.save_pretrained(work / "adapter")  # safetensors
+        write_json(work / "train" / "summary.json", summary)
+    process_state().wait_for_everyone()
     return model, summary, head
 
 
@@ -144,56 +172,82 @@ def data_fingerprint(source: str) -> dict:
 
 
 def run(recipe: Recipe, overwrite: bool = False, train_only: bool = False) -> Path:
+    """The whole job. Single process, or one of several under `accelerate launch -m tasktune run ...` /
+    `torchrun -m tasktune run ...`: then training is data-parallel through the Trainer, evaluation is sharded
+    and gathered, and only the main process writes the run directory."""
+    state = process_state()  # sets up torch.distributed when launched with several processes
+    main = state.is_main_process
+    say = print if main else (lambda *_: None)
     p = prepare(recipe)
-    run_dir = RunDir(recipe.run_dir, recipe.to_dict(), overwrite=overwrite)
+    run_dir = None
+    if main:
+        run_dir = RunDir(recipe.run_dir, recipe.to_dict(), overwrite=overwrite)
+        if not run_dir.complete:
+            run_dir.start()
+    state.wait_for_everyone()
+    if not main:  # the main process has created or validated the directory; follow it
+        run_dir = RunDir(recipe.run_dir, recipe.to_dict())
     if run_dir.complete:
-        print(f"[tasktune] {recipe.run_dir} is already complete for this recipe; nothing to do")
+        say(f"[tasktune] {recipe.run_dir} is already complete for this recipe; nothing to do")
         return recipe.run_dir
-    work = run_dir.start()
+    work = run_dir.work
+    # Every process decides from the same snapshot: the main process marks stages as it goes.
+    finished = {stage for stage in STAGES if run_dir.done(stage)}
+    state.wait_for_everyone()
     if run_dir.resumed:
-        print(f"[tasktune] resuming {run_dir.work} (finished stages are kept)")
-    if not run_dir.done("split"):
-        write_json(work / "split.json", {"source": p.source, "data_sha256": data_fingerprint(p.source),
-                                         "seed": recipe.data.seed, **p.split,
-                                         "limited": {k: [e["id"] for e in v] for k, v in p.examples.items()}})
-        run_dir.mark("split")
+        say(f"[tasktune] resuming {run_dir.work} (finished stages are kept: {sorted(finished) or 'none'})")
+
+    def mark(stage: str) -> None:
+        if main:
+            run_dir.mark(stage)
+        state.wait_for_everyone()
+
+    if "split" not in finished:
+        if main:
+            write_json(work / "split.json", {"source": p.source, "data_sha256": data_fingerprint(p.source),
+                                             "seed": recipe.data.seed, **p.split,
+                                             "limited": {k: [e["id"] for e in v] for k, v in p.examples.items()}})
+        mark("split")
     base_params = count_parameters(p.lm.model)
     zeroshot = None
     if not train_only:
-        if run_dir.done("zeroshot"):
+        if "zeroshot" in finished:
             zeroshot = json.loads((work / "zeroshot" / "metrics.json").read_text())
         else:
-            print(f"[tasktune] zero-shot evaluation on {len(p.examples['test'])} test examples")
+            say(f"[tasktune] zero-shot evaluation on {len(p.examples['test'])} test examples")
             zeroshot = evaluate_stage(p, p.lm.model, work / "zeroshot")
-            run_dir.mark("zeroshot")
-        print(f"[tasktune] zero-shot  {p.task.summary(zeroshot)}")
+            mark("zeroshot")
+        say(f"[tasktune] zero-shot  {p.task.summary(zeroshot)}")
     start = time.perf_counter()
-    if run_dir.done("train"):
+    if "train" in finished:
         model, training, head = load_trained(p, work)
     else:
         model, training, head = train_stage(p, work)
-        run_dir.mark("train")
+        mark("train")
     p.timings["train_s"] = training.get("train_runtime_s") or time.perf_counter() - start
     merged = merge_for_inference(model)
-    if not run_dir.done("params"):
-        start = time.perf_counter()
-        write_json(work / "params.json", parameter_report(p.lm.path, work / "adapter",
-                                                          training["base_parameters_before_lora"], merged))
-        p.timings["params_s"] = time.perf_counter() - start
-        run_dir.mark("params")
+    if "params" not in finished:
+        if main:
+            start = time.perf_counter()
+            write_json(work / "params.json", parameter_report(p.lm.path, work / "adapter",
+                                                              training["base_parameters_before_lora"], merged))
+            p.timings["params_s"] = time.perf_counter() - start
+        mark("params")
     finetuned = None
     if not train_only:
-        if run_dir.done("finetuned"):
+        if "finetuned" in finished:
             finetuned = json.loads((work / "finetuned" / "metrics.json").read_text())
         else:
-            print(f"[tasktune] fine-tuned evaluation on {len(p.examples['test'])} test examples")
+            say(f"[tasktune] fine-tuned evaluation on {len(p.examples['test'])} test examples")
             finetuned = evaluate_stage(p, merged, work / "finetuned", head=head)
-            run_dir.mark("finetuned")
-        print(f"[tasktune] fine-tuned {p.task.summary(finetuned)}")
-    from tasktune.report import write_report
+            mark("finetuned")
+        say(f"[tasktune] fine-tuned {p.task.summary(finetuned)}")
+    if main:
+        from tasktune.report import write_report
 
-    write_report(work, recipe=recipe, prepared=p, zeroshot=zeroshot, finetuned=finetuned,
-                 training=training, base_params=base_params, versions=versions())
-    run_dir.finish()
-    print(f"[tasktune] wrote {recipe.run_dir}")
+        write_report(work, recipe=recipe, prepared=p, zeroshot=zeroshot, finetuned=finetuned,
+                     training=training, base_params=base_params, versions=versions())
+        run_dir.finish()
+        say(f"[tasktune] wrote {recipe.run_dir}")
+    state.wait_for_everyone()
     return recipe.run_dir

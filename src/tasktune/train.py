@@ -84,12 +84,28 @@ class TaskTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids, mask, pos, labels = (inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"],
                                   inputs["labels"])
-        if self.objective == "verbalizer":
+        data_parallel = hasattr(model, "module")  # wrapped by DDP under accelerate launch / torchrun
+        if self.objective == "verbalizer" and not data_parallel:
             hidden = last_hidden_state(model, ids, mask)
             logits = head_logits(model, hidden, rows=self.label_token_ids).float()
             loss = F.cross_entropy(logits, labels)
-        elif self.objective == "answer":
+        elif self.objective == "verbalizer":
+            # DDP synchronises gradients only through its own forward, so the loss goes through the model's
+            # forward, with LM-head logits for the last position only.
+            last = torch.tensor([ids.shape[1] - 1], device=ids.device)  # an index tensor: contiguous gather
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=last,
+                           use_cache=False).logits[:, -1, self.label_token_ids].float()
+            loss = F.cross_entropy(logits, labels)
+        elif self.objective == "answer" and not data_parallel:
             loss = answer_positions_loss(model, ids, mask, pos, labels)
+        elif self.objective == "answer":
+            # As above for DDP: logits only for the window from the first answer position to the end.
+            first = int((labels != -100).float().argmax(dim=1).min())
+            window = torch.arange(max(first - 1, 0), ids.shape[1] - 1, device=ids.device)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=window,
+                           use_cache=False).logits.float()
+            targets = labels[:, window + 1]
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
         else:  # lm and seqcls: the model's own forward and loss
             loss = model(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels,
                          use_cache=False).loss
@@ -115,7 +131,7 @@ class SealCheckpoints(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if folder.is_dir():
+        if state.is_world_process_zero and folder.is_dir():
             files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
                      for f in sorted(folder.iterdir()) if f.is_file() and f.name != SEAL}
             write_json(folder / SEAL, {"step": state.global_step, "files": files})
@@ -194,7 +210,8 @@ def training_arguments(train_cfg, output_dir: Path, metric: str) -> TrainingArgu
         load_best_model_at_end=True,
         metric_for_best_model=metric,
         greater_is_better=True,
-        train_sampling_strategy="group_by_length" if train_cfg.group_by_length else "random",
+        train_sampling_strategy=("sequential" if not train_cfg.shuffle else
+                                 "group_by_length" if train_cfg.group_by_length else "random"),
         remove_unused_columns=False,
         activation_checkpointing=train_cfg.gradient_checkpointing,
         seed=train_cfg.seed,
@@ -232,7 +249,8 @@ def fit(model, tokenizer, train_features: list[dict], val_features: list[dict], 
     if stopper.received:
         raise TrainingInterrupted(stopper.received, trainer.state.global_step)
     history = trainer.state.log_history
-    (output_dir / "log_history.json").write_text(json.dumps(history, indent=1))
+    if trainer.is_world_process_zero():
+        (output_dir / "log_history.json").write_text(json.dumps(history, indent=1))
     return {
         "global_step": trainer.state.global_step,
         "best_metric": trainer.state.best_metric,

@@ -115,46 +115,56 @@ class SquadV2Task:
     def evaluate(self, model, builder, examples: list[dict], protocols=("generate",), batch_size: int = 16,
                  head: str = "causal_lm", generate_ids=None, na_threshold: float | None = None,
                  with_text_metrics: bool = True) -> tuple[dict, list[dict]]:
+        records, seconds = self.predict(model, builder, examples, protocols, batch_size)
+        return self.score(records, seconds, na_threshold, with_text_metrics), records
+
+    def predict(self, model, builder, examples: list[dict], protocols=("generate",), batch_size: int = 16,
+                head: str = "causal_lm", generate_ids=None) -> tuple[list[dict], dict]:
+        """One record per question: the raw decision, the best non-abstaining answer and na_prob."""
         start = time.perf_counter()
-        tok = builder.tokenizer
         fitted = [self.fit_prompt(builder, ex, self.max_prompt_tokens, keep_answer=False) for ex in examples]
         abstain_id = self.label_token_ids(builder, examples[0])[0]
-        gen = infer.generate(model, tok, [ids for ids, _ in fitted], self.max_new_tokens, batch_size,
+        gen = infer.generate(model, builder.tokenizer, [ids for ids, _ in fitted], self.max_new_tokens, batch_size,
                              stop_at_newline=True, first_token_id=abstain_id, suppress_first=True)
-        records, raw, answers, na = [], {}, {}, {}
+        records = []
         for ex, (_, truncated), text, p, top in zip(examples, fitted, gen.texts, gen.first_token_probs,
                                                    gen.first_token_is_top):
             answer = text.strip()
             if normalize_answer(answer) == ABSTAIN_WORD:  # said in words after a different first token
                 answer, top = "", True
-            raw[ex["id"]] = "" if top else answer
-            answers[ex["id"]], na[ex["id"]] = answer, p
-            records.append({"id": ex["id"], "question": ex["question"], "prediction": raw[ex["id"]],
-                            "answer": answer, "na_prob": round(p, 6), "golds": ex["answers"],
-                            "truncated": truncated})
-        golds = {ex["id"]: ex["answers"] for ex in examples}
+            records.append({"id": ex["id"], "question": ex["question"], "prediction": "" if top else answer,
+                            "answer": answer, "na_prob": p, "golds": ex["answers"], "truncated": truncated})
+        return records, {"generate": time.perf_counter() - start}
+
+    def score(self, records: list[dict], seconds: dict | None = None, na_threshold: float | None = None,
+              with_text_metrics: bool = True) -> dict:
+        """The SQuAD v2 metric (raw decision, and calibrated when a threshold is given) and text overlap."""
+        golds = {r["id"]: r["golds"] for r in records}
+        raw = {r["id"]: r["prediction"] for r in records}
+        na = {r["id"]: r["na_prob"] for r in records}
         metrics = squad_v2_metrics(golds, raw, na)
         exact, f1 = raw_scores(golds, raw)
         for rec in records:
             rec["em"], rec["f1"] = exact[rec["id"]], round(f1[rec["id"]], 4)
         metrics["abstain_rate"] = sum(not v for v in raw.values()) / len(raw)
-        metrics["truncated_prompts"] = sum(t for _, t in fitted)
+        metrics["truncated_prompts"] = sum(r["truncated"] for r in records)
         if with_text_metrics:
             # Text overlap compares the words produced: an abstention is the word "unanswerable".
-            preds = [raw[ex["id"]] or ABSTAIN_WORD for ex in examples]
-            refs = [list(dict.fromkeys(ex["answers"])) or [ABSTAIN_WORD] for ex in examples]
+            preds = [r["prediction"] or ABSTAIN_WORD for r in records]
+            refs = [list(dict.fromkeys(r["golds"])) or [ABSTAIN_WORD] for r in records]
             metrics.update(text_overlap_metrics(preds, refs))
         if na_threshold is not None:
-            calibrated = {q: "" if na[q] > na_threshold else answers[q] for q in answers}
+            calibrated = {r["id"]: "" if r["na_prob"] > na_threshold else r["answer"] for r in records}
             cal = squad_v2_metrics(golds, calibrated, na)
             metrics["calibrated"] = {"threshold": na_threshold, **{k: v for k, v in cal.items()
                                                                     if not k.startswith("best_")},
                                      "abstain_rate": sum(not v for v in calibrated.values()) / len(calibrated)}
             for rec in records:
                 rec["calibrated_prediction"] = calibrated[rec["id"]]
-        metrics["n"] = len(examples)
-        metrics["seconds"] = round(time.perf_counter() - start, 3)
-        return metrics, records
+        metrics["n"] = len(records)
+        if seconds:
+            metrics["seconds"] = round(sum(seconds.values()), 3)
+        return metrics
 
     # --- reporting --------------------------------------------------------------------------------
     report_rows = ("exact", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1", "best_exact",

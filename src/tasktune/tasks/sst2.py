@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import re
 import time
 
@@ -95,41 +94,55 @@ class SST2Task:
     # --- evaluation -------------------------------------------------------------------------------
     def evaluate(self, model, builder, examples: list[dict], protocols: list[str], batch_size: int,
                  head: str = "causal_lm", generate_ids: set[int] | None = None) -> tuple[dict, list[dict]]:
-        """Metrics per protocol and one prediction record per example.
+        """Metrics per protocol and one prediction record per example."""
+        records, seconds = self.predict(model, builder, examples, protocols, batch_size, head, generate_ids)
+        return self.score(records, seconds), records
+
+    def predict(self, model, builder, examples: list[dict], protocols: list[str], batch_size: int,
+                head: str = "causal_lm", generate_ids: set[int] | None = None) -> tuple[list[dict], dict]:
+        """One prediction record per example, and the seconds each protocol took.
 
         `generate_ids` restricts the (slower) generate protocol to those example ids.
         """
         tok = builder.tokenizer
         encoded = [builder.encode(builder.render(ex)) for ex in examples]
-        golds = [ex["label"] for ex in examples]
         records = [{"id": ex["id"], "sentence": ex["sentence"], "label": ex["label"]} for ex in examples]
-        metrics: dict = {}
+        seconds: dict = {}
         if head == "seqcls":
+            protocols = ["classifier"]
+        for protocol in protocols:
             start = time.perf_counter()
-            logits = infer.classify(model, encoded, tok.pad_token_id, batch_size)
-            preds = logits.argmax(-1).tolist()
-            metrics["classifier"] = self._finish(golds, preds, start)
-            for rec, p in zip(records, preds):
-                rec["classifier_pred"] = p
-            return metrics, records
-        if "score" in protocols:
-            start = time.perf_counter()
-            token_ids = self.label_token_ids(builder, examples[0])
-            logprobs = infer.score_tokens(model, encoded, token_ids, tok.pad_token_id, batch_size)
-            preds = logprobs.argmax(-1).tolist()
-            metrics["score"] = self._finish(golds, preds, start)
-            for rec, p, lp in zip(records, preds, logprobs.tolist()):
-                rec["score_pred"], rec["score_logprobs"] = p, [round(x, 5) for x in lp]
-        if "generate" in protocols:
-            start = time.perf_counter()
-            subset = [i for i, ex in enumerate(examples) if generate_ids is None or ex["id"] in generate_ids]
-            texts = infer.generate(model, tok, [encoded[i] for i in subset], self.max_new_tokens,
-                                   batch_size).texts
-            preds = [self.parse(t) for t in texts]
-            metrics["generate"] = self._finish([golds[i] for i in subset], preds, start)
-            for i, text, p in zip(subset, texts, preds):
-                records[i]["generate_text"], records[i]["generate_pred"] = text, p
-        return metrics, records
+            if protocol == "classifier":
+                preds = infer.classify(model, encoded, tok.pad_token_id, batch_size).argmax(-1).tolist()
+                for rec, p in zip(records, preds):
+                    rec["classifier_pred"] = p
+            elif protocol == "score":
+                token_ids = self.label_token_ids(builder, examples[0])
+                logprobs = infer.score_tokens(model, encoded, token_ids, tok.pad_token_id, batch_size)
+                for rec, pred, lp in zip(records, logprobs.argmax(-1).tolist(), logprobs.tolist()):
+                    rec["score_pred"], rec["score_logprobs"] = pred, [round(x, 5) for x in lp]
+            else:
+                subset = [i for i, ex in enumerate(examples) if generate_ids is None or ex["id"] in generate_ids]
+                texts = infer.generate(model, tok, [encoded[i] for i in subset], self.max_new_tokens,
+                                       batch_size).texts
+                for i, text in zip(subset, texts):
+                    records[i]["generate_text"], records[i]["generate_pred"] = text, self.parse(text)
+            seconds[protocol] = time.perf_counter() - start
+        return records, seconds
+
+    def score(self, records: list[dict], seconds: dict | None = None) -> dict:
+        """Metrics per protocol from prediction records (which may come from several processes)."""
+        metrics = {}
+        for protocol in ("classifier", "score", "generate"):
+            scored = [r for r in records if f"{protocol}_pred" in r]
+            if not scored:
+                continue
+            metrics[protocol] = classification_metrics([r["label"] for r in scored],
+                                                       [r[f"{protocol}_pred"] for r in scored])
+            if seconds and protocol in seconds:
+                metrics[protocol]["seconds"] = round(seconds[protocol], 3)
+                metrics[protocol]["examples_per_second"] = round(len(scored) / seconds[protocol], 2)
+        return metrics
 
     # --- reporting --------------------------------------------------------------------------------
     report_rows = ("accuracy", "precision", "recall", "f1", "f1_macro", "none_rate", "n")
@@ -146,18 +159,3 @@ class SST2Task:
     def summary(self, metrics: dict) -> str:
         return " | ".join(f"{name} accuracy {m['accuracy']:.4f} f1 {m['f1']:.4f} none {m['none_rate']:.3f} "
                           f"n {m['n']}" for name, m in self.report_columns(metrics))
-
-    @staticmethod
-    def _finish(golds, preds, start) -> dict:
-        metrics = classification_metrics(golds, preds)
-        seconds = time.perf_counter() - start
-        metrics["seconds"] = round(seconds, 3)
-        metrics["examples_per_second"] = round(len(golds) / seconds, 2) if seconds else None
-        return metrics
-
-
-def sample_ids(ids: list[int], limit: int | None, seed: int) -> list[int]:
-    """A seeded random subset (sorted) of `ids`, or all of them."""
-    if limit is None or limit >= len(ids):
-        return list(ids)
-    return sorted(random.Random(seed).sample(list(ids), limit))

@@ -1,0 +1,22 @@
+"""Every benchmark's --quick mode runs (tiny model, correctness only; no timing is asserted)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.mark.parametrize("script", ["train_sst2.py", "eval_sst2.py", "train_squad.py", "eval_squad.py"])
+def test_quick_mode(script):
+    before = (ROOT / "bench" / "RESULTS.md").read_text() if (ROOT / "bench" / "RESULTS.md").exists() else None
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--quick"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| config |" in proc.stdout and "speed × baseline" in proc.stdout
+    if script == "eval_sst2.py":
+        assert "identical to the per-example loop: 100.00%" in proc.stdout
+    after = (ROOT / "bench" / "RESULTS.md").read_text() if (ROOT / "bench" / "RESULTS.md").exists() else None
+    assert before == after  # --quick never writes results
