@@ -129,3 +129,15 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_llama, reference, tmp
     assert proc.returncode == 130 and "SIGTERM received: checkpoint saved" in err
     assert main(args(tiny_llama, data, tmp_path, "term")) == 0
     assert_same_run(ref, tmp_path / "term")
+
+
+def test_hub_token_never_reaches_the_run_directory(tiny_llama, reference, tmp_path, monkeypatch):
+    ref, data = reference
+    secret = "hf_tasktune_secret_0123456789"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    assert main(args(tiny_llama, data, tmp_path, "tok", "train.max_steps=4")) == 0
+    assert main(["export", str(tmp_path / "tok"), "--out", str(tmp_path / "export")]) == 0
+    files = [f for d in (tmp_path / "tok", tmp_path / "export") for f in d.rglob("*") if f.is_file()]
+    assert len(files) > 10
+    for file in files:
+        assert secret.encode() not in file.read_bytes(), file
