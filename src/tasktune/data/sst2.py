@@ -47,7 +47,15 @@ def load_delimited(path: Path) -> list[dict]:
     text = read_text(path)
     # GLUE's TSV has no quoting; quotes in CSV files are honoured.
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    reader = csv.reader(io.StringIO(text), delimiter=delimiter, quoting=quoting)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
+    try:
+        return _rows_from(reader, path, delimiter)
+    except csv.Error as exc:
+        raise TasktuneError(f"{path}, line {reader.line_num}: not valid {'TSV' if delimiter == chr(9) else 'CSV'} "
+                            f"({exc})") from exc
+
+
+def _rows_from(reader, path: Path, delimiter: str) -> list[dict]:
     header = next(reader, [])
     text_col, label_col = _pick(header, TEXT_COLUMNS), _pick(header, LABEL_COLUMNS)
     if text_col is None or label_col is None:
