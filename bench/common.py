@@ -59,6 +59,20 @@ def run_worker(script: Path, config: str, args: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def interleaved(script: Path, configs: list[str], worker_args: list[str], repeats: int) -> dict[str, list[dict]]:
+    """Run every config once per repeat, in turn, so drift on a noisy machine hits every config alike."""
+    results: dict[str, list[dict]] = {c: [] for c in configs}
+    for _ in range(repeats):
+        for config in configs:
+            results[config].append(run_worker(script, config, worker_args))
+    return results
+
+
+def ratio(results: dict[str, list[dict]], config: str, key: str, baseline: str = "baseline") -> float:
+    """Median over repeats of config/baseline, paired repeat by repeat."""
+    return median([r[key] / b[key] for r, b in zip(results[config], results[baseline])])
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

@@ -70,15 +70,11 @@ def main() -> None:
         args.model, args.repeats, args.n = str(common.tiny_model(Path(tempfile.mkdtemp()))), 1, 12
     worker_args = ["--model", args.model, "--n", str(args.n), "--batch", str(args.batch)] + \
         (["--quick"] if args.quick else [])
-    results = {c: [] for c in CONFIGS}
-    for _ in range(args.repeats):
-        for config in CONFIGS:
-            results[config].append(common.run_worker(Path(__file__), config, worker_args))
+    results = common.interleaved(Path(__file__), CONFIGS, worker_args, args.repeats)
     gap = max(abs(a - b) for a, b in zip(results["baseline"][0]["na_probs"], results["tasktune"][0]["na_probs"]))
     rows = []
     for config in CONFIGS:
-        ratios = [r["examples_per_s"] / b["examples_per_s"] for r, b in zip(results[config], results["baseline"])]
-        rows.append([config, common.median([r["examples_per_s"] for r in results[config]]), common.median(ratios)])
+        rows.append([config, common.median([r["examples_per_s"] for r in results[config]]), common.ratio(results, config, "examples_per_s")])
     body = common.table(["config", "questions/s (median)", "speed × baseline"], rows)
     body += (f"\n\nn {args.n} questions (official train subset), batch {args.batch}, {args.repeats} repeats "
              f"interleaved; largest |na_prob difference| single-pass vs batched: {gap:.4f}.")

@@ -80,18 +80,14 @@ def main() -> None:
         args.model, args.repeats, args.n = str(common.tiny_model(Path(tempfile.mkdtemp()))), 1, 32
     worker_args = ["--model", args.model, "--n", str(args.n), "--batch", str(args.batch), "--dtype", args.dtype] + \
         (["--quick"] if args.quick else [])
-    results = {c: [] for c in CONFIGS}
-    for _ in range(args.repeats):
-        for config in CONFIGS:
-            results[config].append(common.run_worker(Path(__file__), config, worker_args))
+    results = common.interleaved(Path(__file__), CONFIGS, worker_args, args.repeats)
     base_preds = results["baseline"][0]["preds"]
     gen_preds = results["generate"][0]["preds"]
     agree = sum(a == b for a, b in zip(base_preds, gen_preds)) / len(base_preds)
     rows = []
     for config in CONFIGS:
-        ratios = [r["examples_per_s"] / b["examples_per_s"] for r, b in zip(results[config], results["baseline"])]
         rows.append([config, common.median([r["examples_per_s"] for r in results[config]]),
-                     common.median(ratios), results[config][0]["accuracy"]])
+                     common.ratio(results, config, "examples_per_s"), results[config][0]["accuracy"]])
     body = common.table(["config", "examples/s (median)", "speed × baseline", "accuracy"], rows)
     body += (f"\n\nGenerate-protocol predictions identical to the per-example loop: {agree:.2%} of {len(base_preds)} "
              f"(dtype {args.dtype}). n {args.n}, batch {args.batch}, {args.repeats} repeats interleaved; ratios are "

@@ -101,17 +101,13 @@ def main() -> None:
         args.max_length = 96
     worker_args = ["--model", args.model, "--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
                    str(args.warmup), "--max-length", str(args.max_length)] + (["--quick"] if args.quick else [])
-    results = {c: [] for c in CONFIGS}
-    for _ in range(args.repeats):
-        for config in CONFIGS:
-            results[config].append(common.run_worker(Path(__file__), config, worker_args))
+    results = common.interleaved(Path(__file__), CONFIGS, worker_args, args.repeats)
     rows = []
     for config in CONFIGS:
-        speed = [r["examples_per_s"] / b["examples_per_s"] for r, b in zip(results[config], results["baseline"])]
-        memory = [r["peak_mib"] / b["peak_mib"] for r, b in zip(results[config], results["baseline"])]
         rows.append([config, common.median([r["examples_per_s"] for r in results[config]]),
                      common.median([r["s_per_step"] for r in results[config]]),
-                     common.median([r["peak_mib"] for r in results[config]]), common.median(speed), common.median(memory)])
+                     common.median([r["peak_mib"] for r in results[config]]), common.ratio(results, config, "examples_per_s"),
+                     common.ratio(results, config, "peak_mib")])
     body = common.table(["config", "examples/s (median)", "s/step", "peak memory MiB", "speed × baseline",
                          "memory × baseline"], rows)
     body += (f"\n\nbatch {args.batch}, max length {args.max_length}, {args.steps} timed steps after {args.warmup} "

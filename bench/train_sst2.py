@@ -64,7 +64,6 @@ def common_args(out: str, steps: int, batch: int, seed: int = 0):
 
 def worker_baseline(model: str, rows: list[dict], batch: int, steps: int, warmup: int, seq_len: int, dynamic: bool):
     """A plain transformers + peft script, written as the tutorials write it."""
-    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, default_data_collator
 
@@ -153,18 +152,13 @@ def main() -> None:
         args.model, args.repeats, args.steps, args.warmup = str(common.tiny_model(Path(tmp))), 1, 2, 1
     worker_args = ["--model", args.model, "--batch", str(args.batch), "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--seq-len", str(args.seq_len)] + (["--quick"] if args.quick else [])
-    results: dict[str, list[dict]] = {c: [] for c in CONFIGS}
-    for _ in range(args.repeats):  # interleaved, so drift on a noisy machine hits every config alike
-        for config in CONFIGS:
-            results[config].append(common.run_worker(Path(__file__), config, worker_args))
+    results = common.interleaved(Path(__file__), CONFIGS, worker_args, args.repeats)
     rows = []
     for config in CONFIGS:
-        speed_ratios = [r["examples_per_s"] / b["examples_per_s"] for r, b in zip(results[config], results["baseline"])]
-        memory_ratios = [r["peak_mib"] / b["peak_mib"] for r, b in zip(results[config], results["baseline"])]
         rows.append([config, common.median([r["examples_per_s"] for r in results[config]]),
                      common.median([r["s_per_step"] for r in results[config]]),
                      common.median([r["peak_mib"] for r in results[config]]),
-                     common.median(speed_ratios), common.median(memory_ratios)])
+                     common.ratio(results, config, "examples_per_s"), common.ratio(results, config, "peak_mib")])
     body = common.table(["config", "examples/s (median)", "s/step", "peak memory MiB", "speed × baseline",
                          "memory × baseline"], rows)
     body += (f"\n\nbatch {args.batch}, max length {args.seq_len}, {args.steps} timed steps after {args.warmup} warm-up, "
