@@ -8,7 +8,9 @@ from hypothesis import strategies as st
 from tasktune.data import sst2, squad_v2
 from tasktune.errors import TasktuneError
 
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: CI sees the same 150 examples each run (a found failure is reproducible, never flaky).
+SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 cells = st.one_of(st.text(max_size=12), st.sampled_from(["0", "1", "positive", "negative", "", " ", "2", "None"]))
 tables = st.lists(st.lists(cells, min_size=0, max_size=4), max_size=6)
