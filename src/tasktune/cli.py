@@ -216,7 +216,8 @@ def cmd_eval(args) -> int:
 
         model = merge_for_inference(PeftModel.from_pretrained(model, args.adapter))
         model.eval()
-    shot_pool = [r for r in pool if r["id"] not in {e["id"] for e in examples}] if args.shots else None
+    evaluated = {e["id"] for e in examples}
+    shot_pool = [r for r in pool if r["id"] not in evaluated] if args.shots else None
     builder = PromptBuilder(task, lm.tokenizer, args.prompt_format, args.shots, shot_pool, args.seed)
     protocols = ["score", "generate"] if args.protocol == "both" else [args.protocol]
     metrics, records = task.evaluate(model, builder, examples, protocols, args.batch_size, head=head)

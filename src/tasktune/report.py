@@ -55,7 +55,7 @@ def write_report(run_dir: Path, recipe, prepared, zeroshot, finetuned, training,
         "protocol": {**prepared.builder.describe(), "verbalizers": list(getattr(prepared.task, "verbalizers", [])),
                      "label_token_ids": prepared.label_token_ids},
         "zeroshot": zeroshot, "finetuned": finetuned,
-        "training": {k: v for k, v in training.items() if k != "log_history"},
+        "training": training,
         "parameters": {"base": base_params, "adapted": training.get("parameters")},
         "timings_s": {k: round(v, 2) for k, v in prepared.timings.items()},
         "config": recipe.to_dict(), "versions": versions,
@@ -93,10 +93,8 @@ def changed_examples(run_dir: Path, task_name: str, limit: int = 5) -> dict[str,
     return {"fixed": fixed[:limit], "broken": broken[:limit], "n_fixed": len(fixed), "n_broken": len(broken)}
 
 
-def make_plots(run_dir: Path, report: dict, task, params: dict | None) -> list[tuple[str, Path]]:
+def make_plots(run_dir: Path, report: dict, task, params: dict | None, history: list[dict]) -> list[tuple[str, Path]]:
     out = run_dir / "plots"
-    history = json.loads((run_dir / "train" / "log_history.json").read_text()) \
-        if (run_dir / "train" / "log_history.json").is_file() else []
     made = [("Training", plots.training_curves(history, task.metric_for_best, out / "training.png"))]
     zs, ft = report.get("zeroshot"), report.get("finetuned")
     if report["task"] == "sst2":
@@ -121,14 +119,16 @@ def render(run_dir: Path) -> None:
     report = json.loads((run_dir / "report.json").read_text())
     params = json.loads((run_dir / "params.json").read_text()) if (run_dir / "params.json").is_file() else None
     task = get_task(report["task"], report["protocol"].get("verbalizers") or None)
-    figures = make_plots(run_dir, report, task, params)
+    history_path = run_dir / "train" / "log_history.json"
+    history = json.loads(history_path.read_text()) if history_path.is_file() else []
+    figures = make_plots(run_dir, report, task, params, history)
     changes = changed_examples(run_dir, report["task"])
-    markdown = render_markdown(report, task, params, figures, changes, run_dir)
+    markdown = render_markdown(report, task, params, figures, changes, history, run_dir)
     (run_dir / "report.md").write_text(markdown, encoding="utf-8")
     (run_dir / "report.html").write_text(markdown_to_html(markdown, run_dir), encoding="utf-8")
 
 
-def render_markdown(report, task, params, figures, changes, run_dir: Path) -> str:
+def render_markdown(report, task, params, figures, changes, history: list[dict], run_dir: Path) -> str:
     proto, train = report["protocol"], report["training"]
     adapted = report["parameters"]["adapted"] or {}
     lines = [
@@ -160,8 +160,6 @@ def render_markdown(report, task, params, figures, changes, run_dir: Path) -> st
                   for t, v in params["analysis"]["by_type"].items()]
         ranks = sorted({m["effective_rank"] for m in params["analysis"]["modules"]})
         lines += ["", f"Effective rank of ΔW (singular values above 1e-6 × the largest): {ranks}."]
-    history = json.loads((run_dir / "train" / "log_history.json").read_text()) \
-        if (run_dir / "train" / "log_history.json").is_file() else []
     evals = [h for h in history if any(k.startswith("eval_") for k in h)]
     lines += ["", "## Training", "",
               f"- objective `{report['config']['train']['objective']}`, steps {train.get('global_step')}, best "
