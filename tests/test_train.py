@@ -116,3 +116,42 @@ def test_answer_loss_equals_full_logit_lm_loss(tiny_models, arch):
         reference = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              position_ids=batch["position_ids"], labels=batch["labels"]).loss
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_base_trains_adapter_in_mixed_precision(tiny_models):
+    """With a bf16 base, LoRA matmuls run in bf16 but master weights and their gradients stay fp32, and the loss
+    matches the same adapter computed in fp32 (peft's own input up-casting) within bf16 rounding."""
+    lm, task, builder, label_ids, _ = setup(tiny_models["gemma3"], "verbalizer", dtype="bf16")
+    model = add_lora(lm.model, TrainConfig(lora_r=4, lora_alpha=8), "verbalizer")
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)  # a non-zero update, so the LoRA branch counts
+    batch = LeftPadCollator(lm.tokenizer.pad_token_id)(task.train_features(builder, rows(8), "verbalizer", 64,
+                                                                             label_ids))
+    trainer = TaskTrainer.__new__(TaskTrainer)
+    trainer.objective, trainer.label_token_ids = "verbalizer", label_ids
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert lora and all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
+                        for p in lora.values())
+    assert all(p.grad.abs().sum() > 0 for n, p in lora.items() if "lora_A" in n)
+    with torch.no_grad():
+        reference = trainer._task_loss(model, batch)  # no autocast: peft casts inputs up to fp32
+    torch.testing.assert_close(loss.detach(), reference, atol=0.05, rtol=0.05)
+    from tasktune.train import adapter_mixed_precision
+
+    with adapter_mixed_precision(model):
+        assert torch.is_autocast_enabled("cpu")
+        assert not any(getattr(m, "cast_input_dtype_enabled", True) for m in model.modules())
+    # The adapter's own input casting is switched back on after the step (evaluation relies on it).
+    assert all(getattr(m, "cast_input_dtype_enabled", True) for m in model.modules())
+
+
+def test_fp32_base_gets_no_autocast(tiny_llama):
+    from tasktune.train import adapter_mixed_precision
+
+    lm, *_ = setup(tiny_llama, "verbalizer")
+    model = add_lora(lm.model, TrainConfig(lora_r=4, lora_alpha=8), "verbalizer")
+    with adapter_mixed_precision(model):
+        assert not torch.is_autocast_enabled("cpu")

@@ -14,6 +14,7 @@ accumulation), through `TaskTrainer.evaluate`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import signal
@@ -72,6 +73,28 @@ def answer_positions_loss(model, input_ids, attention_mask, position_ids, labels
     return F.cross_entropy(logits, targets[keep])
 
 
+def adapter_mixed_precision(model):
+    """Compute the LoRA branch in the base weights' dtype (bf16), keeping fp32 master weights and optimizer state.
+
+    peft casts every LoRA input up to the adapter's fp32 and keeps that copy, and an fp32 output, for backward:
+    with a bf16 base that is most of a step's activation memory. Under autocast with that cast switched off, the
+    adapter matmuls run in bf16 (weights cast on the fly) and gradients still land in fp32. Measured on SST-2
+    training (bench/train_sst2.py): peak RSS 2,997 → 2,526 MiB at the same speed. fp32 and fp16 bases are left
+    as they are (fp16 would need a gradient scaler).
+    """
+    base = unwrap(getattr(model, "module", model))  # DDP wraps the peft model in `.module`
+    embeddings = base.get_input_embeddings()
+    dtype = embeddings.weight.dtype if embeddings is not None else torch.float32
+    if dtype != torch.bfloat16:
+        return contextlib.nullcontext()
+    from peft.helpers import disable_input_dtype_casting
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(device_type=embeddings.weight.device.type, dtype=dtype))
+    stack.enter_context(disable_input_dtype_casting(model))
+    return stack
+
+
 class TaskTrainer(Trainer):
     # Our losses are means over the micro-batch; let the Trainer divide by accumulation steps.
     loss_is_scaled_for_ga = False
@@ -82,6 +105,11 @@ class TaskTrainer(Trainer):
         self.objective, self.label_token_ids, self.validate = objective, label_token_ids, validate
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        with adapter_mixed_precision(model):
+            loss = self._task_loss(model, inputs)
+        return (loss, None) if return_outputs else loss
+
+    def _task_loss(self, model, inputs) -> torch.Tensor:
         ids, mask, pos, labels = (inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"],
                                   inputs["labels"])
         data_parallel = hasattr(model, "module")  # wrapped by DDP under accelerate launch / torchrun
@@ -109,7 +137,7 @@ class TaskTrainer(Trainer):
         else:  # lm and seqcls: the model's own forward and loss
             loss = model(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels,
                          use_cache=False).loss
-        return (loss, None) if return_outputs else loss
+        return loss
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         was_training = self.model.training
