@@ -31,13 +31,11 @@ CONFIGS = {
 
 def measure(name: str, objective: str, steps: int, batch: int, seq_len: int, peak_tflops: float) -> list:
     import torch
-    import torch.nn.functional as F
     import transformers
     from transformers import AutoModelForCausalLM
 
     from tasktune.config import TrainConfig
-    from tasktune.infer import head_logits, last_hidden_state
-    from tasktune.train import add_lora
+    from tasktune.train import adapter_mixed_precision, add_lora, objective_loss
 
     cls_name, kwargs = CONFIGS[name]
     config = getattr(transformers, cls_name)(**kwargs)
@@ -49,15 +47,18 @@ def measure(name: str, objective: str, steps: int, batch: int, seq_len: int, pea
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(10, config.vocab_size, (batch, seq_len), device="cuda")
     mask = torch.ones_like(ids)
+    positions = mask.cumsum(-1) - 1
     labels = torch.randint(0, 2, (batch,), device="cuda")
     rows = [11, 12]
     for step in range(steps + 2):
         if step == 2:
             torch.cuda.synchronize()
             start = time.perf_counter()
-        if objective == "verbalizer":
-            loss = F.cross_entropy(head_logits(model, last_hidden_state(model, ids, mask), rows).float(), labels)
-        else:
+        if objective == "verbalizer":  # tasktune's training step: its loss, the adapter under bf16 autocast
+            with adapter_mixed_precision(model):
+                loss = objective_loss(model, {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+                                              "labels": labels}, "verbalizer", rows)
+        else:  # the usual script: full-vocabulary LM loss, peft's fp32 adapter
             target = torch.full_like(ids, -100)
             target[:, -1] = ids[:, -1]
             loss = model(input_ids=ids, attention_mask=mask, labels=target).loss

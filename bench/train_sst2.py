@@ -4,6 +4,7 @@ baseline          HF Trainer + peft LoRA, causal-LM loss over the full vocabular
                   answer token, inputs padded to max_length (what the seed and most tutorials do)
 baseline_dynamic  the same with dynamic padding, to separate the padding effect from the loss
 verbalizer        tasktune: last hidden state × 2 LM-head rows, dynamic left padding, length grouping
+label_lm          tasktune: the baseline's loss (full vocabulary, label token) with the LM head at one position
 lm / seqcls       tasktune's other objectives, for reference
 
 Same model, data, batch size, max sequence length, dtype, LoRA config and number of steps for all.
@@ -22,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-CONFIGS = ["baseline", "baseline_dynamic", "verbalizer", "lm", "seqcls"]
+CONFIGS = ["baseline", "baseline_dynamic", "verbalizer", "label_lm", "lm", "seqcls"]
 
 
 def rows_for(n: int, quick: bool) -> list[dict]:

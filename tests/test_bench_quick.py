@@ -1,5 +1,6 @@
 """Every benchmark's --quick mode runs (tiny model, correctness only; no timing is asserted)."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,5 +19,18 @@ def test_quick_mode(script):
     assert "| config |" in proc.stdout and "speed × baseline" in proc.stdout
     if script == "eval_sst2.py":
         assert "identical to the per-example loop: 100.00%" in proc.stdout
+        assert "In fp32: 100.00%" in proc.stdout
     after = (ROOT / "bench" / "RESULTS.md").read_text() if (ROOT / "bench" / "RESULTS.md").exists() else None
     assert before == after  # --quick never writes results
+
+
+def test_gpu_memory_estimate_quick():
+    """The CPU estimate of GPU training memory runs, and its depth extrapolation matches a direct measurement."""
+    before = (ROOT / "bench" / "RESULTS.md").read_text()
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_memory.py"), "--quick"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| sst2-llama3.2-1b.yaml | verbalizer |" in proc.stdout
+    error = float(re.search(r"measured directly: [\d,.]+ MiB \(([+-][\d.]+)%\)", proc.stdout).group(1))
+    assert abs(error) < 5.0
+    assert (ROOT / "bench" / "RESULTS.md").read_text() == before

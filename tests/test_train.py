@@ -7,7 +7,7 @@ from tasktune.infer import classify
 from tasktune.models import load_model
 from tasktune.tasks import PromptBuilder
 from tasktune.tasks.sst2 import SST2Task
-from tasktune.train import LeftPadCollator, TaskTrainer, add_lora, fit
+from tasktune.train import LeftPadCollator, TaskTrainer, add_lora, fit, objective_loss
 from tiny import sentiment_rows
 
 
@@ -25,7 +25,7 @@ def setup(path, objective, dtype="fp32"):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3"])
-@pytest.mark.parametrize("objective", ["verbalizer", "lm", "seqcls"])
+@pytest.mark.parametrize("objective", ["verbalizer", "label_lm", "lm", "seqcls"])
 def test_objective_trains_and_changes_only_lora(tiny_models, tmp_path, arch, objective):
     lm, task, builder, label_ids, head = setup(tiny_models[arch], objective)
     cfg = TrainConfig(objective=objective, lora_r=4, lora_alpha=8, batch_size=8, max_steps=6, eval_steps=3,
@@ -66,6 +66,19 @@ def test_verbalizer_loss_equals_full_logit_cross_entropy_on_label_rows(tiny_mode
             logits = lm.model(input_ids=torch.tensor([ids])).logits[0, -1, label_ids].float()
         expected.append(F.cross_entropy(logits[None], torch.tensor([ex["label"]])))
     torch.testing.assert_close(loss, torch.stack(expected).mean(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_label_lm_loss_equals_the_lm_objective_loss(tiny_models, arch):
+    """label_lm is the tutorials' loss (full vocabulary, label token only) with the LM head at one position."""
+    lm, task, builder, label_ids, _ = setup(tiny_models[arch], "label_lm")
+    collate = LeftPadCollator(lm.tokenizer.pad_token_id)
+    batch_rows = rows(6)
+    label_lm = objective_loss(lm.model, collate(task.train_features(builder, batch_rows, "label_lm", 64, label_ids)),
+                              "label_lm", label_ids)
+    full = objective_loss(lm.model, collate(task.train_features(builder, batch_rows, "lm", 64, label_ids)), "lm",
+                          label_ids)
+    torch.testing.assert_close(label_lm, full, atol=1e-5, rtol=1e-5)
 
 
 def test_lm_labels_mask_everything_but_the_label_token(tiny_llama):
@@ -137,7 +150,7 @@ def test_bf16_base_trains_adapter_in_mixed_precision(tiny_models):
                         for p in lora.values())
     assert all(p.grad.abs().sum() > 0 for n, p in lora.items() if "lora_A" in n)
     with torch.no_grad():
-        reference = trainer._task_loss(model, batch)  # no autocast: peft casts inputs up to fp32
+        reference = objective_loss(model, batch, "verbalizer", label_ids)  # no autocast: peft casts up to fp32
     torch.testing.assert_close(loss.detach(), reference, atol=0.05, rtol=0.05)
     from peft.tuners.tuners_utils import BaseTunerLayer
 

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text,
                            formatter_class=argparse.RawDescriptionHelpFormatter,
                            epilog="overrides use dotted keys: name=X model=M data.path=P train.learning_rate=1e-4 "
-                                  "train.objective=verbalizer|lm|seqcls eval.protocols=score,generate")
+                                  "train.objective=verbalizer|label_lm|lm|seqcls eval.protocols=score,generate")
         p.add_argument("recipe", help="recipe YAML (see recipes/)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
         p.add_argument("--overwrite", action="store_true",

@@ -87,7 +87,7 @@ POSITIVE = {"val_size", "batch_size", "lora_r", "lora_alpha", "grad_accum", "eva
             "learning_rate", "epochs"}
 NON_NEGATIVE = {"patience", "shots", "weight_decay", "seed"}
 UNIT_INTERVAL = {"test_size": (0.0, 1.0), "lora_dropout": (0.0, 1.0), "warmup_ratio": (0.0, 1.0)}
-CHOICES = {"objective": ("verbalizer", "lm", "seqcls", "answer"), "task": ("sst2", "squad_v2"),
+CHOICES = {"objective": ("verbalizer", "label_lm", "lm", "seqcls", "answer"), "task": ("sst2", "squad_v2"),
            "split_by": ("article", "question"), "prompt_format": ("plain", "chat", "auto"),
            "lr_scheduler": ("linear", "cosine", "constant", "constant_with_warmup"),
            "dtype": ("auto", "bf16", "bfloat16", "fp32", "float32", "fp16", "float16")}
@@ -182,7 +182,7 @@ def validate(recipe: Recipe, source: str) -> Recipe:
                             "(negative first, then positive), and only apply to sst2")
     if not recipe.train.target_modules:
         raise TasktuneError(f"{source}: train.target_modules must name at least one module")
-    allowed = {"sst2": ("verbalizer", "lm", "seqcls"), "squad_v2": ("answer",)}[recipe.task]
+    allowed = {"sst2": ("verbalizer", "label_lm", "lm", "seqcls"), "squad_v2": ("answer",)}[recipe.task]
     if recipe.train.objective not in allowed:
         raise TasktuneError(f"{source}: objective {recipe.train.objective!r} does not apply to task "
                             f"{recipe.task!r} (expected one of {list(allowed)})")

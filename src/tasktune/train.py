@@ -3,6 +3,9 @@
 Objectives (SST-2):
 - `verbalizer`: hidden state of the last prompt token × the LM-head rows of the verbalizers, cross-entropy
   over the labels. Full-vocabulary logits are never materialised.
+- `label_lm`: the same loss value as `lm` (full-vocabulary cross-entropy on the label token), with the LM head
+  applied at the last prompt position only: the model keeps *writing* the label word, which `verbalizer`
+  (a two-way contrast) does not teach.
 - `lm`: causal-LM loss on the label token only, through the model's own full-vocabulary forward (what most
   tutorials do); kept for comparison.
 - `seqcls`: a fresh classification head (`AutoModelForSequenceClassification`), saved with the adapter.
@@ -28,7 +31,7 @@ from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, Traini
 from tasktune.infer import head_logits, last_hidden_state, left_pad, position_ids_from_mask, unwrap
 from tasktune.rundir import sha256_file, write_json
 
-OBJECTIVES = ("verbalizer", "lm", "seqcls", "answer")
+OBJECTIVES = ("verbalizer", "label_lm", "lm", "seqcls", "answer")
 
 
 def add_lora(model, train_cfg, objective: str):
@@ -95,6 +98,39 @@ def adapter_mixed_precision(model):
     return stack
 
 
+def objective_loss(model, inputs: dict, objective: str, label_token_ids: list[int] | None = None) -> torch.Tensor:
+    """The training loss of `objective` for one collated batch (see the module docstring)."""
+    ids, mask, pos, labels = (inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"],
+                              inputs["labels"])
+    data_parallel = hasattr(model, "module")  # wrapped by DDP under accelerate launch / torchrun
+    if objective in ("verbalizer", "label_lm"):
+        rows = label_token_ids if objective == "verbalizer" else None  # two label rows, or the whole vocabulary
+        if data_parallel:
+            # DDP synchronises gradients only through its own forward, so the loss goes through the model's
+            # forward, with LM-head logits for the last position only.
+            last = torch.tensor([ids.shape[1] - 1], device=ids.device)  # an index tensor: contiguous gather
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=last,
+                           use_cache=False).logits[:, -1]
+            logits = logits if rows is None else logits[:, rows]
+        else:
+            logits = head_logits(model, last_hidden_state(model, ids, mask), rows=rows)
+        # Rows carry class ids; label_lm's targets are the verbalizers' token ids.
+        targets = labels if rows is not None else torch.tensor(label_token_ids, device=labels.device)[labels]
+        return F.cross_entropy(logits.float(), targets)
+    if objective == "answer" and not data_parallel:
+        return answer_positions_loss(model, ids, mask, pos, labels)
+    if objective == "answer":
+        # As above for DDP: logits only for the window from the first answer position to the end.
+        first = int((labels != -100).float().argmax(dim=1).min())
+        window = torch.arange(max(first - 1, 0), ids.shape[1] - 1, device=ids.device)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=window,
+                       use_cache=False).logits.float()
+        targets = labels[:, window + 1]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    # lm and seqcls: the model's own forward and loss
+    return model(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels, use_cache=False).loss
+
+
 class TaskTrainer(Trainer):
     # Our losses are means over the micro-batch; let the Trainer divide by accumulation steps.
     loss_is_scaled_for_ga = False
@@ -106,38 +142,8 @@ class TaskTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         with adapter_mixed_precision(model):
-            loss = self._task_loss(model, inputs)
+            loss = objective_loss(model, inputs, self.objective, self.label_token_ids)
         return (loss, None) if return_outputs else loss
-
-    def _task_loss(self, model, inputs) -> torch.Tensor:
-        ids, mask, pos, labels = (inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"],
-                                  inputs["labels"])
-        data_parallel = hasattr(model, "module")  # wrapped by DDP under accelerate launch / torchrun
-        if self.objective == "verbalizer" and not data_parallel:
-            hidden = last_hidden_state(model, ids, mask)
-            logits = head_logits(model, hidden, rows=self.label_token_ids).float()
-            loss = F.cross_entropy(logits, labels)
-        elif self.objective == "verbalizer":
-            # DDP synchronises gradients only through its own forward, so the loss goes through the model's
-            # forward, with LM-head logits for the last position only.
-            last = torch.tensor([ids.shape[1] - 1], device=ids.device)  # an index tensor: contiguous gather
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=last,
-                           use_cache=False).logits[:, -1, self.label_token_ids].float()
-            loss = F.cross_entropy(logits, labels)
-        elif self.objective == "answer" and not data_parallel:
-            loss = answer_positions_loss(model, ids, mask, pos, labels)
-        elif self.objective == "answer":
-            # As above for DDP: logits only for the window from the first answer position to the end.
-            first = int((labels != -100).float().argmax(dim=1).min())
-            window = torch.arange(max(first - 1, 0), ids.shape[1] - 1, device=ids.device)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=window,
-                           use_cache=False).logits.float()
-            targets = labels[:, window + 1]
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-        else:  # lm and seqcls: the model's own forward and loss
-            loss = model(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels,
-                         use_cache=False).loss
-        return loss
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         was_training = self.model.training

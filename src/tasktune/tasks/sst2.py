@@ -80,7 +80,7 @@ class SST2Task:
             if objective == "lm":
                 target = label_token_ids[ex["label"]]
                 features.append({"input_ids": ids + [target], "labels": [-100] * len(ids) + [target]})
-            else:  # verbalizer and seqcls: one class id per row
+            else:  # verbalizer, label_lm and seqcls: one class id per row
                 features.append({"input_ids": ids, "labels": ex["label"]})
         return features
 

@@ -1,0 +1,187 @@
+"""Training memory of the GPU recipes (Llama-3.2-1B, Gemma-2-2B), estimated on a CPU: no GPU, no download.
+
+How: tasktune's own training step (the recipe's objective, LoRA r=16 on every projection, bf16 base with the
+adapter under autocast, AdamW; two steps, so optimizer state is live in the second) runs on CPU on randomly
+initialised models with the published config cut to 1 and to 2 decoder layers, at the recipe's batch size with
+every row at the recipe's maximum length (the worst batch). A dispatch mode adds up the bytes of live tensors
+after every operation. Every decoder layer has the same shapes, so the step's peak grows linearly with depth:
+peak(N) = peak(1) + (N - 1) * (peak(2) - peak(1)). The frozen base weights are counted exactly at full depth.
+
+Live tensor bytes are what `torch.cuda.max_memory_allocated()` reports. A card also needs the CUDA context and
+the caching allocator's slack on top: the table adds 2 GiB for that before deciding what fits. The linear
+extrapolation is checked against a direct measurement at 4 layers (reported). Where a GPU is available,
+`bench/gpu_check.py` measures the real peak.
+Usage: python bench/gpu_memory.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from gpu_check import CONFIGS  # noqa: E402
+
+GIB = 2**30
+CUDA_OVERHEAD_GIB = 2.0  # CUDA context + caching-allocator slack, added before deciding what fits
+CARDS_GIB = {"24 GB": 24e9 / GIB, "80 GB": 80e9 / GIB}
+ANSWER_TOKENS = 8  # SQuAD rows: the loss covers the answer tokens at the end of the row
+
+# (recipe file, model, objective, per-device batch, max length): as in recipes/*.yaml
+RECIPES = [
+    ("sst2-llama3.2-1b.yaml", "llama-3.2-1b", "verbalizer", 16, 256),
+    ("squad2-llama3.2-1b.yaml", "llama-3.2-1b", "answer", 16, 544),
+    ("sst2-gemma2-2b.yaml", "gemma-2-2b", "verbalizer", 16, 256),
+    ("squad2-gemma2-2b.yaml", "gemma-2-2b", "answer", 16, 544),
+]
+
+
+class LiveTensorBytes:
+    """A dispatch mode that tracks the bytes of every storage created while it is active, and their peak.
+
+    Storages of `existing` tensors (the model's weights) are left out: ops return views of them (`t()` of a
+    weight), which share their storage without allocating anything.
+    """
+
+    def __init__(self, existing):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                tracker.record(out)
+                return out
+
+        self.mode, self.live, self.peak = Mode(), {}, 0
+        self.existing = {tensor.untyped_storage()._cdata for tensor in existing}
+
+    def record(self, out) -> None:
+        import torch
+        from torch.multiprocessing.reductions import StorageWeakRef
+        from torch.utils import _pytree as pytree
+
+        for leaf in pytree.tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                storage = leaf.untyped_storage()
+                if storage._cdata in self.existing:
+                    continue
+                self.live.setdefault(storage._cdata, (StorageWeakRef(storage), storage.nbytes()))
+        self.live = {key: value for key, value in self.live.items() if not value[0].expired()}
+        self.peak = max(self.peak, sum(nbytes for _, nbytes in self.live.values()))
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+def build(model_name: str, layers: int | None, device: str = "cpu", width_divisor: int = 1):
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from tasktune.config import TrainConfig
+    from tasktune.train import add_lora
+
+    cls_name, kwargs = CONFIGS[model_name]
+    kwargs = copy.deepcopy(kwargs)
+    if layers is not None:
+        kwargs["num_hidden_layers"] = layers
+    if width_divisor > 1:  # the extrapolation check: same structure, smaller
+        for key in ("hidden_size", "intermediate_size", "vocab_size"):
+            kwargs[key] //= width_divisor
+    config = getattr(transformers, cls_name)(**kwargs)
+    attn = "eager" if cls_name == "Gemma2Config" else "sdpa"  # as tasktune loads them
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=attn)
+    return add_lora(model, TrainConfig(lora_r=16, lora_alpha=32, lora_dropout=0.0), "verbalizer"), config
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def step_peak(model_name: str, layers: int, objective: str, batch: int, seq_len: int, checkpointing: bool,
+              width_divisor: int = 1) -> int:
+    """Peak live bytes of two training steps, weights excluded (they exist before tracking starts)."""
+    import torch
+
+    from tasktune.train import adapter_mixed_precision, objective_loss
+
+    torch.manual_seed(0)
+    model, config = build(model_name, layers, width_divisor=width_divisor)
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(10, config.vocab_size, (batch, seq_len))
+    mask = torch.ones_like(ids)
+    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1)}
+    if objective == "answer":
+        labels = torch.full_like(ids, -100)
+        labels[:, -ANSWER_TOKENS:] = ids[:, -ANSWER_TOKENS:]
+        inputs["labels"] = labels
+    else:
+        inputs["labels"] = torch.randint(0, 2, (batch,))
+    with LiveTensorBytes([*model.parameters(), *model.buffers()]) as tracker:
+        for _ in range(2):
+            with adapter_mixed_precision(model):
+                loss = objective_loss(model, inputs, objective, [11, 12])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return tracker.peak
+
+
+def estimate(model_name: str, objective: str, batch: int, seq_len: int, checkpointing: bool) -> dict:
+    one = step_peak(model_name, 1, objective, batch, seq_len, checkpointing)
+    two = step_peak(model_name, 2, objective, batch, seq_len, checkpointing)
+    meta_model, config = build(model_name, None, device="meta")
+    weights = weight_bytes(meta_model)
+    steps = one + (config.num_hidden_layers - 1) * (two - one)
+    return {"weights": weights, "step": steps, "total": weights + steps}
+
+
+def check_extrapolation(quick: bool) -> tuple[float, float]:
+    """Extrapolated vs directly measured step peak at 4 layers, on a narrower Llama-shaped model."""
+    batch, seq_len, divisor = (2, 32, 16) if quick else (4, 128, 4)
+    one, two, four = (step_peak("llama-3.2-1b", n, "answer", batch, seq_len, False, divisor) for n in (1, 2, 4))
+    return one + 3 * (two - one), four
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, correctness only, no RESULTS.md entry")
+    args = parser.parse_args()
+    extrapolated, direct = check_extrapolation(args.quick)
+    recipes = RECIPES[:1] if args.quick else RECIPES
+    rows = []
+    for recipe, model_name, objective, batch, seq_len in recipes:
+        if args.quick:
+            batch, seq_len = 1, 16
+        for checkpointing in (False, True):
+            est = estimate(model_name, objective, batch, seq_len, checkpointing)
+            need = est["total"] / GIB + CUDA_OVERHEAD_GIB
+            fits = ", ".join(card for card, size in CARDS_GIB.items() if need <= size) or "neither"
+            rows.append([recipe, objective, batch, seq_len, "on" if checkpointing else "off", est["weights"] / GIB,
+                         est["step"] / GIB, need, fits])
+    body = common.table(["recipe", "objective", "batch", "max length", "grad. checkpointing", "weights GiB",
+                         "step peak GiB (live tensors)", f"need GiB (+{CUDA_OVERHEAD_GIB:.0f} CUDA)", "fits"], rows)
+    body += (f"\n\nEvery row at the maximum length (the worst batch). Extrapolation check (Llama-shaped, 1/4 width,"
+             f" answer loss): 4 layers extrapolated from 1 and 2: {extrapolated / 2**20:,.1f} MiB, measured "
+             f"directly: {direct / 2**20:,.1f} MiB ({extrapolated / direct - 1:+.2%}).")
+    print(body)
+    if not args.quick:
+        common.append_results("GPU recipe memory (estimated on CPU)", "python bench/gpu_memory.py", body,
+                              common.machine())
+
+
+if __name__ == "__main__":
+    main()
