@@ -5,11 +5,13 @@ adapter under autocast, AdamW; two steps, so optimizer state is live in the seco
 initialised models with the published config cut to 1 and to 2 decoder layers, at the recipe's batch size with
 every row at the recipe's maximum length (the worst batch). A dispatch mode adds up the bytes of live tensors
 after every operation. Every decoder layer has the same shapes, so the step's peak grows linearly with depth:
-peak(N) = peak(1) + (N - 1) * (peak(2) - peak(1)). The frozen base weights are counted exactly at full depth.
+peak(N) = peak(1) + (N - 1) * (peak(2) - peak(1)). Activations grow linearly with the batch, so the same at half
+the batch gives the cost of one more row, and from it the largest batch per card. The frozen base weights are
+counted exactly at full depth.
 
 Live tensor bytes are what `torch.cuda.max_memory_allocated()` reports. A card also needs the CUDA context and
-the caching allocator's slack on top: the table adds 2 GiB for that before deciding what fits. The linear
-extrapolation is checked against a direct measurement at 4 layers (reported). Where a GPU is available,
+the caching allocator's slack on top: the table adds 2 GiB for that before deciding what fits. Both
+extrapolations are checked against direct measurements on a narrower model (reported). Where a GPU is available,
 `bench/gpu_check.py` measures the real peak.
 Usage: python bench/gpu_memory.py [--quick]
 """
@@ -30,13 +32,17 @@ CUDA_OVERHEAD_GIB = 2.0  # CUDA context + caching-allocator slack, added before 
 CARDS_GIB = {"24 GB": 24e9 / GIB, "80 GB": 80e9 / GIB}
 ANSWER_TOKENS = 8  # SQuAD rows: the loss covers the answer tokens at the end of the row
 
-# (recipe file, model, objective, per-device batch, max length): as in recipes/*.yaml
-RECIPES = [
-    ("sst2-llama3.2-1b.yaml", "llama-3.2-1b", "verbalizer", 16, 256),
-    ("squad2-llama3.2-1b.yaml", "llama-3.2-1b", "answer", 16, 544),
-    ("sst2-gemma2-2b.yaml", "gemma-2-2b", "verbalizer", 16, 256),
-    ("squad2-gemma2-2b.yaml", "gemma-2-2b", "answer", 16, 544),
-]
+# The GPU recipes and the model config (in gpu_check.py) each one trains.
+RECIPES = {"sst2-llama3.2-1b.yaml": "llama-3.2-1b", "squad2-llama3.2-1b.yaml": "llama-3.2-1b",
+           "sst2-gemma2-2b.yaml": "gemma-2-2b", "squad2-gemma2-2b.yaml": "gemma-2-2b"}
+
+
+def recipe_shape(name: str) -> tuple[str, int, int]:
+    """Objective, per-device batch size and maximum length, read from the recipe itself."""
+    from tasktune.config import load_recipe
+
+    train = load_recipe(str(common.ROOT / "recipes" / name)).train
+    return train.objective, train.batch_size, train.max_length
 
 
 class LiveTensorBytes:
@@ -140,43 +146,60 @@ def step_peak(model_name: str, layers: int, objective: str, batch: int, seq_len:
     return tracker.peak
 
 
+def depth_extrapolated(model_name: str, objective: str, batch: int, seq_len: int, checkpointing: bool,
+                       layers: int, width_divisor: int = 1) -> float:
+    one, two = (step_peak(model_name, n, objective, batch, seq_len, checkpointing, width_divisor) for n in (1, 2))
+    return one + (layers - 1) * (two - one)
+
+
 def estimate(model_name: str, objective: str, batch: int, seq_len: int, checkpointing: bool) -> dict:
-    one = step_peak(model_name, 1, objective, batch, seq_len, checkpointing)
-    two = step_peak(model_name, 2, objective, batch, seq_len, checkpointing)
+    """Weights and step peak at `batch`, and the per-row slope (from batch/2) to size other batches."""
     meta_model, config = build(model_name, None, device="meta")
     weights = weight_bytes(meta_model)
-    steps = one + (config.num_hidden_layers - 1) * (two - one)
-    return {"weights": weights, "step": steps, "total": weights + steps}
+    full = depth_extrapolated(model_name, objective, batch, seq_len, checkpointing, config.num_hidden_layers)
+    half = depth_extrapolated(model_name, objective, batch // 2, seq_len, checkpointing, config.num_hidden_layers)
+    per_row = (full - half) / (batch - batch // 2)
+    return {"weights": weights, "step": full, "per_row": per_row, "fixed": full - batch * per_row}
 
 
-def check_extrapolation(quick: bool) -> tuple[float, float]:
-    """Extrapolated vs directly measured step peak at 4 layers, on a narrower Llama-shaped model."""
+def largest_batch(est: dict, card_gib: float) -> int:
+    room = card_gib * GIB - CUDA_OVERHEAD_GIB * GIB - est["weights"] - est["fixed"]
+    return max(int(room // est["per_row"]), 0)
+
+
+def check_extrapolation(quick: bool) -> dict:
+    """Depth and batch extrapolations vs direct measurements, on a narrower Llama-shaped model."""
     batch, seq_len, divisor = (2, 32, 16) if quick else (4, 128, 4)
-    one, two, four = (step_peak("llama-3.2-1b", n, "answer", batch, seq_len, False, divisor) for n in (1, 2, 4))
-    return one + 3 * (two - one), four
+    depth = depth_extrapolated("llama-3.2-1b", "answer", batch, seq_len, False, 4, divisor)
+    direct = step_peak("llama-3.2-1b", 4, "answer", batch, seq_len, False, divisor)
+    one, two = (step_peak("llama-3.2-1b", 2, "answer", b, seq_len, False, divisor) for b in (batch // 2, batch))
+    by_batch = two + (two - one) / (batch - batch // 2) * batch  # at 2 x batch
+    direct_batch = step_peak("llama-3.2-1b", 2, "answer", 2 * batch, seq_len, False, divisor)
+    return {"depth": depth / direct - 1, "batch": by_batch / direct_batch - 1}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, correctness only, no RESULTS.md entry")
     args = parser.parse_args()
-    extrapolated, direct = check_extrapolation(args.quick)
-    recipes = RECIPES[:1] if args.quick else RECIPES
+    check = check_extrapolation(args.quick)
+    recipes = list(RECIPES)[:1] if args.quick else list(RECIPES)
     rows = []
-    for recipe, model_name, objective, batch, seq_len in recipes:
+    for recipe in recipes:
+        model_name, (objective, batch, seq_len) = RECIPES[recipe], recipe_shape(recipe)
         if args.quick:
-            batch, seq_len = 1, 16
+            batch, seq_len = 2, 16
         for checkpointing in (False, True):
             est = estimate(model_name, objective, batch, seq_len, checkpointing)
-            need = est["total"] / GIB + CUDA_OVERHEAD_GIB
-            fits = ", ".join(card for card, size in CARDS_GIB.items() if need <= size) or "neither"
-            rows.append([recipe, objective, batch, seq_len, "on" if checkpointing else "off", est["weights"] / GIB,
-                         est["step"] / GIB, need, fits])
-    body = common.table(["recipe", "objective", "batch", "max length", "grad. checkpointing", "weights GiB",
-                         "step peak GiB (live tensors)", f"need GiB (+{CUDA_OVERHEAD_GIB:.0f} CUDA)", "fits"], rows)
-    body += (f"\n\nEvery row at the maximum length (the worst batch). Extrapolation check (Llama-shaped, 1/4 width,"
-             f" answer loss): 4 layers extrapolated from 1 and 2: {extrapolated / 2**20:,.1f} MiB, measured "
-             f"directly: {direct / 2**20:,.1f} MiB ({extrapolated / direct - 1:+.2%}).")
+            need = (est["weights"] + est["step"]) / GIB + CUDA_OVERHEAD_GIB
+            rows.append([recipe, objective, seq_len, "on" if checkpointing else "off", est["weights"] / GIB, batch,
+                         est["step"] / GIB, need, *(largest_batch(est, size) for size in CARDS_GIB.values())])
+    body = common.table(["recipe", "objective", "max length", "grad. checkpointing", "weights GiB", "batch",
+                         "step peak GiB (live tensors)", f"need GiB (+{CUDA_OVERHEAD_GIB:.0f} CUDA)",
+                         *(f"largest batch, {card}" for card in CARDS_GIB)], rows)
+    body += ("\n\nEvery row at the maximum length (the worst batch); the recipes' batch is per device. Extrapolation "
+             "checks (Llama-shaped, narrower, answer loss): 4 layers from 1 and 2 vs measured directly "
+             f"{check['depth']:+.2%}; twice the batch from batch and batch/2 vs measured directly {check['batch']:+.2%}.")
     print(body)
     if not args.quick:
         common.append_results("GPU recipe memory (estimated on CPU)", "python bench/gpu_memory.py", body,

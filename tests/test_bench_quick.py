@@ -30,7 +30,7 @@ def test_gpu_memory_estimate_quick():
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_memory.py"), "--quick"], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "| sst2-llama3.2-1b.yaml | verbalizer |" in proc.stdout
-    error = float(re.search(r"measured directly: [\d,.]+ MiB \(([+-][\d.]+)%\)", proc.stdout).group(1))
-    assert abs(error) < 5.0
+    assert "| sst2-llama3.2-1b.yaml |" in proc.stdout
+    errors = [float(e) for e in re.findall(r"measured directly ([+-][\d.]+)%", proc.stdout)]
+    assert len(errors) == 2 and all(abs(e) < 5.0 for e in errors)
     assert (ROOT / "bench" / "RESULTS.md").read_text() == before
