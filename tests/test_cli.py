@@ -14,7 +14,7 @@ def tiny_run_args(model, data, out, *extra):
             "train.max_steps=8", "train.batch_size=8", "dtype=fp32", *extra]
 
 
-@pytest.mark.parametrize("objective", ["verbalizer", "lm", "seqcls"])
+@pytest.mark.parametrize("objective", ["verbalizer", "label_lm", "lm", "seqcls"])
 def test_run_end_to_end(tiny_llama, sst2_tsv, tmp_path, objective):
     assert main(tiny_run_args(tiny_llama, sst2_tsv, tmp_path, f"train.objective={objective}")) == 0
     run = tmp_path / "t"
