@@ -35,7 +35,7 @@ def measure(name: str, objective: str, steps: int, batch: int, seq_len: int, pea
     from transformers import AutoModelForCausalLM
 
     from tasktune.config import TrainConfig
-    from tasktune.train import adapter_mixed_precision, add_lora, objective_loss
+    from tasktune.train import adapter_autocast, adapter_input_casting_off, add_lora, objective_loss
 
     cls_name, kwargs = CONFIGS[name]
     config = getattr(transformers, cls_name)(**kwargs)
@@ -54,15 +54,17 @@ def measure(name: str, objective: str, steps: int, batch: int, seq_len: int, pea
         if step == 2:
             torch.cuda.synchronize()
             start = time.perf_counter()
-        if objective == "verbalizer":  # tasktune's training step: its loss, the adapter under bf16 autocast
-            with adapter_mixed_precision(model):
-                loss = objective_loss(model, {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
-                                              "labels": labels}, "verbalizer", rows)
+        if objective == "verbalizer":  # tasktune's training step: its loss, the adapter in bf16 mixed precision
+            with adapter_input_casting_off(model):
+                with adapter_autocast(model):
+                    loss = objective_loss(model, {"input_ids": ids, "attention_mask": mask,
+                                                  "position_ids": positions, "labels": labels}, "verbalizer", rows)
+                loss.backward()
         else:  # the usual script: full-vocabulary LM loss, peft's fp32 adapter
             target = torch.full_like(ids, -100)
             target[:, -1] = ids[:, -1]
             loss = model(input_ids=ids, attention_mask=mask, labels=target).loss
-        loss.backward()
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     torch.cuda.synchronize()

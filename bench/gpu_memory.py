@@ -1,7 +1,7 @@
 """Training memory of the GPU recipes (Llama-3.2-1B, Gemma-2-2B), estimated on a CPU: no GPU, no download.
 
-How: tasktune's own training step (the recipe's objective, LoRA r=16 on every projection, bf16 base with the
-adapter under autocast, AdamW; two steps, so optimizer state is live in the second) runs on CPU on randomly
+How: tasktune's own training step (the recipe's objective and LoRA settings, bf16 base with the adapter under
+autocast, AdamW; two steps, so optimizer state is live in the second) runs on CPU on randomly
 initialised models with the published config cut to 1 and to 2 decoder layers, at the recipe's batch size with
 every row at the recipe's maximum length (the worst batch). A dispatch mode adds up the bytes of live tensors
 after every operation. Every decoder layer has the same shapes, so the step's peak grows linearly with depth:
@@ -37,12 +37,17 @@ RECIPES = {"sst2-llama3.2-1b.yaml": "llama-3.2-1b", "squad2-llama3.2-1b.yaml": "
            "sst2-gemma2-2b.yaml": "gemma-2-2b", "squad2-gemma2-2b.yaml": "gemma-2-2b"}
 
 
-def recipe_shape(name: str) -> tuple[str, int, int]:
-    """Objective, per-device batch size and maximum length, read from the recipe itself."""
+def recipe_train_config(name: str):
+    """The recipe's training section: objective, per-device batch, maximum length, LoRA settings."""
     from tasktune.config import load_recipe
 
-    train = load_recipe(str(common.ROOT / "recipes" / name)).train
-    return train.objective, train.batch_size, train.max_length
+    return load_recipe(str(common.ROOT / "recipes" / name)).train
+
+
+def default_train_config():
+    from tasktune.config import TrainConfig
+
+    return TrainConfig(lora_r=16, lora_alpha=32, lora_dropout=0.0)
 
 
 class LiveTensorBytes:
@@ -88,12 +93,11 @@ class LiveTensorBytes:
         return self.mode.__exit__(*exc)
 
 
-def build(model_name: str, layers: int | None, device: str = "cpu", width_divisor: int = 1):
+def build(model_name: str, train_cfg, layers: int | None, device: str = "cpu", width_divisor: int = 1):
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from tasktune.config import TrainConfig
     from tasktune.train import add_lora
 
     cls_name, kwargs = CONFIGS[model_name]
@@ -107,25 +111,25 @@ def build(model_name: str, layers: int | None, device: str = "cpu", width_diviso
     attn = "eager" if cls_name == "Gemma2Config" else "sdpa"  # as tasktune loads them
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=attn)
-    return add_lora(model, TrainConfig(lora_r=16, lora_alpha=32, lora_dropout=0.0), "verbalizer"), config
+    return add_lora(model, train_cfg, train_cfg.objective), config
 
 
 def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def step_peak(model_name: str, layers: int, objective: str, batch: int, seq_len: int, checkpointing: bool,
-              width_divisor: int = 1) -> int:
+def step_peak(model_name: str, train_cfg, layers: int, batch: int, seq_len: int, width_divisor: int = 1) -> int:
     """Peak live bytes of two training steps, weights excluded (they exist before tracking starts)."""
     import torch
 
-    from tasktune.train import adapter_mixed_precision, objective_loss
+    from tasktune.train import adapter_autocast, adapter_input_casting_off, objective_loss
 
+    objective = train_cfg.objective
     torch.manual_seed(0)
-    model, config = build(model_name, layers, width_divisor=width_divisor)
+    model, config = build(model_name, train_cfg, layers, width_divisor=width_divisor)
     model.train()
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if train_cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable()  # as the Trainer does for train.gradient_checkpointing
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(10, config.vocab_size, (batch, seq_len))
     mask = torch.ones_like(ids)
@@ -138,26 +142,27 @@ def step_peak(model_name: str, layers: int, objective: str, batch: int, seq_len:
         inputs["labels"] = torch.randint(0, 2, (batch,))
     with LiveTensorBytes([*model.parameters(), *model.buffers()]) as tracker:
         for _ in range(2):
-            with adapter_mixed_precision(model):
-                loss = objective_loss(model, inputs, objective, [11, 12])
-            loss.backward()
+            with adapter_input_casting_off(model):  # as TaskTrainer.training_step and compute_loss do
+                with adapter_autocast(model):
+                    loss = objective_loss(model, inputs, objective, [11, 12])
+                loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     return tracker.peak
 
 
-def depth_extrapolated(model_name: str, objective: str, batch: int, seq_len: int, checkpointing: bool,
-                       layers: int, width_divisor: int = 1) -> float:
-    one, two = (step_peak(model_name, n, objective, batch, seq_len, checkpointing, width_divisor) for n in (1, 2))
+def depth_extrapolated(model_name: str, train_cfg, batch: int, seq_len: int, layers: int,
+                       width_divisor: int = 1) -> float:
+    one, two = (step_peak(model_name, train_cfg, n, batch, seq_len, width_divisor) for n in (1, 2))
     return one + (layers - 1) * (two - one)
 
 
-def estimate(model_name: str, objective: str, batch: int, seq_len: int, checkpointing: bool) -> dict:
+def estimate(model_name: str, train_cfg, batch: int, seq_len: int) -> dict:
     """Weights and step peak at `batch`, and the per-row slope (from batch/2) to size other batches."""
-    meta_model, config = build(model_name, None, device="meta")
+    meta_model, config = build(model_name, train_cfg, None, device="meta")
     weights = weight_bytes(meta_model)
-    full = depth_extrapolated(model_name, objective, batch, seq_len, checkpointing, config.num_hidden_layers)
-    half = depth_extrapolated(model_name, objective, batch // 2, seq_len, checkpointing, config.num_hidden_layers)
+    full = depth_extrapolated(model_name, train_cfg, batch, seq_len, config.num_hidden_layers)
+    half = depth_extrapolated(model_name, train_cfg, batch // 2, seq_len, config.num_hidden_layers)
     per_row = (full - half) / (batch - batch // 2)
     return {"weights": weights, "step": full, "per_row": per_row, "fixed": full - batch * per_row}
 
@@ -170,11 +175,13 @@ def largest_batch(est: dict, card_gib: float) -> int:
 def check_extrapolation(quick: bool) -> dict:
     """Depth and batch extrapolations vs direct measurements, on a narrower Llama-shaped model."""
     batch, seq_len, divisor = (2, 32, 16) if quick else (4, 128, 4)
-    depth = depth_extrapolated("llama-3.2-1b", "answer", batch, seq_len, False, 4, divisor)
-    direct = step_peak("llama-3.2-1b", 4, "answer", batch, seq_len, False, divisor)
-    one, two = (step_peak("llama-3.2-1b", 2, "answer", b, seq_len, False, divisor) for b in (batch // 2, batch))
+    cfg = default_train_config()
+    cfg.objective = "answer"
+    depth = depth_extrapolated("llama-3.2-1b", cfg, batch, seq_len, 4, divisor)
+    direct = step_peak("llama-3.2-1b", cfg, 4, batch, seq_len, divisor)
+    one, two = (step_peak("llama-3.2-1b", cfg, 2, b, seq_len, divisor) for b in (batch // 2, batch))
     by_batch = two + (two - one) / (batch - batch // 2) * batch  # at 2 x batch
-    direct_batch = step_peak("llama-3.2-1b", 2, "answer", 2 * batch, seq_len, False, divisor)
+    direct_batch = step_peak("llama-3.2-1b", cfg, 2, 2 * batch, seq_len, divisor)
     return {"depth": depth / direct - 1, "batch": by_batch / direct_batch - 1}
 
 
@@ -186,13 +193,14 @@ def main() -> None:
     recipes = list(RECIPES)[:1] if args.quick else list(RECIPES)
     rows = []
     for recipe in recipes:
-        model_name, (objective, batch, seq_len) = RECIPES[recipe], recipe_shape(recipe)
-        if args.quick:
-            batch, seq_len = 2, 16
+        train_cfg = recipe_train_config(recipe)
+        batch, seq_len = (2, 16) if args.quick else (train_cfg.batch_size, train_cfg.max_length)
         for checkpointing in (False, True):
-            est = estimate(model_name, objective, batch, seq_len, checkpointing)
+            train_cfg.gradient_checkpointing = checkpointing
+            est = estimate(RECIPES[recipe], train_cfg, batch, seq_len)
             need = (est["weights"] + est["step"]) / GIB + CUDA_OVERHEAD_GIB
-            rows.append([recipe, objective, seq_len, "on" if checkpointing else "off", est["weights"] / GIB, batch,
+            rows.append([recipe, train_cfg.objective, seq_len, "on" if checkpointing else "off", est["weights"] / GIB,
+                         batch,
                          est["step"] / GIB, need, *(largest_batch(est, size) for size in CARDS_GIB.values())])
     body = common.table(["recipe", "objective", "max length", "grad. checkpointing", "weights GiB", "batch",
                          "step peak GiB (live tensors)", f"need GiB (+{CUDA_OVERHEAD_GIB:.0f} CUDA)",

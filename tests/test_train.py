@@ -134,6 +134,10 @@ def test_answer_loss_equals_full_logit_lm_loss(tiny_models, arch):
 def test_bf16_base_trains_adapter_in_mixed_precision(tiny_models):
     """With a bf16 base, LoRA matmuls run in bf16 but master weights and their gradients stay fp32, and the loss
     matches the same adapter computed in fp32 (peft's own input up-casting) within bf16 rounding."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from tasktune.train import adapter_autocast, adapter_input_casting_off
+
     lm, task, builder, label_ids, _ = setup(tiny_models["gemma3"], "verbalizer", dtype="bf16")
     model = add_lora(lm.model, TrainConfig(lora_r=4, lora_alpha=8), "verbalizer")
     for name, param in model.named_parameters():
@@ -143,8 +147,12 @@ def test_bf16_base_trains_adapter_in_mixed_precision(tiny_models):
                                                                              label_ids))
     trainer = TaskTrainer.__new__(TaskTrainer)
     trainer.objective, trainer.label_token_ids = "verbalizer", label_ids
-    loss = trainer.compute_loss(model, batch)
-    loss.backward()
+    with adapter_input_casting_off(model):
+        assert not any(m.cast_input_dtype_enabled for m in model.modules() if isinstance(m, BaseTunerLayer))
+        with adapter_autocast(model):
+            assert torch.is_autocast_enabled("cpu")
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
     lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert lora and all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
                         for p in lora.values())
@@ -152,21 +160,47 @@ def test_bf16_base_trains_adapter_in_mixed_precision(tiny_models):
     with torch.no_grad():
         reference = objective_loss(model, batch, "verbalizer", label_ids)  # no autocast: peft casts up to fp32
     torch.testing.assert_close(loss.detach(), reference, atol=0.05, rtol=0.05)
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    from tasktune.train import adapter_mixed_precision
-
-    with adapter_mixed_precision(model):
-        assert torch.is_autocast_enabled("cpu")
-        assert not any(m.cast_input_dtype_enabled for m in model.modules() if isinstance(m, BaseTunerLayer))
     # The adapter's own input casting is switched back on after the step (evaluation relies on it).
     assert all(m.cast_input_dtype_enabled for m in model.modules() if isinstance(m, BaseTunerLayer))
 
 
+def test_bf16_base_with_gradient_checkpointing_trains(tiny_models, tmp_path):
+    """Checkpointing recomputes the forward during backward: the adapter's inputs must stay bf16 there too."""
+    lm, task, builder, label_ids, head = setup(tiny_models["gemma3"], "label_lm", dtype="bf16")
+    cfg = TrainConfig(objective="label_lm", lora_r=4, lora_alpha=8, batch_size=8, max_steps=2, eval_steps=2,
+                      logging_steps=1, learning_rate=1e-3, warmup_ratio=0.0, gradient_checkpointing=True)
+    model = add_lora(lm.model, cfg, "label_lm")
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    features = task.train_features(builder, rows(16), "label_lm", 64, label_ids)
+    fit(model, lm.tokenizer, features, features[:1], cfg, tmp_path, "label_lm",
+        lambda m: task.validation_metrics(m, builder, rows(8, seed=1), 8, head=head), "accuracy", label_ids)
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+
+
 def test_fp32_base_gets_no_autocast(tiny_llama):
-    from tasktune.train import adapter_mixed_precision
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from tasktune.train import adapter_autocast, adapter_input_casting_off
 
     lm, *_ = setup(tiny_llama, "verbalizer")
     model = add_lora(lm.model, TrainConfig(lora_r=4, lora_alpha=8), "verbalizer")
-    with adapter_mixed_precision(model):
+    with adapter_input_casting_off(model), adapter_autocast(model):
         assert not torch.is_autocast_enabled("cpu")
+        assert all(m.cast_input_dtype_enabled for m in model.modules() if isinstance(m, BaseTunerLayer))
+
+
+def test_gradient_checkpointing_still_trains_every_adapter(tiny_models, tmp_path):
+    """With recomputed activations the frozen embeddings must not cut the gradient: every LoRA matrix moves."""
+    from tasktune.infer import unwrap
+
+    lm, task, builder, label_ids, head = setup(tiny_models["llama"], "label_lm")
+    cfg = TrainConfig(objective="label_lm", lora_r=4, lora_alpha=8, batch_size=8, max_steps=2, eval_steps=2,
+                      logging_steps=1, learning_rate=1e-3, warmup_ratio=0.0, gradient_checkpointing=True)
+    model = add_lora(lm.model, cfg, "label_lm")
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    features = task.train_features(builder, rows(16), "label_lm", 64, label_ids)
+    fit(model, lm.tokenizer, features, features[:1], cfg, tmp_path, "label_lm",
+        lambda m: task.validation_metrics(m, builder, rows(8, seed=1), 8, head=head), "accuracy", label_ids)
+    assert unwrap(model).is_gradient_checkpointing
+    unchanged = [n for n, p in model.named_parameters() if n in before and torch.equal(p, before[n])]
+    assert before and not unchanged, unchanged
