@@ -190,6 +190,6 @@ def test_gradient_checkpointing_still_trains_every_adapter(tiny_models, tmp_path
     features = task.train_features(builder, rows(16), "label_lm", 64, label_ids)
     fit(model, lm.tokenizer, features, features[:1], cfg, tmp_path, "label_lm",
         lambda m: task.validation_metrics(m, builder, rows(8, seed=1), 8, head=head), "accuracy", label_ids)
-    assert unwrap(model).is_gradient_checkpointing
+    assert unwrap(model).is_activation_checkpointing
     unchanged = [n for n, p in model.named_parameters() if n in before and torch.equal(p, before[n])]
     assert before and not unchanged, unchanged
