@@ -110,7 +110,8 @@ def evaluate_stage(p: Prepared, model, out_dir: Path, head: str = "causal_lm") -
         records = gather_object(records)
         order = {ex["id"]: n for n, ex in enumerate(test)}
         records.sort(key=lambda r: order[r["id"]])
-        seconds = {k: max(s[k] for s in gather_object([seconds])) for k in seconds}
+        every = gather_object([seconds])  # one collective, not one per protocol
+        seconds = {k: max(s[k] for s in every) for k in seconds}
     metrics = p.task.score(records, seconds, **extra)
     metrics["seconds"] = round(time.perf_counter() - start, 3)
     metrics["processes"] = state.num_processes
@@ -143,10 +144,11 @@ def train_stage(p: Prepared, work: Path) -> tuple[torch.nn.Module, dict, str]:
                   p.task.metric_for_best, p.label_token_ids)
     summary.pop("log_history")
     summary.update(parameters=params, base_parameters_before_lora=base_count, head=head)
-    if process_state().is_main_process:
+    state = process_state()
+    if state.is_main_process:
         model.save_pretrained(work / "adapter")  # safetensors
         write_json(work / "train" / "summary.json", summary)
-    process_state().wait_for_everyone()
+    state.wait_for_everyone()
     return model, summary, head
 
 

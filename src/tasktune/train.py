@@ -31,8 +31,6 @@ from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, Traini
 from tasktune.infer import head_logits, last_hidden_state, left_pad, position_ids_from_mask, unwrap
 from tasktune.rundir import sha256_file, write_json
 
-OBJECTIVES = ("verbalizer", "label_lm", "lm", "seqcls", "answer")
-
 
 def add_lora(model, train_cfg, objective: str):
     from peft import LoraConfig, TaskType, get_peft_model
