@@ -1,7 +1,7 @@
 """A few data-parallel LoRA steps of a randomly initialised Llama-3.2-1B-shaped model, under accelerate.
 
-  accelerate launch --config_file recipes/accelerate/ddp.yaml  bench/gpu_ddp_check.py
-  accelerate launch --config_file recipes/accelerate/fsdp.yaml bench/gpu_ddp_check.py
+  accelerate launch --config_file src/tasktune/recipes/accelerate/ddp.yaml  bench/gpu_ddp_check.py
+  accelerate launch --config_file src/tasktune/recipes/accelerate/fsdp.yaml bench/gpu_ddp_check.py
   accelerate launch --multi_gpu --num_processes 2 bench/gpu_ddp_check.py --tiny   # CPU smoke test (gloo)
 
 Runs tasktune's TaskTrainer (verbalizer objective) for --steps steps on random token ids and prints, on the

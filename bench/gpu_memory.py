@@ -41,7 +41,7 @@ def recipe_train_config(name: str):
     """The recipe's training section: objective, per-device batch, maximum length, LoRA settings."""
     from tasktune.config import load_recipe
 
-    return load_recipe(str(common.ROOT / "recipes" / name)).train
+    return load_recipe(name).train
 
 
 def default_train_config():

@@ -14,7 +14,7 @@ from tasktune.models import count_parameters, load_model
 from tasktune.train import add_lora
 from tiny import VOCAB
 
-RECIPE = "recipes/sst2-gemma3-270m-cpu.yaml"
+RECIPE = "sst2-gemma3-270m-cpu"
 
 
 def trained_adapter(path, tmp_path, r=4, alpha=8):

@@ -5,7 +5,7 @@ import pytest
 
 from tasktune.cli import main
 
-RECIPE = Path(__file__).parents[1] / "recipes" / "sst2-gemma3-270m-cpu.yaml"
+RECIPE = "sst2-gemma3-270m-cpu"
 
 
 def tiny_run_args(model, data, out, *extra):
@@ -122,3 +122,24 @@ def test_pickle_weights_are_refused(tiny_llama, sst2_tsv, tmp_path, capsys):
     code = main(["eval", "--task", "sst2", "--model", str(model_dir), "--data", str(sst2_tsv), "--out", str(out)])
     assert code == 2 and not out.exists()
     assert "only from safetensors" in capsys.readouterr().err
+
+
+def test_eval_run_uses_the_runs_own_recipe(tiny_llama, sst2_tsv, tmp_path):
+    """`eval --run` rebuilds the run's protocol (here a non-default verbalizer pair and 1 shot, which the
+    default `eval` would not use) and reproduces the run's fine-tuned figures exactly."""
+    assert main(tiny_run_args(tiny_llama, sst2_tsv, tmp_path, "eval.protocols=score", "eval.shots=1",
+                              "eval.verbalizers=[ bad, good]")) == 0
+    run = tmp_path / "t"
+    assert main(["eval", "--run", str(run), "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    theirs = json.loads((run / "finetuned" / "metrics.json").read_text())
+    assert again["score"]["n"] == theirs["score"]["n"] == 24
+    assert again["score"]["confusion_matrix"] == theirs["score"]["confusion_matrix"]
+    ours = [json.loads(x) for x in (tmp_path / "again" / "predictions.jsonl").read_text().splitlines()]
+    before = [json.loads(x) for x in (run / "finetuned" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["score_logprobs"] for r in ours] == [r["score_logprobs"] for r in before]
+    # --data: every row of another file, same protocol.
+    other = tmp_path / "other.tsv"
+    other.write_text("sentence\tlabel\nthe film was good \t1\nthe plot was dull \t0\n")
+    assert main(["eval", "--run", str(run), "--data", str(other), "--out", str(tmp_path / "other")]) == 0
+    assert json.loads((tmp_path / "other" / "metrics.json").read_text())["score"]["n"] == 2

@@ -59,7 +59,28 @@ def test_bad_yaml(tmp_path):
 def test_shipped_recipes_are_valid():
     from pathlib import Path
 
-    recipes = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+    recipes = sorted((Path(__file__).parents[1] / "src" / "tasktune" / "recipes").glob("*.yaml"))
     assert recipes
     for path in recipes:
         load_recipe(str(path))
+
+
+def test_shipped_recipe_by_name_and_recipes_command(tmp_path, capsys):
+    from tasktune.cli import main
+
+    assert load_recipe("sst2-gemma3-270m-cpu").name == "sst2-gemma3-270m-cpu"
+    assert load_recipe("squad2-gemma3-270m-cpu.yaml").task == "squad_v2"
+    assert load_recipe("sst2-gemma3-270m-cpu").data.path is None  # the recipes name no path
+    with pytest.raises(TasktuneError, match="is not a shipped recipe"):
+        load_recipe("no-such-recipe")
+    assert main(["recipes"]) == 0
+    listing = capsys.readouterr().out
+    assert "sst2-gemma3-270m-cpu" in listing and "accelerate/ddp" in listing and "SQuAD v2 on Gemma 3" in listing
+    assert main(["recipes", "cp", "sst2-gemma3-270m-cpu", str(tmp_path)]) == 0
+    copied = tmp_path / "sst2-gemma3-270m-cpu.yaml"
+    assert load_recipe(str(copied)).to_dict() == load_recipe("sst2-gemma3-270m-cpu").to_dict()
+    copied.write_text("mine")
+    assert main(["recipes", "cp", "sst2-gemma3-270m-cpu", str(copied)]) == 2
+    assert "already exists" in capsys.readouterr().err and copied.read_text() == "mine"
+    assert main(["recipes", "cp", "x", str(tmp_path / "x.yaml")]) == 2
+    assert "no shipped recipe 'x'" in capsys.readouterr().err

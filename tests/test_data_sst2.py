@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -34,6 +35,34 @@ def test_data_dir_env(tmp_path, monkeypatch, sst2_tsv):
     monkeypatch.setenv("TASKTUNE_DATA_DIR", str(tmp_path))
     rows, source = sst2.load(None)
     assert len(rows) == 120 and source.endswith("sst2/train.tsv")
+
+
+def test_resolution_order_env_then_embedded(tmp_path, monkeypatch, sst2_tsv):
+    """No path: $TASKTUNE_DATA_DIR/<task>/ wins; without it (or with it empty) the embedded copy is read."""
+    from tasktune.data import EMBEDDED_DIR, origin
+
+    monkeypatch.delenv("TASKTUNE_DATA_DIR", raising=False)
+    rows, source = sst2.load(None)
+    assert Path(source) == EMBEDDED_DIR / "sst2" / "train.tsv.gz" and origin([Path(source)]) == "embedded"
+    assert len(rows) == 67349 and sum(r["label"] for r in rows) == 37569
+    (tmp_path / "sst2").mkdir()
+    monkeypatch.setenv("TASKTUNE_DATA_DIR", str(tmp_path))
+    assert sst2.load(None)[1].endswith("train.tsv.gz")  # an empty data dir falls through
+    (tmp_path / "sst2" / "train.tsv").write_text(sst2_tsv.read_text())
+    rows, source = sst2.load(None)
+    assert len(rows) == 120 and origin([Path(source)]) == "TASKTUNE_DATA_DIR"
+
+
+def test_gzip_files_and_bad_gzip(tmp_path, sst2_tsv):
+    import gzip
+
+    packed = tmp_path / "train.tsv.gz"
+    packed.write_bytes(gzip.compress(sst2_tsv.read_bytes()))
+    assert sst2.load(str(packed))[0] == sst2.load(str(sst2_tsv))[0]
+    bad = tmp_path / "bad.tsv.gz"
+    bad.write_bytes(sst2_tsv.read_bytes())
+    with pytest.raises(TasktuneError, match="not a valid gzip file"):
+        sst2.load(str(bad))
 
 
 @pytest.mark.parametrize("content, message", [

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from tasktune.cli import main
 
 ROOT = Path(__file__).parents[1]
-RECIPE = str(ROOT / "recipes" / "sst2-gemma3-270m-cpu.yaml")
+RECIPE = "sst2-gemma3-270m-cpu"
 
 
 def overrides(model, data, out, name, batch, objective):
@@ -63,7 +63,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_llama, tmp_path
 def test_accelerate_configs_load(name, kind):
     from accelerate.commands.config.config_args import load_config_from_file
 
-    config = load_config_from_file(str(ROOT / "recipes" / "accelerate" / name))
+    config = load_config_from_file(str(ROOT / "src" / "tasktune" / "recipes" / "accelerate" / name))
     assert str(config.distributed_type).endswith(kind) and config.mixed_precision == "bf16"
     if kind == "FSDP":
         assert config.fsdp_config["fsdp_sharding_strategy"] == "FULL_SHARD"

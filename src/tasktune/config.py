@@ -223,9 +223,15 @@ def load_recipe(path: str | None, overrides: list[str] = (), defaults: dict | No
     source = "command line"
     if path:
         p = Path(path)
-        source = str(p)
         if not p.is_file():
-            raise TasktuneError(f"recipe {p} does not exist")
+            from tasktune import recipes
+
+            shipped = recipes.find(path) if not p.suffix or p.name == path else None
+            if shipped is None:
+                raise TasktuneError(f"recipe {p} does not exist (and is not a shipped recipe: "
+                                    f"{sorted(n for n in recipes.shipped() if '/' not in n)})")
+            p = shipped
+        source = str(p)
         try:
             loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as exc:

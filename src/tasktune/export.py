@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from tasktune.errors import TasktuneError
-from tasktune.rundir import StagingDir
+from tasktune.rundir import StagingDir, require_finished_run
 
 HUB_DATASETS = {"sst2": ("stanfordnlp/sst2", "SST-2", "text-classification", "Text Classification"),
                 "squad_v2": ("rajpurkar/squad_v2", "SQuAD v2", "question-answering", "Question Answering")}
@@ -93,14 +93,14 @@ def model_card(report: dict, name: str, merged: bool) -> str:
 def export_run(run_dir: Path, out: Path, merge: bool = False, overwrite: bool = False) -> Path:
     from tasktune.models import load_model
 
-    run_dir, adapter = Path(run_dir), Path(run_dir) / "adapter"
-    if not (run_dir / "report.json").is_file() or not (adapter / "adapter_config.json").is_file():
-        raise TasktuneError(f"{run_dir} is not a finished tasktune run (needs report.json and adapter/)")
+    run_dir = require_finished_run(Path(run_dir), needs=("report.json", "adapter/adapter_config.json"))
+    adapter = run_dir / "adapter"
+    staging = StagingDir(Path(out), overwrite=overwrite, kind="export")  # refuse a bad --out before loading
     report = json.loads((run_dir / "report.json").read_text())
     seqcls = json.loads((adapter / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS"
     # Merging happens in the float weights the run used (GGUF models are dequantized at conversion).
     lm = load_model(report["model"], report["dtype"], head="seqcls" if seqcls else "causal_lm")
-    with StagingDir(Path(out), overwrite=overwrite) as work:
+    with staging as work:
         if merge:
             from peft import PeftModel
 
@@ -127,7 +127,7 @@ def push(folder: Path, repo_id: str) -> str:
         api = HfApi(token=os.environ.get("HF_TOKEN") or None)
         api.create_repo(repo_id, exist_ok=True)
         info = api.upload_folder(folder_path=str(folder), repo_id=repo_id,
-                                 commit_message="Upload tasktune export")
+                                 commit_message="Upload tasktune export", ignore_patterns=[".tasktune"])
     except Exception as exc:
         message = str(exc)
         token = os.environ.get("HF_TOKEN")

@@ -160,6 +160,16 @@ def load_model(name: str, dtype: str = "auto", head: str = "causal_lm", num_labe
     return LoadedModel(model=model, tokenizer=tokenizer, path=path, dtype=torch_dtype)
 
 
+def model_identity(lm: LoadedModel) -> dict:
+    """What a run was made from: the sha256 of a local model's config and weight files, or the hub id and the
+    revision transformers resolved. A resumed run must match it."""
+    path = Path(lm.path)
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors")) + [path / "config.json"]
+        return {"sha256": {f.name: sha256_file(f) for f in files if f.is_file()}}
+    return {"hub_id": lm.path, "revision": getattr(lm.model.config, "_commit_hash", None)}
+
+
 def count_parameters(model: torch.nn.Module) -> dict:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

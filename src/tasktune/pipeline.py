@@ -20,9 +20,10 @@ from accelerate.utils import gather_object
 from tasktune import __version__
 from tasktune.config import Recipe
 from tasktune.infer import merge_for_inference
-from tasktune.models import LoadedModel, count_parameters, load_model
+from tasktune.errors import TasktuneError
+from tasktune.models import LoadedModel, count_parameters, load_model, model_identity
 from tasktune.params import parameter_report
-from tasktune.rundir import RunDir, sha256_file, write_json, write_jsonl
+from tasktune.rundir import RunDir, write_json, write_jsonl
 from tasktune.tasks import PromptBuilder, get_task
 
 
@@ -169,26 +170,68 @@ def load_trained(p: Prepared, work: Path) -> tuple[torch.nn.Module, dict, str]:
 
 
 def data_fingerprint(source: str) -> dict:
-    """sha256 of every local data file the run read (hub datasets are named, not hashed)."""
-    return {path: sha256_file(Path(path)) for path in source.split(", ") if Path(path).is_file()}
+    """sha256 of every local data file the run read, of its content (decompressed, for the embedded .gz
+    files, so it matches the published file's hash); hub datasets are named, not hashed."""
+    from tasktune.data import content_sha256
+
+    return {path: content_sha256(Path(path)) for path in source.split(", ") if Path(path).is_file()}
 
 
-def run(recipe: Recipe, overwrite: bool = False, train_only: bool = False) -> Path:
+def check_fingerprint(folder: Path, fingerprint: dict, what: str) -> None:
+    """Refuse to continue (or call complete) a run made from other data or another model than this one's."""
+    path = folder / "fingerprint.json"
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    for key, label in (("data_sha256", "data"), ("model", "model")):
+        if saved.get(key) != fingerprint[key]:
+            raise TasktuneError(
+                f"{folder} was made from different {label} than this command reads ({label} now: "
+                f"{fingerprint[key]}; in the run: {saved.get(key)}): mixing them would report figures of one "
+                f"{label} next to training on another; {what}")
+
+
+def run(recipe: Recipe, overwrite: bool = False, train_only: bool = False, resume: bool = False) -> Path:
     """The whole job. Single process, or one of several under `accelerate launch -m tasktune run ...` /
     `torchrun -m tasktune run ...`: then training is data-parallel through the Trainer, evaluation is sharded
-    and gathered, and only the main process writes the run directory."""
+    and gathered, and only the main process writes the run directory (holding its lock throughout).
+
+    `resume=True` insists that an unfinished run exists; re-running the same command resumes either way."""
     state = process_state()  # sets up torch.distributed when launched with several processes
     main = state.is_main_process
     say = print if main else (lambda *_: None)
     p = prepare(recipe)
+    fingerprint = {"data_sha256": data_fingerprint(p.source), "model": model_identity(p.lm)}
     run_dir = None
     if main:
         run_dir = RunDir(recipe.run_dir, recipe.to_dict(), overwrite=overwrite)
-        if not run_dir.complete:
-            run_dir.start()
+        try:
+            redo = "pass --overwrite to start it again, or choose another name"
+            if run_dir.complete:
+                check_fingerprint(run_dir.final, fingerprint, redo)
+            elif run_dir.resumed:
+                check_fingerprint(run_dir.work, fingerprint, redo)
+            elif resume:
+                raise TasktuneError(f"--resume: there is no unfinished run of this recipe to resume "
+                                    f"({run_dir.work} does not exist); drop --resume to start one")
+            if not run_dir.complete:
+                run_dir.start()
+                write_json(run_dir.work / "fingerprint.json", fingerprint)
+        except BaseException:
+            run_dir.release()
+            raise
     state.wait_for_everyone()
     if not main:  # the main process has created or validated the directory; follow it
-        run_dir = RunDir(recipe.run_dir, recipe.to_dict())
+        run_dir = RunDir(recipe.run_dir, recipe.to_dict(), lock=False)
+    try:
+        return _run_stages(p, run_dir, state, say, train_only)
+    finally:
+        run_dir.release()
+
+
+def _run_stages(p: Prepared, run_dir: RunDir, state: PartialState, say, train_only: bool) -> Path:
+    recipe = p.recipe
+    main = state.is_main_process
     if run_dir.complete:
         say(f"[tasktune] {recipe.run_dir} is already complete for this recipe; nothing to do")
         return recipe.run_dir
@@ -206,7 +249,8 @@ def run(recipe: Recipe, overwrite: bool = False, train_only: bool = False) -> Pa
 
     if "split" not in finished:
         if main:
-            write_json(work / "split.json", {"source": p.source, "data_sha256": data_fingerprint(p.source),
+            fingerprint = json.loads((work / "fingerprint.json").read_text())
+            write_json(work / "split.json", {"source": p.source, "data_sha256": fingerprint["data_sha256"],
                                              "seed": recipe.data.seed, **p.split,
                                              "limited": {k: [e["id"] for e in v] for k, v in p.examples.items()}})
         mark("split")
@@ -253,3 +297,30 @@ def run(recipe: Recipe, overwrite: bool = False, train_only: bool = False) -> Pa
         say(f"[tasktune] wrote {recipe.run_dir}")
     state.wait_for_everyone()
     return recipe.run_dir
+
+
+def evaluate_run(run_dir: Path, out: Path, data_path: str | None = None, overwrite: bool = False) -> tuple[dict, str]:
+    """`tasktune eval --run RUN_DIR`: the run's adapter, evaluated with the run's own resolved recipe (prompt,
+    verbalizers, shots, prompt budget, seeds, split), so "same protocol" holds outside `run` as well. Without
+    `data_path` it evaluates the run's own test split (reproducing finetuned/metrics.json); with it, every row
+    of that file."""
+    from tasktune.config import load_recipe
+    from tasktune.rundir import StagingDir, require_finished_run
+
+    run_dir = require_finished_run(Path(run_dir), needs=("report.json", "adapter/adapter_config.json",
+                                                         "train/summary.json"))
+    staging = StagingDir(Path(out), overwrite=overwrite)  # refuse a bad --out before loading anything
+    recipe = load_recipe(str(run_dir / "recipe.yaml"))
+    p = prepare(recipe)
+    check_fingerprint(run_dir, {"data_sha256": data_fingerprint(p.source), "model": model_identity(p.lm)},
+                      "the run's test split cannot be rebuilt from it; evaluate the run where it was made")
+    if data_path:
+        rows, source = p.task.load(data_path)
+        p.examples["test"] = rows
+        p.source = source
+    model, _, head = load_trained(p, run_dir)
+    with staging as work:
+        metrics = evaluate_stage(p, merge_for_inference(model), work, head=head)
+        metrics["protocol"] = {"run": str(run_dir), "data": p.source, "rows": "all" if data_path else "test split"}
+        write_json(work / "metrics.json", metrics)
+    return metrics, p.task.summary(metrics)

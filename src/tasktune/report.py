@@ -51,7 +51,9 @@ def write_report(run_dir: Path, recipe, prepared, zeroshot, finetuned, training,
     report = {
         "name": recipe.name, "task": recipe.task, "model": recipe.model, "model_path": prepared.lm.path,
         "dtype": str(prepared.lm.dtype).replace("torch.", ""),
-        "data": {"source": prepared.source, **{k: len(v) for k, v in prepared.examples.items()}},
+        "data": {"source": prepared.source, "origin": data_origin(prepared.source),
+                 "sha256": json.loads((run_dir / "fingerprint.json").read_text())["data_sha256"],
+                 **{k: len(v) for k, v in prepared.examples.items()}},
         "protocol": {**prepared.builder.describe(), "verbalizers": list(getattr(prepared.task, "verbalizers", [])),
                      "label_token_ids": prepared.label_token_ids},
         "zeroshot": zeroshot, "finetuned": finetuned,
@@ -63,6 +65,13 @@ def write_report(run_dir: Path, recipe, prepared, zeroshot, finetuned, training,
     write_json(run_dir / "report.json", report)
     render(run_dir)
     return report
+
+
+def data_origin(source: str) -> str:
+    """`path`, `TASKTUNE_DATA_DIR`, `embedded` or `hub`: where the run's data came from."""
+    from tasktune.data import origin
+
+    return "hub" if source.startswith("hub:") else origin([Path(f) for f in source.split(", ")])
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -133,8 +142,9 @@ def render_markdown(report, task, params, figures, changes, history: list[dict],
     adapted = report["parameters"]["adapted"] or {}
     lines = [
         f"# {report['name']}: {report['task']} on {report['model']}", "",
-        f"Data: `{report['data']['source']}` — train {report['data'].get('train')}, validation "
-        f"{report['data'].get('validation')}, test {report['data'].get('test')} examples. dtype {report['dtype']}.", "",
+        f"Data ({report['data'].get('origin', 'path')}): `{report['data']['source']}` — train {report['data'].get('train')}, validation "
+        f"{report['data'].get('validation')}, test {report['data'].get('test')} examples. dtype {report['dtype']}.",
+        *(f"- sha256 of `{Path(f).name}`: `{h}`" for f, h in report["data"].get("sha256", {}).items()), "",
         "## Zero-shot vs fine-tuned (same test split, same protocol)", "",
         comparison_table(task, report["zeroshot"], report["finetuned"]),
         "## Protocol", "",

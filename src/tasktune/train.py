@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 
 from tasktune.infer import head_logits, last_hidden_state, left_pad, position_ids_from_mask, unwrap
+from tasktune.errors import TrainingInterrupted
 from tasktune.rundir import sha256_file, write_json
 
 
@@ -230,12 +231,6 @@ class StopOnSignal(TrainerCallback):
             control.should_training_stop = True
 
 
-class TrainingInterrupted(Exception):
-    def __init__(self, signal_name: str, step: int):
-        super().__init__(f"{signal_name} received: checkpoint saved at step {step}; run the same command again "
-                         "to resume")
-
-
 def training_arguments(train_cfg, output_dir: Path, metric: str) -> TrainingArguments:
     report_to = ["tensorboard"] if importlib.util.find_spec("tensorboard") else "none"
     return TrainingArguments(
@@ -268,6 +263,8 @@ def training_arguments(train_cfg, output_dir: Path, metric: str) -> TrainingArgu
         dataloader_num_workers=0,
         report_to=report_to,
         save_only_model=False,  # optimizer, scheduler and RNG states too, for exact resumption
+        # Early-stopping patience (and any other callback state) continues where the checkpoint left it.
+        restore_callback_states_from_checkpoint=True,
     )
 
 

@@ -1,35 +1,78 @@
-"""Dataset loaders: one module per dataset, each returning validated in-memory rows."""
+"""Dataset loaders: one module per dataset, each returning validated in-memory rows.
 
+Where the data comes from when a recipe names no path: `$TASKTUNE_DATA_DIR/<task>/`, then the copy embedded
+in the package (`data/embedded/`, gzip-compressed), then the Hugging Face Hub.
+"""
+
+import gzip
+import hashlib
 import os
 from pathlib import Path
+from typing import Callable
 
 from tasktune.errors import TasktuneError
 
+EMBEDDED_DIR = Path(__file__).parent / "embedded"
 
-def resolve_data_path(path: str | None, task_dir: str, filenames: tuple[str, ...]) -> Path | None:
-    """Explicit path → `$TASKTUNE_DATA_DIR/<task_dir>/<first existing filename>` → None (the hub)."""
+
+def format_suffix(path: Path) -> str:
+    """The format part of a file name: `.tsv` for both `train.tsv` and `train.tsv.gz`."""
+    path = Path(path)
+    return Path(path.stem).suffix.lower() if path.suffix.lower() == ".gz" else path.suffix.lower()
+
+
+def locate(path: str | None, task_dir: str, pick: Callable[[Path], list[Path]]) -> list[Path] | None:
+    """The data files to read: an explicit file or directory (`pick` chooses files in a directory) →
+    `$TASKTUNE_DATA_DIR/<task_dir>/` → the embedded copy → None, meaning the hub."""
     if path:
         p = Path(path).expanduser()
         if not p.exists():
             raise TasktuneError(f"data file {p} does not exist")
         if p.is_dir():
-            for name in filenames:
-                if (p / name).is_file():
-                    return p / name
-            raise TasktuneError(f"data directory {p} holds none of {list(filenames)}")
-        return p
-    root = os.environ.get("TASKTUNE_DATA_DIR")
-    if root:
-        for name in filenames:
-            candidate = Path(root) / task_dir / name
-            if candidate.is_file():
-                return candidate
+            files = pick(p)
+            if not files:
+                raise TasktuneError(f"data directory {p} holds no data file tasktune reads for {task_dir}")
+            return files
+        return [p]
+    candidates = [Path(os.environ["TASKTUNE_DATA_DIR"]) / task_dir] if os.environ.get("TASKTUNE_DATA_DIR") else []
+    for folder in candidates + [EMBEDDED_DIR / task_dir]:
+        if folder.is_dir() and pick(folder):
+            return pick(folder)
     return None
 
 
+def origin(files: list[Path] | None) -> str:
+    """Which rung of the resolution order the files came from (recorded in the report and model card)."""
+    if files is None:
+        return "hub"
+    resolved = Path(files[0]).resolve()
+    if EMBEDDED_DIR.resolve() in resolved.parents:
+        return "embedded"
+    env = os.environ.get("TASKTUNE_DATA_DIR")
+    if env and Path(env).resolve() in resolved.parents:
+        return "TASKTUNE_DATA_DIR"
+    return "path"
+
+
+def content_sha256(path: Path) -> str:
+    """sha256 of a data file's content: of the decompressed bytes for a .gz file."""
+    if Path(path).suffix.lower() != ".gz":
+        from tasktune.rundir import sha256_file
+
+        return sha256_file(path)
+    h = hashlib.sha256()
+    with gzip.open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def read_text(path: Path) -> str:
-    """Read a UTF-8 file, naming the byte offset and line of the first invalid byte."""
-    data = path.read_bytes()
+    """Read a UTF-8 file (gzip-compressed when it ends in .gz), naming the line of the first invalid byte."""
+    try:
+        data = gzip.decompress(path.read_bytes()) if path.suffix.lower() == ".gz" else path.read_bytes()
+    except (OSError, EOFError) as exc:
+        raise TasktuneError(f"{path}: not a valid gzip file ({exc})") from exc
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -28,3 +28,71 @@ def grouped_split(groups: list[str], test_size: float, seed: int) -> tuple[list[
 def random_split(n: int, test_size: float, seed: int) -> tuple[list[int], list[int]]:
     train, test = train_test_split(list(range(n)), test_size=test_size, random_state=seed)
     return sorted(train), sorted(test)
+
+
+# --- Leak-free splits of phrase-level data ------------------------------------------------------------------
+# GLUE's SST-2 train file holds every phrase of each review's parse tree as its own row ("a fine film", "fine
+# film", "film", ...). A row-level split puts pieces of one sentence on both sides, so most test rows occur
+# word for word inside training rows. `containment_split` splits whole sentences instead: it splits the rows
+# that no other row contains (the sentences), then sends every other row to training if any training sentence
+# contains it, else to test. Containment is transitive, so no test row occurs inside any training row.
+
+
+def normalize_text(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+class ContainmentIndex:
+    """Which texts contain a given text as a whole-token substring. An inverted index on each text's rarest
+    token keeps the search to the few texts that can contain it."""
+
+    def __init__(self, texts: list[str]):
+        self.texts = texts
+        self.by_token: dict[str, list[int]] = {}
+        for i, text in enumerate(texts):
+            for token in set(text.split()):
+                self.by_token.setdefault(token, []).append(i)
+        self._joined: dict[str, str] = {}
+
+    def occurrences(self, text: str) -> int:
+        """How many times ` text ` occurs across the indexed texts (a text equal to it counts once)."""
+        tokens = set(text.split())
+        if not tokens or any(t not in self.by_token for t in tokens):
+            return 0
+        rarest = min(tokens, key=lambda t: (len(self.by_token[t]), t))
+        if rarest not in self._joined:
+            self._joined[rarest] = "\n".join(f" {self.texts[i]} " for i in self.by_token[rarest])
+        return self._joined[rarest].count(f" {text} ")
+
+
+def containment_split(texts: list[str], labels: list[int], test_size: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of a split where no test text occurs inside (or equals) a training text; stratified by label
+    over the sentences (texts no other text contains)."""
+    unique = list(dict.fromkeys(normalize_text(t) for t in texts))
+    label_of = {}
+    for text, label in zip(texts, labels):
+        label_of.setdefault(normalize_text(text), label)
+    index = ContainmentIndex(unique)
+    roots = [u for u in unique if index.occurrences(u) == 1]
+    root_train, root_test = stratified_split([label_of[r] for r in roots], test_size, seed)
+    train_roots = ContainmentIndex([roots[i] for i in root_train])
+    test_texts = {roots[i] for i in root_test}
+    test_texts |= {u for u in unique if u not in test_texts and train_roots.occurrences(u) == 0}
+    train, test = [], []
+    for i, text in enumerate(texts):
+        (test if normalize_text(text) in test_texts else train).append(i)
+    return train, test
+
+
+def text_overlap(test_texts: list[str], train_texts: list[str]) -> dict:
+    """How much of the test set the training part has seen: exact duplicates, and test rows that occur as a
+    whole-token substring of some training row (duplicates included)."""
+    train_unique = list(dict.fromkeys(normalize_text(t) for t in train_texts))
+    seen = set(train_unique)
+    index = ContainmentIndex(train_unique)
+    normalized = [normalize_text(t) for t in test_texts]
+    exact = sum(t in seen for t in normalized)
+    contained = sum(t in seen or index.occurrences(t) > 0 for t in normalized)
+    n = len(test_texts)
+    return {"test_rows": n, "exact_duplicates": exact, "contained_in_training": contained,
+            "exact_rate": exact / n if n else 0.0, "contained_rate": contained / n if n else 0.0}

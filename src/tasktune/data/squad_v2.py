@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tasktune.data import read_text, resolve_data_path
+from tasktune.data import format_suffix, locate, read_text
 from tasktune.errors import TasktuneError
 
 HUB_ID = "rajpurkar/squad_v2"
@@ -112,28 +112,25 @@ def load_hub(split: str = "train") -> list[dict]:
 
 
 def _load_file(path: Path) -> list[dict]:
-    if path.suffix.lower() == ".jsonl":
+    suffix = format_suffix(path)
+    if suffix == ".jsonl":
         return load_jsonl(path)
-    if path.suffix.lower() == ".json":
+    if suffix == ".json":
         return load_official(path)
-    raise TasktuneError(f"{path}: unknown SQuAD v2 format {path.suffix!r} (expected .json or .jsonl)")
+    raise TasktuneError(f"{path}: unknown SQuAD v2 format {suffix!r} (expected .json or .jsonl, optionally .gz)")
+
+
+def pick(folder: Path) -> list[Path]:
+    """Every SQuAD file in a data directory, pooled (an official train part and a dev part alike)."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and format_suffix(p) in (".json", ".jsonl"))
 
 
 def load(path: str | None = None) -> tuple[list[dict], str]:
     if path in (HUB_ID, f"hub:{HUB_ID}"):
         return load_hub(), f"hub:{HUB_ID}"
-    if path and Path(path).expanduser().is_dir():
-        files = sorted(p for p in Path(path).expanduser().iterdir() if p.suffix.lower() in (".json", ".jsonl"))
-        if not files:
-            raise TasktuneError(f"data directory {path} holds no .json or .jsonl files")
-    else:
-        resolved = resolve_data_path(path, "squad_v2", ("train-v2.0.json", "train.jsonl", "squad_v2.json"))
-        if resolved is None:
-            root = Path(__import__("os").environ.get("TASKTUNE_DATA_DIR", "")) / "squad_v2"
-            if root.is_dir() and any(p.suffix in (".json", ".jsonl") for p in root.iterdir()):
-                return load(str(root))
-            return load_hub(), f"hub:{HUB_ID}"
-        files = [resolved]
+    files = locate(path, "squad_v2", pick)
+    if files is None:
+        return load_hub(), f"hub:{HUB_ID}"
     rows, seen = [], {}
     for file in files:
         for row in _load_file(file):

@@ -11,14 +11,14 @@ import io
 import json
 from pathlib import Path
 
-from tasktune.data import read_text, resolve_data_path
+from tasktune.data import format_suffix, locate, read_text
 from tasktune.errors import TasktuneError, where
 
 TEXT_COLUMNS = ("sentence", "text", "review", "reviews", "phrase")
 LABEL_COLUMNS = ("label", "labels", "rating", "ratings", "sentiment")
 LABEL_WORDS = {"0": 0, "1": 1, "negative": 0, "positive": 1, "neg": 0, "pos": 1}
 HUB_IDS = ("stanfordnlp/sst2", "nyu-mll/glue")
-FILENAMES = ("train.tsv", "train.csv", "train.jsonl")
+FILENAMES = ("train.tsv", "train.csv", "train.jsonl", "train.tsv.gz", "train.csv.gz", "train.jsonl.gz")
 
 
 def _label(value, path, row, field) -> int:
@@ -43,7 +43,7 @@ def _pick(columns: list[str], names: tuple[str, ...]) -> str | None:
 
 
 def load_delimited(path: Path) -> list[dict]:
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    delimiter = "\t" if format_suffix(path) == ".tsv" else ","
     text = read_text(path)
     # GLUE's TSV has no quoting; quotes in CSV files are honoured.
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
@@ -116,21 +116,28 @@ def load_hub(hub_id: str = "stanfordnlp/sst2", split: str = "train") -> list[dic
              "label": _label(r["label"], hub_id, i, "label")} for i, r in enumerate(ds)]
 
 
+def pick(folder: Path) -> list[Path]:
+    """The SST-2 file in a data directory: the first of FILENAMES that exists."""
+    return [folder / name for name in FILENAMES if (folder / name).is_file()][:1]
+
+
 def load(path: str | None = None) -> tuple[list[dict], str]:
     """Rows and a description of where they came from."""
     if path in HUB_IDS or (path and path.startswith("hub:")):
         hub_id = path.removeprefix("hub:")
         return load_hub(hub_id), f"hub:{hub_id}"
-    resolved = resolve_data_path(path, "sst2", FILENAMES)
-    if resolved is None:
+    files = locate(path, "sst2", pick)
+    if files is None:
         return load_hub(), "hub:stanfordnlp/sst2"
-    suffix = resolved.suffix.lower()
+    resolved = files[0]
+    suffix = format_suffix(resolved)
     if suffix in (".tsv", ".csv"):
         rows = load_delimited(resolved)
     elif suffix in (".jsonl", ".json"):
         rows = load_jsonl(resolved)
     else:
-        raise TasktuneError(f"{resolved}: unknown SST-2 format {suffix!r} (expected .tsv, .csv or .jsonl)")
+        raise TasktuneError(f"{resolved}: unknown SST-2 format {suffix!r} (expected .tsv, .csv or .jsonl, "
+                            "optionally .gz)")
     if not rows:
         raise TasktuneError(f"{resolved} has a header but no data rows")
     return rows, str(resolved)

@@ -1,0 +1,45 @@
+"""The recipes that ship inside the package (`tasktune recipes`, `tasktune recipes cp NAME DEST`), so that a
+wheel install has them as well as a clone. A recipe is named by its file name without `.yaml`; the accelerate
+launcher configs are under `accelerate/`."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from tasktune.errors import TasktuneError
+
+RECIPES_DIR = Path(__file__).parent
+
+
+def shipped() -> dict[str, Path]:
+    """{name: file} of every shipped recipe and accelerate config."""
+    return {str(p.relative_to(RECIPES_DIR).with_suffix("")): p for p in sorted(RECIPES_DIR.rglob("*.yaml"))}
+
+
+def describe(path: Path) -> str:
+    """The first comment line of a recipe, which says what it is for."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def find(name: str) -> Path | None:
+    """A shipped recipe by name (with or without `.yaml`), or None."""
+    return shipped().get(name.removesuffix(".yaml"))
+
+
+def copy(name: str, dest: str) -> Path:
+    """Copy a shipped recipe to `dest` (a file, or an existing directory); never replaces a file."""
+    source = find(name)
+    if source is None:
+        raise TasktuneError(f"no shipped recipe {name!r} (expected one of {sorted(shipped())}; see `tasktune recipes`)")
+    target = Path(dest)
+    if target.is_dir():
+        target = target / source.name
+    if target.exists():
+        raise TasktuneError(f"{target} already exists; choose another destination")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    return target
