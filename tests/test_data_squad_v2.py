@@ -81,11 +81,19 @@ def test_grouped_split_keeps_articles_apart(tmp_path):
     split = task.split(rows, DataConfig(seed=1, val_size=3))
     title = {r["id"]: r["title"] for r in rows}
     test_titles = {title[i] for i in split["test"]}
-    train_titles = {title[i] for i in split["train"] + split["validation"]}
-    assert test_titles and not test_titles & train_titles
+    val_titles = {title[i] for i in split["validation"]}
+    train_titles = {title[i] for i in split["train"]}
+    assert test_titles and val_titles and train_titles
+    assert not test_titles & (train_titles | val_titles) and not val_titles & train_titles
+    assert len(split["validation"]) == 3  # 3 of the one held-out article's questions; the rest is unused
+    assert len(split["train"]) + len(split["validation"]) + len(split["test"]) == 30  # 10 articles × 3
     assert split == task.split(rows, DataConfig(seed=1, val_size=3))
+    overlap = task.overlap([r for r in rows if r["id"] in split["train"]], [r for r in rows if r["id"] in split["test"]])
+    # Every tiny article has the same context text: a by-article split cannot keep identical texts apart,
+    # and the overlap report says so.
+    assert overlap["shared_context_rate"] == 1.0
     by_question = task.split(rows, DataConfig(seed=1, val_size=3, split_by="question"))
-    assert len(by_question["test"]) == round(0.2 * 30) or len(by_question["test"]) == 6
+    assert len(by_question["test"]) == 6 and len(by_question["validation"]) == 3
 
 
 def test_context_truncation_keeps_the_answer(tiny_llama, tmp_path):

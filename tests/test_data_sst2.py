@@ -14,7 +14,8 @@ def test_glue_tsv(sst2_tsv):
     rows, source = sst2.load(str(sst2_tsv))
     assert len(rows) == 120 and source == str(sst2_tsv)
     assert rows[0]["id"] == 0 and rows[0]["label"] in (0, 1)
-    assert not rows[0]["sentence"].endswith(" ")  # GLUE's trailing space is stripped
+    # The text exactly as given: GLUE's space before the tab stays, as lm-evaluation-harness keeps it.
+    assert rows[0]["sentence"].endswith(" ") and rows[0]["sentence"] == sst2_tsv.read_text().splitlines()[1].split("\t")[0]
 
 
 def test_kaggle_csv_columns_and_word_labels(tmp_path):
@@ -122,10 +123,10 @@ def test_split_is_stratified_disjoint_and_deterministic(tmp_path):
     rows, _ = sst2.load(str(write_sst2_tsv(tmp_path / "t.tsv", n=1000)))
     # Make the classes unbalanced (30/70) so stratification is visible.
     rows = [r for r in rows if r["label"] == 1 or r["id"] % 10 < 4]
-    cfg = DataConfig(seed=7, val_size=50)
+    cfg = DataConfig(seed=7, val_size=50, split_by="row")
     split = SST2Task().split(rows, cfg)
     assert split == SST2Task().split(rows, cfg)
-    assert split != SST2Task().split(rows, DataConfig(seed=8, val_size=50))
+    assert split != SST2Task().split(rows, DataConfig(seed=8, val_size=50, split_by="row"))
     ids = [set(v) for v in split.values()]
     assert sum(len(s) for s in ids) == len(rows) and len(set().union(*ids)) == len(rows)
     assert len(split["validation"]) == 50
@@ -136,6 +137,48 @@ def test_split_is_stratified_disjoint_and_deterministic(tmp_path):
         assert set(part) <= set(by_id)
         assert abs(sum(by_id[i] for i in part) / len(part) - overall) < 0.02
     assert abs(len(split["test"]) / len(rows) - 0.2) < 0.01
+
+
+def phrase_rows(n_sentences: int = 200) -> list[dict]:
+    """SST-2-like rows: each sentence also appears as its phrases (every suffix of 2+ words), as in GLUE."""
+    from tiny import sentiment_rows
+
+    rows = []
+    for sentence, label in sentiment_rows(n_sentences, seed=3):
+        words = sentence.split()
+        for start in range(len(words) - 1):
+            rows.append({"id": len(rows), "sentence": " ".join(words[start:]) + " ", "label": label})
+    return rows
+
+
+def test_sentence_split_keeps_every_phrase_with_its_sentence():
+    rows = phrase_rows()
+    task = SST2Task()
+    by_id = {r["id"]: r for r in rows}
+    leak_free = task.split(rows, DataConfig(seed=1, val_size=60))
+    assert leak_free == task.split(rows, DataConfig(seed=1, val_size=60, split_by="sentence"))
+    parts = {k: [by_id[i] for i in v] for k, v in leak_free.items()}
+    assert sum(len(v) for v in parts.values()) == len(rows)
+    seen = parts["train"] + parts["validation"]
+    overlap = task.overlap(seen, parts["test"])
+    assert overlap["contained_in_training"] == 0 and overlap["exact_duplicates"] == 0
+    assert task.overlap(parts["train"], parts["validation"])["contained_in_training"] == 0
+    assert 0.1 < len(parts["test"]) / len(rows) < 0.25  # about test_size of the sentences, with their phrases
+    # The seed's row-level split puts phrases of test sentences into training, and the report measures it.
+    by_row = task.split(rows, DataConfig(seed=1, val_size=60, split_by="row"))
+    rows_overlap = task.overlap([by_id[i] for i in by_row["train"] + by_row["validation"]],
+                                [by_id[i] for i in by_row["test"]])
+    assert rows_overlap["contained_rate"] > 0.5
+
+
+def test_text_overlap_counts():
+    from tasktune.data.split import text_overlap
+
+    result = text_overlap(["a fine film", "fine film", "Fine  FILM", "a dull film", "film"],
+                          ["it is a fine film indeed", "fine film"])
+    assert result["exact_duplicates"] == 2  # "fine film" and its case/space variant
+    assert result["contained_in_training"] == 4  # all but "a dull film"
+    assert result["contained_rate"] == pytest.approx(0.8)
 
 
 def test_real_sst2_file(shared_data):

@@ -26,13 +26,26 @@ def test_max_over_golds():
     assert m["exact"] == 100.0 and m["f1"] == 100.0
 
 
-def test_empty_normalizing_golds_are_dropped():
-    # Both golds normalize to "" → the question is scored as unanswerable ([""]).
+def test_has_ans_follows_the_official_rule():
+    # evaluate-v2.0.py: has_ans = bool(qa["answers"]). Golds that all normalize to "" still make the question
+    # answerable; it is then scored against [""], so an abstention is exactly right.
     m = squad_v2_metrics({"q": ["the", "a."]}, {"q": ""})
-    assert m["exact"] == 100.0 and m["NoAns_total"] == 1 and "HasAns_total" not in m
-    # A real gold next to an empty-normalizing one: only the real one counts.
+    assert m["HasAns_total"] == 1 and "NoAns_total" not in m
+    assert m["exact"] == 100.0 and m["HasAns_exact"] == 100.0 and m["HasAns_f1"] == 100.0
+    m = squad_v2_metrics({"q": ["The"]}, {"q": "Paris"})
+    assert m["HasAns_total"] == 1 and m["exact"] == 0.0 and m["f1"] == 0.0
+    # A real gold next to an empty-normalizing one: only the real one is compared.
     m = squad_v2_metrics({"q": ["the", "Paris"]}, {"q": ""})
     assert m["exact"] == 0.0 and m["HasAns_total"] == 1
+
+
+def test_best_threshold_counts_a_nonempty_abstention_text_as_answering():
+    # The official best-threshold walk charges -1 for any non-empty prediction on an unanswerable question,
+    # even "The." (which scores as an exact abstention): best_exact can fall below exact.
+    golds, preds, na = {"q1": [], "q2": ["Paris"]}, {"q1": "The.", "q2": "Paris"}, {"q1": 0.1, "q2": 0.2}
+    m = squad_v2_metrics(golds, preds, na)
+    assert m["exact"] == 100.0
+    assert m["best_exact"] == 50.0 and m["best_exact_thresh"] == 0.0
 
 
 def test_the_dot_counts_as_abstention():

@@ -21,7 +21,10 @@ class DataConfig:
     seed: int = 42
     test_size: float = 0.2
     val_size: int = 500            # rows of the training part held out for early stopping
-    split_by: str = "article"      # SQuAD v2 only: article (grouped) or question (the seed's protocol)
+    # None: the task's leak-free default. sst2: sentence (no test row inside a training row) | row (the seed's
+    # protocol, which leaks phrases of test sentences into training); squad_v2: article | question (the seed's).
+    split_by: str | None = None
+    test_path: str | None = None   # evaluate on this file instead of a split of `path` (e.g. GLUE validation)
     limit_train: int | None = None
     limit_test: int | None = None
 
@@ -88,7 +91,7 @@ POSITIVE = {"val_size", "batch_size", "lora_r", "lora_alpha", "grad_accum", "eva
 NON_NEGATIVE = {"patience", "shots", "weight_decay", "seed"}
 UNIT_INTERVAL = {"test_size": (0.0, 1.0), "lora_dropout": (0.0, 1.0), "warmup_ratio": (0.0, 1.0)}
 CHOICES = {"objective": ("verbalizer", "label_lm", "lm", "seqcls", "answer"), "task": ("sst2", "squad_v2"),
-           "split_by": ("article", "question"), "prompt_format": ("plain", "chat", "auto"),
+           "split_by": ("sentence", "row", "article", "question"), "prompt_format": ("plain", "chat", "auto"),
            "lr_scheduler": ("linear", "cosine", "constant", "constant_with_warmup"),
            "dtype": ("auto", "bf16", "bfloat16", "fp32", "float32", "fp16", "float16")}
 PROTOCOLS = ("score", "generate")
@@ -182,6 +185,10 @@ def validate(recipe: Recipe, source: str) -> Recipe:
                             "(negative first, then positive), and only apply to sst2")
     if not recipe.train.target_modules:
         raise TasktuneError(f"{source}: train.target_modules must name at least one module")
+    split_by = {"sst2": ("sentence", "row"), "squad_v2": ("article", "question")}[recipe.task]
+    if recipe.data.split_by is not None and recipe.data.split_by not in split_by:
+        raise TasktuneError(f"{source}: data.split_by {recipe.data.split_by!r} does not apply to task "
+                            f"{recipe.task!r} (expected one of {list(split_by)})")
     allowed = {"sst2": ("verbalizer", "label_lm", "lm", "seqcls"), "squad_v2": ("answer",)}[recipe.task]
     if recipe.train.objective not in allowed:
         raise TasktuneError(f"{source}: objective {recipe.train.objective!r} does not apply to task "

@@ -20,6 +20,7 @@ from accelerate.utils import gather_object
 from tasktune import __version__
 from tasktune.config import Recipe
 from tasktune.infer import merge_for_inference
+from tasktune.data.split import overlap_warning
 from tasktune.errors import TasktuneError
 from tasktune.models import LoadedModel, count_parameters, load_model, model_identity
 from tasktune.params import parameter_report
@@ -55,7 +56,14 @@ class Prepared:
     lm: LoadedModel
     builder: PromptBuilder
     label_token_ids: list[int] | None
+    overlap: dict  # how much of the test set the training part has seen (see the task's `overlap`)
+    test_source: str | None = None  # data.test_path, when the test set is a separate file
     timings: dict = field(default_factory=dict)
+
+    @property
+    def sources(self) -> str:
+        """Every data file the run reads (for fingerprints)."""
+        return self.source + (f", {self.test_source}" if self.test_source else "")
 
 
 def prepare(recipe: Recipe) -> Prepared:
@@ -67,6 +75,11 @@ def prepare(recipe: Recipe) -> Prepared:
     split = task.split(rows, recipe.data)
     by_id = {r["id"]: r for r in rows}
     examples = {part: [by_id[i] for i in ids] for part, ids in split.items()}
+    test_source = None
+    if recipe.data.test_path:  # a separate test file; the data file's own test part is then left unused
+        examples["test"], test_source = task.load(recipe.data.test_path)
+        split["test"] = [r["id"] for r in examples["test"]]
+    overlap = task.overlap(examples["train"] + examples["validation"], examples["test"])
     examples["train"] = sample(examples["train"], recipe.data.limit_train, recipe.data.seed)
     examples["test"] = sample(examples["test"], recipe.data.limit_test, recipe.data.seed)
     timings["data_s"] = time.perf_counter() - start
@@ -79,7 +92,7 @@ def prepare(recipe: Recipe) -> Prepared:
     builder = PromptBuilder(task, lm.tokenizer, recipe.eval.prompt_format, recipe.eval.shots,
                             shot_pool=examples["train"], seed=recipe.data.seed)
     label_ids = task.label_token_ids(builder, examples["test"][0]) if hasattr(task, "label_token_ids") else None
-    return Prepared(recipe, task, source, split, examples, lm, builder, label_ids, timings)
+    return Prepared(recipe, task, source, split, examples, lm, builder, label_ids, overlap, test_source, timings)
 
 
 STAGES = ("split", "zeroshot", "train", "params", "finetuned")
@@ -201,7 +214,7 @@ def run(recipe: Recipe, overwrite: bool = False, train_only: bool = False, resum
     main = state.is_main_process
     say = print if main else (lambda *_: None)
     p = prepare(recipe)
-    fingerprint = {"data_sha256": data_fingerprint(p.source), "model": model_identity(p.lm)}
+    fingerprint = {"data_sha256": data_fingerprint(p.sources), "model": model_identity(p.lm)}
     run_dir = None
     if main:
         run_dir = RunDir(recipe.run_dir, recipe.to_dict(), overwrite=overwrite)
@@ -250,10 +263,16 @@ def _run_stages(p: Prepared, run_dir: RunDir, state: PartialState, say, train_on
     if "split" not in finished:
         if main:
             fingerprint = json.loads((work / "fingerprint.json").read_text())
-            write_json(work / "split.json", {"source": p.source, "data_sha256": fingerprint["data_sha256"],
-                                             "seed": recipe.data.seed, **p.split,
+            write_json(work / "split.json", {"source": p.source, "test_source": p.test_source,
+                                             "data_sha256": fingerprint["data_sha256"], "seed": recipe.data.seed,
+                                             "split_by": p.task.split_policy(recipe.data), "overlap": p.overlap,
+                                             **p.split,
                                              "limited": {k: [e["id"] for e in v] for k, v in p.examples.items()}})
         mark("split")
+    say(f"[tasktune] test set seen in training: {json.dumps(p.overlap)}")
+    warning = overlap_warning(p.overlap)
+    if warning:
+        say(f"[tasktune] {warning}")
     base_params = count_parameters(p.lm.model)
     zeroshot = None
     if not train_only:
@@ -312,7 +331,7 @@ def evaluate_run(run_dir: Path, out: Path, data_path: str | None = None, overwri
     staging = StagingDir(Path(out), overwrite=overwrite)  # refuse a bad --out before loading anything
     recipe = load_recipe(str(run_dir / "recipe.yaml"))
     p = prepare(recipe)
-    check_fingerprint(run_dir, {"data_sha256": data_fingerprint(p.source), "model": model_identity(p.lm)},
+    check_fingerprint(run_dir, {"data_sha256": data_fingerprint(p.sources), "model": model_identity(p.lm)},
                       "the run's test split cannot be rebuilt from it; evaluate the run where it was made")
     if data_path:
         rows, source = p.task.load(data_path)

@@ -39,8 +39,15 @@ def markdown_table(rows: list[str], columns: list[tuple[str, dict]]) -> str:
         return "_no evaluation was run_\n"
     rows = [r for r in rows if any(r in values for _, values in columns)]
     lines = ["| metric | " + " | ".join(c for c, _ in columns) + " |", "|---|" + "---:|" * len(columns)]
-    lines += [f"| {row} | " + " | ".join(_fmt(v.get(row)) for _, v in columns) + " |" for row in rows]
+    lines += [f"| {row} | " + " | ".join(_cell_with_interval(v, row) for _, v in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def _cell_with_interval(values: dict, row: str) -> str:
+    """`0.9219 [0.9174, 0.9263]` where a 95% interval exists for the metric."""
+    interval = (values.get("ci95") or {}).get(row)
+    text = _fmt(values.get(row))
+    return f"{text} [{interval[0]:.4f}, {interval[1]:.4f}]" if interval and values.get(row) is not None else text
 
 
 def comparison_table(task, zeroshot: dict | None, finetuned: dict | None) -> str:
@@ -56,7 +63,10 @@ def write_report(run_dir: Path, recipe, prepared, zeroshot, finetuned, training,
                  **{k: len(v) for k, v in prepared.examples.items()}},
         "protocol": {**prepared.builder.describe(), "verbalizers": list(getattr(prepared.task, "verbalizers", [])),
                      "label_token_ids": prepared.label_token_ids},
+        "split": {"split_by": prepared.task.split_policy(recipe.data), "test_source": prepared.test_source,
+                  "overlap": prepared.overlap},
         "zeroshot": zeroshot, "finetuned": finetuned,
+        "paired": paired_comparison(run_dir, prepared.task) if zeroshot and finetuned else None,
         "training": training,
         "parameters": {"base": base_params, "adapted": training.get("parameters")},
         "timings_s": {k: round(v, 2) for k, v in prepared.timings.items()},
@@ -65,6 +75,42 @@ def write_report(run_dir: Path, recipe, prepared, zeroshot, finetuned, training,
     write_json(run_dir / "report.json", report)
     render(run_dir)
     return report
+
+
+def paired_comparison(run_dir: Path, task) -> dict:
+    """Zero-shot vs fine-tuned on the same test examples (the task's paired tests), from the run's files."""
+    return task.paired(_read_jsonl(run_dir / "zeroshot" / "predictions.jsonl"),
+                       _read_jsonl(run_dir / "finetuned" / "predictions.jsonl"))
+
+
+def paired_lines(paired: dict | None) -> list[str]:
+    lines = []
+    for name, result in (paired or {}).items():
+        gain = result["gain"]
+        p_value = gain["p_value"]
+        p_text = "< 0.001" if p_value < 0.001 else f"{p_value:.3g}"
+        line = (f"- `{name}`: {result['metric']} gain {gain['difference']:+.4f} (95% paired bootstrap interval "
+                f"[{gain['interval'][0]:+.4f}, {gain['interval'][1]:+.4f}], p {p_text}), n = {result['n']}")
+        if "mcnemar" in result:
+            m = result["mcnemar"]
+            line += (f"; exact McNemar p = {m['p_value']:.3g} ({m['wrong_to_right']} wrong → right, "
+                     f"{m['right_to_wrong']} right → wrong)")
+        lines.append(line)
+    return lines
+
+
+def overlap_lines(split: dict | None) -> list[str]:
+    if not split:
+        return []
+    from tasktune.data.split import overlap_warning
+
+    overlap = split["overlap"]
+    shown = ", ".join(f"{k.replace('_', ' ')} {100 * v:.2f}%" for k, v in overlap.items() if k.endswith("_rate"))
+    lines = [f"- split `{split['split_by']}`" + (f", test file `{split['test_source']}`" if split.get("test_source")
+                                                 else "") + f"; test rows seen in training: {shown} "
+             f"(of {overlap['test_rows']:,} test rows)"]
+    warning = overlap_warning(overlap)
+    return lines + ([f"- **{warning}**"] if warning else [])
 
 
 def data_origin(source: str) -> str:
@@ -145,8 +191,11 @@ def render_markdown(report, task, params, figures, changes, history: list[dict],
         f"Data ({report['data'].get('origin', 'path')}): `{report['data']['source']}` — train {report['data'].get('train')}, validation "
         f"{report['data'].get('validation')}, test {report['data'].get('test')} examples. dtype {report['dtype']}.",
         *(f"- sha256 of `{Path(f).name}`: `{h}`" for f, h in report["data"].get("sha256", {}).items()), "",
+        *overlap_lines(report.get("split")), "",
         "## Zero-shot vs fine-tuned (same test split, same protocol)", "",
+        "Figures with their 95% bootstrap interval (1,000 seeded resamples of the test examples).", "",
         comparison_table(task, report["zeroshot"], report["finetuned"]),
+        *paired_lines(report.get("paired")), "",
         "## Protocol", "",
         f"- prompt format `{proto['prompt_format']}`, shots {proto['shots']}",
         f"- template: `{proto['template']!r}`",

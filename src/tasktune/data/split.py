@@ -96,3 +96,15 @@ def text_overlap(test_texts: list[str], train_texts: list[str]) -> dict:
     n = len(test_texts)
     return {"test_rows": n, "exact_duplicates": exact, "contained_in_training": contained,
             "exact_rate": exact / n if n else 0.0, "contained_rate": contained / n if n else 0.0}
+
+
+OVERLAP_WARNING = 0.01  # share of test rows seen in training above which a run warns
+
+
+def overlap_warning(overlap: dict) -> str | None:
+    rates = {k: v for k, v in overlap.items() if k.endswith("_rate") and v > OVERLAP_WARNING}
+    if not rates:
+        return None
+    return ("warning: the test set overlaps the training part (" + ", ".join(
+        f"{k.removesuffix('_rate').replace('_', ' ')} {100 * v:.1f}%" for k, v in rates.items())
+            + " of test rows): its figures partly measure memory, not generalisation")

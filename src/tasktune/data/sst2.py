@@ -32,9 +32,12 @@ def _label(value, path, row, field) -> int:
 
 
 def _sentence(value, path, row, field) -> str:
+    """The text exactly as given: GLUE rows end with a space before the tab, and lm-evaluation-harness keeps
+    it in the prompt; stripping it changed 13 of 872 fp32 `score` decisions on Gemma 3 270M. Emptiness is
+    checked on a stripped copy only."""
     if not isinstance(value, str) or not value.strip():
         raise TasktuneError(f"{where(path, row, field)}: empty sentence (expected non-empty text)")
-    return value.strip()
+    return value
 
 
 def _pick(columns: list[str], names: tuple[str, ...]) -> str | None:

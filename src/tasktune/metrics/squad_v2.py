@@ -59,6 +59,29 @@ def raw_scores(golds: dict[str, list[str]], preds: dict[str, str]) -> tuple[dict
     return exact, f1
 
 
+def has_answer_map(golds: dict[str, list[str]]) -> dict[str, bool]:
+    """The official rule (`make_qid_to_has_ans`): a question is answerable when it has any gold answer, even
+    one that normalizes to empty ("The", "a."); scoring then compares against [""] for such a question."""
+    return {qid: bool(answers) for qid, answers in golds.items()}
+
+
+def squad_intervals(golds: dict[str, list[str]], preds: dict[str, str], weights) -> dict:
+    """95% bootstrap intervals (percent) of EM, F1, HasAns F1 and NoAns F1; `weights` from
+    `intervals.bootstrap_weights(len(golds))`, in the order of `golds`."""
+    from tasktune.metrics.intervals import mean_interval
+
+    exact, f1 = raw_scores(golds, preds)
+    ids = list(golds)
+    has = [has_answer_map(golds)[q] for q in ids]
+    em_values, f1_values = [100.0 * exact[q] for q in ids], [100.0 * f1[q] for q in ids]
+    out = {"exact": mean_interval(em_values, weights), "f1": mean_interval(f1_values, weights)}
+    if any(has):
+        out["HasAns_f1"] = mean_interval(f1_values, weights, has)
+    if not all(has):
+        out["NoAns_f1"] = mean_interval(f1_values, weights, [not h for h in has])
+    return out
+
+
 def apply_threshold(scores: dict, na_probs: dict, has_answer: dict, threshold: float) -> dict:
     """Where P(no answer) > threshold the prediction counts as an abstention."""
     return {qid: float(not has_answer[qid]) if na_probs[qid] > threshold else s for qid, s in scores.items()}
@@ -86,7 +109,7 @@ def squad_v2_metrics(golds: dict[str, list[str]], preds: dict[str, str],
     """`golds` maps question id → gold answer texts ([] for unanswerable); `preds` id → text ("" abstains)."""
     if na_probs is None:
         na_probs = {qid: 0.0 for qid in golds}
-    has_answer = {qid: bool(scoring_golds(a)[0]) for qid, a in golds.items()}
+    has_answer = has_answer_map(golds)
     exact_raw, f1_raw = raw_scores(golds, preds)
     exact = apply_threshold(exact_raw, na_probs, has_answer, threshold)
     f1 = apply_threshold(f1_raw, na_probs, has_answer, threshold)

@@ -17,7 +17,9 @@ from tasktune import infer
 from tasktune.data import squad_v2 as squad_data
 from tasktune.data.split import grouped_split, random_split
 from tasktune.errors import TasktuneError
-from tasktune.metrics.squad_v2 import best_threshold, normalize_answer, raw_scores, squad_v2_metrics
+from tasktune.metrics.intervals import bootstrap_weights, paired_difference
+from tasktune.metrics.squad_v2 import (best_threshold, has_answer_map, normalize_answer, raw_scores, squad_intervals,
+                                        squad_v2_metrics)
 from tasktune.metrics.text_overlap import text_overlap_metrics
 
 ABSTAIN_WORD = "unanswerable"
@@ -51,17 +53,56 @@ class SquadV2Task:
         return squad_data.load(path)
 
     def split(self, rows: list[dict], data_cfg) -> dict[str, list]:
-        """80:20 by article (default: no context on both sides) or by question (the seed's protocol)."""
+        """80:20 by article (default: no context on both sides) or by question (the seed's protocol). The
+        validation slice (early stopping and the abstention threshold) is drawn the same way from the
+        training part, so it is as unseen as the test set."""
         ids = [r["id"] for r in rows]
-        if data_cfg.split_by == "article":
-            train, test = grouped_split([r["title"] for r in rows], data_cfg.test_size, data_cfg.seed)
-        else:
-            train, test = random_split(len(rows), data_cfg.test_size, data_cfg.seed)
+        by_article = self.split_policy(data_cfg) == "article"
+
+        def two_way(positions: list[int], fraction: float) -> tuple[list[int], list[int]]:
+            if by_article:
+                a, b = grouped_split([rows[i]["title"] for i in positions], fraction, data_cfg.seed)
+            else:
+                a, b = random_split(len(positions), fraction, data_cfg.seed)
+            return [positions[i] for i in a], [positions[i] for i in b]
+
+        train, test = two_way(list(range(len(rows))), data_cfg.test_size)
         val_n = min(data_cfg.val_size, len(train) // 2)
-        shuffled = random.Random(data_cfg.seed).sample(train, len(train))
-        val = sorted(shuffled[:val_n])
-        fit = sorted(shuffled[val_n:])
+        if by_article:
+            fit, val = self._validation_articles(rows, train, val_n, data_cfg.seed)
+        else:
+            fit, val = two_way(train, val_n / len(train))
         return {"train": [ids[i] for i in fit], "validation": [ids[i] for i in val], "test": [ids[i] for i in test]}
+
+    @staticmethod
+    def _validation_articles(rows: list[dict], train: list[int], n: int, seed: int) -> tuple[list[int], list[int]]:
+        """Whole articles, drawn in a seeded order until they hold `n` questions; `n` of their questions form
+        the validation slice and the rest of those articles is left out, so no validation context is trained on."""
+        titles = sorted({rows[i]["title"] for i in train})
+        if len(titles) < 2:
+            raise TasktuneError("a by-article validation slice needs at least 2 training articles")
+        chosen, held = set(), []
+        for title in random.Random(seed).sample(titles, len(titles))[:-1]:  # at least one article trains
+            chosen.add(title)
+            held = [i for i in train if rows[i]["title"] in chosen]
+            if len(held) >= n:
+                break
+        val = sorted(random.Random(seed).sample(held, min(n, len(held))))
+        return [i for i in train if rows[i]["title"] not in chosen], val
+
+    @staticmethod
+    def split_policy(data_cfg) -> str:
+        return data_cfg.split_by or "article"
+
+    def overlap(self, train: list[dict], test: list[dict]) -> dict:
+        """Test questions whose context, or whose exact question on the same context, the training part has."""
+        contexts = {r["context"] for r in train}
+        pairs = {(r["context"], r["question"]) for r in train}
+        n = len(test)
+        shared = sum(r["context"] in contexts for r in test)
+        exact = sum((r["context"], r["question"]) in pairs for r in test)
+        return {"test_rows": n, "exact_duplicates": exact, "shared_context": shared,
+                "exact_rate": exact / n if n else 0.0, "shared_context_rate": shared / n if n else 0.0}
 
     # --- prompts under a token budget -------------------------------------------------------------
     def fit_prompt(self, builder, example: dict, budget: int, keep_answer: bool) -> tuple[list[int], bool]:
@@ -107,7 +148,7 @@ class SquadV2Task:
         answers = {r["id"]: r["answer"] for r in records}
         golds = {r["id"]: r["golds"] for r in records}
         na = {r["id"]: r["na_prob"] for r in records}
-        has = {q: bool(g) and any(normalize_answer(x) for x in g) for q, g in golds.items()}
+        has = has_answer_map(golds)
         _, f1 = raw_scores(golds, answers)
         return best_threshold(answers, f1, na, has)[1]
 
@@ -146,6 +187,8 @@ class SquadV2Task:
         exact, f1 = raw_scores(golds, raw)
         for rec in records:
             rec["em"], rec["f1"] = exact[rec["id"]], round(f1[rec["id"]], 4)
+        weights = bootstrap_weights(len(records))
+        metrics["ci95"] = squad_intervals(golds, raw, weights)
         metrics["abstain_rate"] = sum(not v for v in raw.values()) / len(raw)
         metrics["truncated_prompts"] = sum(r["truncated"] for r in records)
         if with_text_metrics:
@@ -158,13 +201,29 @@ class SquadV2Task:
             cal = squad_v2_metrics(golds, calibrated, na)
             metrics["calibrated"] = {"threshold": na_threshold, **{k: v for k, v in cal.items()
                                                                     if not k.startswith("best_")},
-                                     "abstain_rate": sum(not v for v in calibrated.values()) / len(calibrated)}
+                                     "abstain_rate": sum(not v for v in calibrated.values()) / len(calibrated),
+                                     "ci95": squad_intervals(golds, calibrated, weights)}
+            _, cal_f1 = raw_scores(golds, calibrated)
             for rec in records:
                 rec["calibrated_prediction"] = calibrated[rec["id"]]
+                rec["calibrated_f1"] = round(cal_f1[rec["id"]], 4)
         metrics["n"] = len(records)
         if seconds:
             metrics["seconds"] = round(sum(seconds.values()), 3)
         return metrics
+
+    def paired(self, before: list[dict], after: list[dict]) -> dict:
+        """Zero-shot vs fine-tuned on the same questions: the F1 gain (points) with a paired bootstrap
+        interval and p-value, for the raw and the calibrated decision."""
+        out = {}
+        after_by_id = {r["id"]: r for r in after}
+        for decision, key in (("raw", "f1"), ("calibrated", "calibrated_f1")):
+            pairs = [(b, after_by_id[b["id"]]) for b in before if key in b and key in after_by_id.get(b["id"], {})]
+            if pairs:
+                gain = paired_difference([100 * b[key] for b, _ in pairs], [100 * a[key] for _, a in pairs],
+                                         bootstrap_weights(len(pairs)))
+                out[decision] = {"n": len(pairs), "metric": "f1", "gain": gain}
+        return out
 
     # --- reporting --------------------------------------------------------------------------------
     report_rows = ("exact", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1", "best_exact",

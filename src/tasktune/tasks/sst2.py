@@ -7,8 +7,9 @@ import time
 
 from tasktune import infer
 from tasktune.data import sst2 as sst2_data
-from tasktune.data.split import stratified_split
+from tasktune.data.split import containment_split, stratified_split, text_overlap
 from tasktune.metrics.classification import classification_metrics
+from tasktune.metrics.intervals import bootstrap_weights, classification_intervals, mcnemar_exact, paired_difference
 
 from tasktune.errors import TasktuneError
 
@@ -60,14 +61,33 @@ class SST2Task:
         return sst2_data.load(path)
 
     def split(self, rows: list[dict], data_cfg) -> dict[str, list[int]]:
-        """Stratified train/test, then a stratified validation slice of the training part."""
+        """Train/test, then a validation slice of the training part, stratified by label. `sentence` (the
+        default) splits whole sentences so that no test or validation row occurs inside a training row
+        (GLUE's file holds every phrase of a sentence as a row); `row` is the seed's row-level split."""
         labels = [r["label"] for r in rows]
-        train, test = stratified_split(labels, data_cfg.test_size, data_cfg.seed)
-        val_fraction = min(data_cfg.val_size, len(train) // 2) / len(train)
-        fit_pos, val_pos = stratified_split([labels[i] for i in train], val_fraction, data_cfg.seed)
+        texts = [r["sentence"] for r in rows]
+        by_sentence = self.split_policy(data_cfg) == "sentence"
+
+        def two_way(positions: list[int], fraction: float) -> tuple[list[int], list[int]]:
+            part_labels = [labels[i] for i in positions]
+            if by_sentence:
+                a, b = containment_split([texts[i] for i in positions], part_labels, fraction, data_cfg.seed)
+            else:
+                a, b = stratified_split(part_labels, fraction, data_cfg.seed)
+            return [positions[i] for i in a], [positions[i] for i in b]
+
+        train, test = two_way(list(range(len(rows))), data_cfg.test_size)
+        fit, val = two_way(train, min(data_cfg.val_size, len(train) // 2) / len(train))
         ids = [r["id"] for r in rows]  # positions → row ids, which is what the run directory records
-        return {"train": [ids[train[i]] for i in fit_pos], "validation": [ids[train[i]] for i in val_pos],
-                "test": [ids[i] for i in test]}
+        return {"train": [ids[i] for i in fit], "validation": [ids[i] for i in val], "test": [ids[i] for i in test]}
+
+    @staticmethod
+    def split_policy(data_cfg) -> str:
+        return data_cfg.split_by or "sentence"
+
+    def overlap(self, train: list[dict], test: list[dict]) -> dict:
+        """How much of the test set the training part (training and validation rows) has seen."""
+        return text_overlap([r["sentence"] for r in test], [r["sentence"] for r in train])
 
     # --- training ---------------------------------------------------------------------------------
     metric_for_best = "accuracy"
@@ -137,12 +157,32 @@ class SST2Task:
             scored = [r for r in records if f"{protocol}_pred" in r]
             if not scored:
                 continue
-            metrics[protocol] = classification_metrics([r["label"] for r in scored],
-                                                       [r[f"{protocol}_pred"] for r in scored])
+            golds, preds = [r["label"] for r in scored], [r[f"{protocol}_pred"] for r in scored]
+            metrics[protocol] = classification_metrics(golds, preds)
+            metrics[protocol]["ci95"] = classification_intervals(golds, preds, len(self.verbalizers),
+                                                                 bootstrap_weights(len(scored)))
             if seconds and protocol in seconds:
                 metrics[protocol]["seconds"] = round(seconds[protocol], 3)
                 metrics[protocol]["examples_per_second"] = round(len(scored) / seconds[protocol], 2)
         return metrics
+
+    def paired(self, before: list[dict], after: list[dict]) -> dict:
+        """Zero-shot vs fine-tuned on the same test examples, per protocol: the accuracy gain with its paired
+        bootstrap interval, and the exact McNemar test on the per-example outcomes."""
+        out = {}
+        after_by_id = {r["id"]: r for r in after}
+        for protocol in ("score", "generate", "classifier"):
+            key_after = "classifier_pred" if protocol == "classifier" else f"{protocol}_pred"
+            key_before = "score_pred" if protocol == "classifier" else key_after  # seqcls: vs zero-shot score
+            pairs = [(b, after_by_id[b["id"]]) for b in before
+                     if key_before in b and b["id"] in after_by_id and key_after in after_by_id[b["id"]]]
+            if not pairs:
+                continue
+            was = [b[key_before] == b["label"] for b, _ in pairs]
+            now = [a[key_after] == a["label"] for _, a in pairs]
+            out[protocol] = {"n": len(pairs), "metric": "accuracy", "mcnemar": mcnemar_exact(was, now),
+                             "gain": paired_difference(was, now, bootstrap_weights(len(pairs)))}
+        return out
 
     # --- reporting --------------------------------------------------------------------------------
     report_rows = ("accuracy", "precision", "recall", "f1", "f1_macro", "none_rate", "n")
