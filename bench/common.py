@@ -17,7 +17,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "RESULTS.md"
-SHARED = ROOT.parent / "shared" / "data"
+# The data the CPU recipes read: the copies embedded in the package (byte-identical to the public files).
+DATA = ROOT / "src" / "tasktune" / "data" / "embedded"
 
 
 def machine() -> dict:

@@ -33,7 +33,7 @@ def squad_rows(n: int, quick: bool) -> list[dict]:
         path = write_squad_json(Path(tempfile.mkdtemp()) / "d.json", n_articles=max(1, n // 3 + 1))
         rows, _ = squad_v2.load(str(path))
     else:
-        rows, _ = squad_v2.load(str(common.SHARED / "squad_v2" / "train-v2.0.subset.json"))
+        rows, _ = squad_v2.load(str(common.DATA / "squad_v2" / "train-v2.0.subset.json.gz"))
     return rows[:n]
 
 

@@ -34,7 +34,7 @@ def rows_for(n: int, quick: bool) -> list[dict]:
         return [{"id": i, "sentence": s, "label": l} for i, (s, l) in enumerate(sentiment_rows(n))]
     from tasktune.data import sst2
 
-    rows, _ = sst2.load(str(common.SHARED / "sst2" / "train.tsv"))
+    rows, _ = sst2.load(str(common.DATA / "sst2" / "train.tsv.gz"))
     long_enough = [r for r in rows if len(r["sentence"].split()) >= 8]  # full sentences, not short phrases
     return long_enough[:n]
 

@@ -113,7 +113,10 @@ def test_params_command_recomputes(finished_run, capsys):
     (run / "params.json").unlink()
     assert main(["params", str(run)]) == 0
     after = json.loads((run / "params.json").read_text())
-    assert after["counts"] == before["counts"]
+    assert after["counts"] == before["counts"] and after["frozen"] == before["frozen"]
+    assert [m["delta_fro"] for m in after["analysis"]["modules"]] == pytest.approx(
+        [m["delta_fro"] for m in before["analysis"]["modules"]], rel=1e-6)
+    assert after["analysis"]["modules"][0]["delta_fro"] > 0
     assert "r×(in+out)" in capsys.readouterr().out
 
 
@@ -152,8 +155,16 @@ def test_push_offline_fails_clearly_and_keeps_export(finished_run, tmp_path, cap
             assert b"hf_secret_token_value" not in file.read_bytes()
 
 
-def test_compare(finished_run, tmp_path):
-    run, _ = finished_run
-    assert main(["compare", str(run), str(run), "--out", str(tmp_path / "cmp")]) == 0
+def test_compare(finished_run, tiny_llama, tmp_path):
+    run, data = finished_run
+    assert main(["run", RECIPE, f"model={tiny_llama}", f"data.path={data}", f"output_dir={tmp_path}", "name=other",
+                 "data.val_size=16", "data.limit_train=null", "eval.limit_generate=null", "train.eval_steps=4",
+                 "train.max_steps=4", "train.batch_size=8", "dtype=fp32", "train.learning_rate=1e-5"]) == 0
+    assert main(["compare", str(run), str(tmp_path / "other"), "--out", str(tmp_path / "cmp")]) == 0
     text = (tmp_path / "cmp" / "compare.md").read_text()
-    assert "finetuned_accuracy" in text and (tmp_path / "cmp" / "compare.png").stat().st_size > 5000
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:4]]
+            for line in text.splitlines() if line.startswith("| ")}
+    reports = [json.loads((r / "report.json").read_text()) for r in (run, tmp_path / "other")]
+    assert rows["finetuned_accuracy"] == [f"{r['finetuned']['score']['accuracy']:.4f}" for r in reports]
+    assert rows["zeroshot_accuracy"][0] == rows["zeroshot_accuracy"][1]  # same model, same split
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 5000

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,7 +25,7 @@ def check_sst2(path):
         return
     assert rows
     for i, row in enumerate(rows):
-        assert row["id"] == i and row["label"] in (0, 1) and row["sentence"].strip() == row["sentence"] != ""
+        assert row["id"] == i and row["label"] in (0, 1) and row["sentence"].strip() != ""
 
 
 @SETTINGS
@@ -63,19 +65,38 @@ def test_sst2_jsonl_fuzz(tmp_path, doc):
     check_sst2(path)
 
 
+def check_squad(path):
+    """Any file either loads into valid questions or fails with a TasktuneError, never a traceback."""
+    try:
+        rows, _ = squad_v2.load(str(path))
+    except TasktuneError:
+        return
+    assert rows
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)) and all(isinstance(i, str) for i in ids)
+    for r in rows:
+        assert r["question"].strip() and r["context"].strip()
+        assert r["is_impossible"] == (r["answers"] == []) or (not r["is_impossible"] and r["answers"])
+        assert all(isinstance(a, str) for a in r["answers"])
+
+
+def test_squad_checks_can_fail(tmp_path, monkeypatch):
+    """The fuzz check accepts a valid file and rejects rows the loader must never return."""
+    from tiny import write_squad_json
+
+    check_squad(write_squad_json(tmp_path / "ok.json"))
+    bad = [{"id": "a", "question": " ", "context": "c", "answers": [], "is_impossible": True}]
+    monkeypatch.setattr(squad_v2, "load", lambda path: (bad, path))
+    with pytest.raises(AssertionError):
+        check_squad(tmp_path / "ok.json")
+
+
 @SETTINGS
 @given(doc=json_values)
 def test_squad_json_fuzz(tmp_path, doc):
     path = tmp_path / "f.json"
     path.write_text(json.dumps({"data": doc} if isinstance(doc, list) else doc))
-    try:
-        rows, _ = squad_v2.load(str(path))
-    except TasktuneError:
-        return
-    ids = [r["id"] for r in rows]
-    assert len(ids) == len(set(ids))
-    for r in rows:
-        assert r["question"] and r["context"].strip() and (r["is_impossible"] or r["answers"])
+    check_squad(path)
 
 
 @SETTINGS
@@ -83,7 +104,4 @@ def test_squad_json_fuzz(tmp_path, doc):
 def test_squad_jsonl_fuzz(tmp_path, doc):
     path = tmp_path / "f.jsonl"
     path.write_text(json.dumps(doc) + "\n")
-    try:
-        squad_v2.load(str(path))
-    except TasktuneError:
-        pass
+    check_squad(path)
