@@ -44,10 +44,10 @@ metadata:
 def tasktune_scores(model_path: str, rows: list[dict]) -> list[list[float]]:
     from tasktune.models import load_model
     from tasktune.tasks import PromptBuilder
-    from tasktune.tasks.sst2 import SST2Task
+    from tasktune.tasks import get_task
 
     lm = load_model(model_path, dtype="fp32")
-    task = SST2Task()
+    task = get_task("sst2")
     records, _ = task.predict(lm.model, PromptBuilder(task, lm.tokenizer), rows, ["score"], batch_size=32)
     return [r["score_logprobs"] for r in records]
 
@@ -75,7 +75,9 @@ def main() -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from tasktune.data import sst2
+    from tasktune.tasks import get_task
+
+    sst2 = get_task("sst2")
     from tasktune.models import resolve_model_path
 
     all_rows, source = sst2.load(args.data)
@@ -83,7 +85,7 @@ def main() -> None:
     model_path = resolve_model_path(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         rows_file = Path(tmp) / "rows.jsonl"
-        rows_file.write_text("".join(json.dumps({"sentence": r["sentence"], "label": r["label"]}) + "\n"
+        rows_file.write_text("".join(json.dumps({"sentence": r["text"], "label": r["label"]}) + "\n"
                                      for r in rows))
         start = time.perf_counter()
         ours = tasktune_scores(model_path, rows)

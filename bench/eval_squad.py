@@ -28,10 +28,10 @@ def worker(config: str, model: str, n: int, batch: int, quick: bool) -> dict:
 
     from tasktune.models import load_model
     from tasktune.tasks import PromptBuilder
-    from tasktune.tasks.squad_v2 import SquadV2Task
+    from tasktune.tasks import get_task
 
     lm = load_model(model, "auto")
-    task = SquadV2Task()
+    task = get_task("squad_v2")
     builder = PromptBuilder(task, lm.tokenizer)
     rows = squad_rows(n, quick)
     abstain_id = task.label_token_ids(builder, rows[0])[0]

@@ -32,10 +32,10 @@ def worker(config: str, model: str, n: int, batch: int, dtype: str, quick: bool)
     from tasktune import infer
     from tasktune.models import load_model
     from tasktune.tasks import PromptBuilder
-    from tasktune.tasks.sst2 import SST2Task
+    from tasktune.tasks import get_task
 
     lm = load_model(model, dtype)
-    task = SST2Task()
+    task = get_task("sst2")
     builder = PromptBuilder(task, lm.tokenizer)
     rows = rows_for(n, quick)
     prompts = [builder.render(r) for r in rows]

@@ -24,7 +24,9 @@ CONFIGS = ["baseline", "answer"]
 
 
 def squad_rows(n: int, quick: bool) -> list[dict]:
-    from tasktune.data import squad_v2
+    from tasktune.tasks import get_task
+
+    squad_v2 = get_task("squad_v2")
 
     if quick:
         sys.path.insert(0, str(common.ROOT / "tests"))
@@ -40,10 +42,10 @@ def squad_rows(n: int, quick: bool) -> list[dict]:
 def features_for(model: str, rows: list[dict], max_length: int, pad_to: int | None):
     from tasktune.models import load_model
     from tasktune.tasks import PromptBuilder
-    from tasktune.tasks.squad_v2 import SquadV2Task
+    from tasktune.tasks import get_task
 
     lm = load_model(model, "auto")
-    task = SquadV2Task()
+    task = get_task("squad_v2")
     builder = PromptBuilder(task, lm.tokenizer)
     features = task.train_features(builder, rows, "answer", max_length)
     if pad_to:  # the tutorial: right-pad everything to max_length

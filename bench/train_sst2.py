@@ -31,11 +31,11 @@ def rows_for(n: int, quick: bool) -> list[dict]:
         sys.path.insert(0, str(common.ROOT / "tests"))
         from tiny import sentiment_rows
 
-        return [{"id": i, "sentence": s, "label": l} for i, (s, l) in enumerate(sentiment_rows(n))]
-    from tasktune.data import sst2
+        return [{"id": i, "text": s, "label": l, "fields": {"text": s}} for i, (s, l) in enumerate(sentiment_rows(n))]
+    from tasktune.tasks import get_task
 
-    rows, _ = sst2.load(str(common.DATA / "sst2" / "train.tsv.gz"))
-    long_enough = [r for r in rows if len(r["sentence"].split()) >= 8]  # full sentences, not short phrases
+    rows, _ = get_task("sst2").load(str(common.DATA / "sst2" / "train.tsv.gz"))
+    long_enough = [r for r in rows if len(r["text"].split()) >= 8]  # full sentences, not short phrases
     return long_enough[:n]
 
 
@@ -78,7 +78,7 @@ def worker_baseline(model: str, rows: list[dict], batch: int, steps: int, warmup
     template = "{sentence}\nQuestion: Is this sentence positive or negative?\nAnswer:"
     features = []
     for r in rows:
-        prompt = tok(template.format(sentence=r["sentence"]))["input_ids"][: seq_len - 1]
+        prompt = tok(template.format(sentence=r["text"]))["input_ids"][: seq_len - 1]
         answer = tok(" positive" if r["label"] else " negative", add_special_tokens=False)["input_ids"][:1]
         ids = prompt + answer
         labels = [-100] * len(prompt) + answer
@@ -103,11 +103,11 @@ def worker_tasktune(model: str, rows: list[dict], batch: int, steps: int, warmup
     from tasktune.config import TrainConfig
     from tasktune.models import load_model
     from tasktune.tasks import PromptBuilder
-    from tasktune.tasks.sst2 import SST2Task
+    from tasktune.tasks import get_task
     from tasktune.train import LeftPadCollator, TaskTrainer, add_lora
 
     lm = load_model(model, "auto", head="seqcls" if objective == "seqcls" else "causal_lm")
-    task = SST2Task()
+    task = get_task("sst2")
     builder = PromptBuilder(task, lm.tokenizer)
     label_ids = task.label_token_ids(builder, rows[0])
     features = task.train_features(builder, rows, objective, seq_len, label_ids)

@@ -128,7 +128,9 @@ def test_export_reloads_and_reproduces_metrics(finished_run, tmp_path, merge):
     card = (out / "README.md").read_text()
     front = yaml.safe_load(card.split("---\n")[1])
     results = front["model-index"][0]["results"][0]
-    assert results["task"]["type"] == "text-classification" and results["dataset"]["type"] == "stanfordnlp/sst2"
+    # The run read a local file, not the hub dataset: the card names the file and claims no hub dataset.
+    assert results["task"]["type"] == "text-classification" and results["dataset"]["type"] == "sst2"
+    assert results["dataset"]["name"] == "local file train.tsv" and "datasets" not in front
     accuracy = next(m["value"] for m in results["metrics"] if m["type"] == "accuracy")
     report = json.loads((run / "report.json").read_text())
     assert accuracy == pytest.approx(report["finetuned"]["score"]["accuracy"], abs=1e-4)

@@ -98,11 +98,14 @@ def test_help_mentions_every_command(capsys):
         assert command in out
 
 
-def test_verbalizer_not_single_token_exits_2(tiny_llama, sst2_tsv, tmp_path, capsys):
+def test_multi_token_verbalizer_needs_the_lm_objective(tiny_llama, sst2_tsv, tmp_path, capsys):
     args = tiny_run_args(tiny_llama, sst2_tsv, tmp_path, 'eval.verbalizers=[" negative", " very positive"]')
-    assert main(args) == 2
-    assert "' very positive' is not a single token" in capsys.readouterr().err
+    assert main(args) == 2  # the recipe trains with label_lm, which needs one token per label
+    assert "train.objective=label_lm needs single-token verbalizers" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+    assert main(args + ["train.objective=lm", "eval.protocols=score"]) == 0
+    report = json.loads((tmp_path / "t" / "report.json").read_text())
+    assert report["protocol"]["label_token_ids"] is None and report["finetuned"]["score"]["n"] == 24
 
 
 def test_custom_verbalizers(tiny_llama, sst2_tsv, tmp_path):

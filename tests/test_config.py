@@ -11,7 +11,7 @@ def write(tmp_path, text):
 
 
 def test_defaults_and_overrides(tmp_path):
-    recipe = load_recipe(write(tmp_path, "name: x\ntrain:\n  lora_r: 4\n"),
+    recipe = load_recipe(write(tmp_path, "name: x\ntask: sst2\ntrain:\n  lora_r: 4\n"),
                          ["train.learning_rate=1e-4", "eval.protocols=score", "data.limit_train=10"])
     assert recipe.train.lora_r == 4 and recipe.train.learning_rate == 1e-4
     assert recipe.eval.protocols == ["score"] and recipe.data.limit_train == 10
@@ -44,7 +44,7 @@ def test_parse_overrides_nests():
 ])
 def test_bad_values(tmp_path, override, message):
     with pytest.raises(TasktuneError, match=message):
-        load_recipe(write(tmp_path, "name: x\n"), [override])
+        load_recipe(write(tmp_path, "name: x\ntask: sst2\n"), [override])
 
 
 def test_bad_yaml(tmp_path):
@@ -84,3 +84,15 @@ def test_shipped_recipe_by_name_and_recipes_command(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err and copied.read_text() == "mine"
     assert main(["recipes", "cp", "x", str(tmp_path / "x.yaml")]) == 2
     assert "no shipped recipe 'x'" in capsys.readouterr().err
+
+
+def test_verbalizers_must_match_the_tasks_labels(tmp_path):
+    recipe = write(tmp_path, "name: x\ntask: sst2\n")
+    with pytest.raises(TasktuneError, match="must give one word per label of task 'sst2'"):
+        load_recipe(recipe, ["eval.verbalizers=[' bad']"])
+    assert load_recipe(recipe, ["eval.verbalizers=[' awful', ' great']"]).eval.verbalizers == [" awful", " great"]
+    assert load_recipe(recipe).train.objective == "verbalizer"  # the task type's default objective
+    squad = write(tmp_path, "name: x\ntask: squad_v2\n")
+    with pytest.raises(TasktuneError, match="must give one word per label"):
+        load_recipe(squad, ["eval.verbalizers=[' a', ' b']"])
+    assert load_recipe(squad).train.objective == "answer"

@@ -4,10 +4,12 @@ import json
 import pytest
 
 from tasktune.config import DataConfig
-from tasktune.data import squad_v2
+from tasktune.tasks import get_task
+
 from tasktune.errors import TasktuneError
-from tasktune.tasks.squad_v2 import SquadV2Task
 from tiny import squad_doc, write_squad_json
+
+squad_v2 = get_task("squad_v2")
 
 
 def test_official_json(tmp_path):
@@ -77,7 +79,7 @@ def test_malformed_json(tmp_path):
 
 def test_grouped_split_keeps_articles_apart(tmp_path):
     rows, _ = squad_v2.load(str(write_squad_json(tmp_path / "d.json", n_articles=10)))
-    task = SquadV2Task()
+    task = get_task("squad_v2")
     split = task.split(rows, DataConfig(seed=1, val_size=3))
     title = {r["id"]: r["title"] for r in rows}
     test_titles = {title[i] for i in split["test"]}
@@ -101,7 +103,7 @@ def test_context_truncation_keeps_the_answer(tiny_llama, tmp_path):
     from tasktune.tasks import PromptBuilder
 
     lm = load_model(str(tiny_llama), dtype="fp32")
-    task = SquadV2Task()
+    task = get_task("squad_v2")
     builder = PromptBuilder(task, lm.tokenizer)
     filler = "the film is very quite good . " * 40
     context = filler + "the Seine flows through Paris . " + filler

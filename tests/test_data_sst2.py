@@ -4,10 +4,12 @@ from pathlib import Path
 import pytest
 
 from tasktune.config import DataConfig
-from tasktune.data import sst2
+from tasktune.tasks import get_task
+
 from tasktune.errors import TasktuneError
-from tasktune.tasks.sst2 import SST2Task
 from tiny import write_sst2_jsonl
+
+sst2 = get_task("sst2")
 
 
 def test_glue_tsv(sst2_tsv):
@@ -15,14 +17,14 @@ def test_glue_tsv(sst2_tsv):
     assert len(rows) == 120 and source == str(sst2_tsv)
     assert rows[0]["id"] == 0 and rows[0]["label"] in (0, 1)
     # The text exactly as given: GLUE's space before the tab stays, as lm-evaluation-harness keeps it.
-    assert rows[0]["sentence"].endswith(" ") and rows[0]["sentence"] == sst2_tsv.read_text().splitlines()[1].split("\t")[0]
+    assert rows[0]["text"].endswith(" ") and rows[0]["text"] == sst2_tsv.read_text().splitlines()[1].split("\t")[0]
 
 
 def test_kaggle_csv_columns_and_word_labels(tmp_path):
     path = tmp_path / "sst2.csv"
     path.write_text('Reviews,Ratings\n"a fine, warm film",positive\nawful,0\n', encoding="utf-8")
     rows, _ = sst2.load(str(path))
-    assert [(r["sentence"], r["label"]) for r in rows] == [("a fine, warm film", 1), ("awful", 0)]
+    assert [(r["text"], r["label"]) for r in rows] == [("a fine, warm film", 1), ("awful", 0)]
 
 
 def test_jsonl(tmp_path):
@@ -70,9 +72,9 @@ def test_gzip_files_and_bad_gzip(tmp_path, sst2_tsv):
     ("", "is empty"),
     ("sentence,label\nfine,1\n", "wrong delimiter"),
     ("text\tscore\nfine\t1\n", "do not include a text column"),
-    ("sentence\tlabel\nfine\t2\n", "label '2' is not 0/1"),
-    ("sentence\tlabel\nfine\tNone\n", "label 'None' is not 0/1"),
-    ("sentence\tlabel\n   \t1\n", "empty sentence"),
+    ("sentence\tlabel\nfine\t2\n", "label '2' is not one of the task's labels"),
+    ("sentence\tlabel\nfine\tNone\n", "label 'None' is not one of the task's labels"),
+    ("sentence\tlabel\n   \t1\n", "empty text"),
     ("sentence\tlabel\nfine\t1\textra\n", "3 fields, expected 2"),
     ("sentence\tlabel\n", "no data rows"),
 ])
@@ -113,7 +115,7 @@ def test_bad_jsonl(tmp_path):
 def test_unknown_extension(tmp_path):
     path = tmp_path / "x.parquet"
     path.write_text("x")
-    with pytest.raises(TasktuneError, match="unknown SST-2 format"):
+    with pytest.raises(TasktuneError, match="unknown data format"):
         sst2.load(str(path))
 
 
@@ -124,9 +126,9 @@ def test_split_is_stratified_disjoint_and_deterministic(tmp_path):
     # Make the classes unbalanced (30/70) so stratification is visible.
     rows = [r for r in rows if r["label"] == 1 or r["id"] % 10 < 4]
     cfg = DataConfig(seed=7, val_size=50, split_by="row")
-    split = SST2Task().split(rows, cfg)
-    assert split == SST2Task().split(rows, cfg)
-    assert split != SST2Task().split(rows, DataConfig(seed=8, val_size=50, split_by="row"))
+    split = get_task("sst2").split(rows, cfg)
+    assert split == get_task("sst2").split(rows, cfg)
+    assert split != get_task("sst2").split(rows, DataConfig(seed=8, val_size=50, split_by="row"))
     ids = [set(v) for v in split.values()]
     assert sum(len(s) for s in ids) == len(rows) and len(set().union(*ids)) == len(rows)
     assert len(split["validation"]) == 50
@@ -147,13 +149,14 @@ def phrase_rows(n_sentences: int = 200) -> list[dict]:
     for sentence, label in sentiment_rows(n_sentences, seed=3):
         words = sentence.split()
         for start in range(len(words) - 1):
-            rows.append({"id": len(rows), "sentence": " ".join(words[start:]) + " ", "label": label})
+            text = " ".join(words[start:]) + " "
+            rows.append({"id": len(rows), "text": text, "label": label, "fields": {"text": text}})
     return rows
 
 
 def test_sentence_split_keeps_every_phrase_with_its_sentence():
     rows = phrase_rows()
-    task = SST2Task()
+    task = get_task("sst2")
     by_id = {r["id"]: r for r in rows}
     leak_free = task.split(rows, DataConfig(seed=1, val_size=60))
     assert leak_free == task.split(rows, DataConfig(seed=1, val_size=60, split_by="sentence"))

@@ -7,8 +7,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tasktune.data import sst2, squad_v2
+from tasktune.tasks import get_task
+
 from tasktune.errors import TasktuneError
+
+sst2, squad_v2 = get_task("sst2"), get_task("squad_v2")
 
 # derandomize: CI sees the same 150 examples each run (a found failure is reproducible, never flaky).
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
@@ -25,7 +28,7 @@ def check_sst2(path):
         return
     assert rows
     for i, row in enumerate(rows):
-        assert row["id"] == i and row["label"] in (0, 1) and row["sentence"].strip() != ""
+        assert row["id"] == i and row["label"] in (0, 1) and row["text"].strip() != ""
 
 
 @SETTINGS

@@ -4,21 +4,21 @@ import torch
 from tasktune import infer
 from tasktune.models import load_model
 from tasktune.tasks import PromptBuilder
-from tasktune.tasks.sst2 import SST2Task
+from tasktune.tasks import get_task
 from tiny import sentiment_rows
 
 ARCHS = ["llama", "gemma2", "gemma3"]
 
 
 def prompts(builder, n=9):
-    rows = [{"id": i, "sentence": s, "label": l} for i, (s, l) in enumerate(sentiment_rows(n, seed=3))]
+    rows = [{"id": i, "text": s, "label": l, "fields": {"text": s}} for i, (s, l) in enumerate(sentiment_rows(n, seed=3))]
     return rows, [builder.encode(builder.render(r)) for r in rows]
 
 
 @pytest.fixture(scope="module", params=ARCHS)
 def loaded(request, tiny_models):
     lm = load_model(str(tiny_models[request.param]), dtype="fp32")
-    return lm, PromptBuilder(SST2Task(), lm.tokenizer)
+    return lm, PromptBuilder(get_task("sst2"), lm.tokenizer)
 
 
 def test_left_padding_and_positions():
@@ -30,7 +30,7 @@ def test_left_padding_and_positions():
 def test_score_equals_full_forward_log_softmax(loaded):
     lm, builder = loaded
     rows, encoded = prompts(builder)
-    token_ids = SST2Task().label_token_ids(builder, rows[0])
+    token_ids = get_task("sst2").label_token_ids(builder, rows[0])
     scored = infer.score_tokens(lm.model, encoded, token_ids, lm.tokenizer.pad_token_id, batch_size=4)
     for i, ids in enumerate(encoded):
         with torch.no_grad():
@@ -42,7 +42,7 @@ def test_score_equals_full_forward_log_softmax(loaded):
 def test_batched_scoring_equals_single(loaded):
     lm, builder = loaded
     rows, encoded = prompts(builder)
-    token_ids = SST2Task().label_token_ids(builder, rows[0])
+    token_ids = get_task("sst2").label_token_ids(builder, rows[0])
     pad = lm.tokenizer.pad_token_id
     batched = infer.score_tokens(lm.model, encoded, token_ids, pad, batch_size=9)
     single = infer.score_tokens(lm.model, encoded, token_ids, pad, batch_size=1)
@@ -59,9 +59,9 @@ def test_batched_generation_equals_single(loaded):
 
 def test_bf16_batched_close_to_single(tiny_models):
     lm = load_model(str(tiny_models["gemma3"]), dtype="bf16")
-    builder = PromptBuilder(SST2Task(), lm.tokenizer)
+    builder = PromptBuilder(get_task("sst2"), lm.tokenizer)
     rows, encoded = prompts(builder)
-    token_ids = SST2Task().label_token_ids(builder, rows[0])
+    token_ids = get_task("sst2").label_token_ids(builder, rows[0])
     pad = lm.tokenizer.pad_token_id
     batched = infer.score_tokens(lm.model, encoded, token_ids, pad, batch_size=9)
     single = infer.score_tokens(lm.model, encoded, token_ids, pad, batch_size=1)
@@ -79,19 +79,25 @@ def test_first_token_probability_matches_a_forward_pass(loaded):
         assert p == pytest.approx(torch.softmax(logits, -1)[token].item(), abs=1e-5)
 
 
-def test_verbalizer_must_be_single_token(tiny_llama):
-    from tasktune.errors import TasktuneError
+def test_multi_token_verbalizers_have_no_single_token_ids(tiny_llama, sst2_tsv, tmp_path, capsys):
+    from tasktune.cli import main
 
     lm = load_model(str(tiny_llama), dtype="fp32")
-    task = SST2Task()
-    task.verbalizers = (" negative", " very positive")
+    task = get_task("sst2", [" negative", " very positive"])
     builder = PromptBuilder(task, lm.tokenizer)
-    with pytest.raises(TasktuneError, match="not a single token"):
-        task.label_token_ids(builder, {"sentence": "good", "label": 1})
+    row = {"id": 0, "text": "good", "label": 1, "fields": {"text": "good"}}
+    assert task.label_token_ids(builder, row) is None
+    assert [len(t) for t in task.verbalizer_tokens(builder, row)] == [1, 2]
+    # The fast objectives need one token per label: refused in one line before training.
+    assert main(["run", "sst2-gemma3-270m-cpu", f"model={tiny_llama}", f"data.path={sst2_tsv}",
+                 f"output_dir={tmp_path}", "name=m", "eval.verbalizers=[' negative', ' very positive']",
+                 "train.objective=verbalizer"]) == 2
+    assert "needs single-token verbalizers" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists() and not (tmp_path / ".m.partial").exists()
 
 
 def test_parse():
-    task = SST2Task()
+    task = get_task("sst2")
     assert task.parse(" positive") == 1
     assert task.parse(" Negative.\nQuestion") == 0
     assert task.parse(" neutral") is None
@@ -101,7 +107,7 @@ def test_parse():
 
 def test_generation_with_frozen_head_restores_the_flag(tiny_llama):
     lm = load_model(str(tiny_llama), dtype="fp32")
-    builder = PromptBuilder(SST2Task(), lm.tokenizer)
+    builder = PromptBuilder(get_task("sst2"), lm.tokenizer)
     _, encoded = prompts(builder, n=4)
     before = infer.generate(lm.model, lm.tokenizer, encoded, 3, batch_size=4).texts
     head = lm.model.get_output_embeddings().weight

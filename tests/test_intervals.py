@@ -18,7 +18,7 @@ def test_accuracy_interval_matches_the_normal_approximation():
     n = 2000
     golds = rng.integers(0, 2, n).tolist()
     preds = [g if rng.random() < 0.9 else 1 - g for g in golds]
-    point = classification_metrics(golds, preds)
+    point = classification_metrics(golds, preds, ["negative", "positive"])
     ci = classification_intervals(golds, preds, 2, bootstrap_weights(n))
     low, high = ci["accuracy"]
     assert low < point["accuracy"] < high

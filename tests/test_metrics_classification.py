@@ -2,11 +2,13 @@ import pytest
 
 from tasktune.metrics.classification import classification_metrics
 
+NAMES = ["negative", "positive"]
+
 
 def test_hand_computed():
     golds = [1, 1, 1, 0, 0, 0, 1, 0]
     preds = [1, 1, 0, 0, 0, 1, None, 0]
-    m = classification_metrics(golds, preds)
+    m = classification_metrics(golds, preds, NAMES)
     assert m["accuracy"] == pytest.approx(5 / 8)
     assert m["none_rate"] == pytest.approx(1 / 8)
     assert m["confusion_matrix"] == [[3, 1, 0], [1, 2, 1]]
@@ -21,11 +23,11 @@ def test_hand_computed():
 
 
 def test_weighted_differs_from_macro_on_imbalance():
-    m = classification_metrics([1, 1, 1, 0], [1, 1, 1, 1])
+    m = classification_metrics([1, 1, 1, 0], [1, 1, 1, 1], NAMES)
     assert m["f1_macro"] == pytest.approx((2 * 0.75 / 1.75 + 0) / 2)
     assert m["f1"] == pytest.approx(0.75 * (2 * 0.75 / 1.75))
 
 
 def test_all_none():
-    m = classification_metrics([0, 1], [None, None])
+    m = classification_metrics([0, 1], [None, None], NAMES)
     assert m["accuracy"] == 0 and m["none_rate"] == 1 and m["f1"] == 0

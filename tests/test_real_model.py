@@ -29,13 +29,15 @@ def test_loads_as_plain_trainable_gemma3(gemma):
 
 
 def test_verbalizers_single_tokens_and_padding_equivalence(gemma, shared_data):
-    from tasktune.data import sst2
+    from tasktune.tasks import get_task
+
+    sst2 = get_task("sst2")
     from tasktune.infer import score_tokens
     from tasktune.tasks import PromptBuilder
-    from tasktune.tasks.sst2 import SST2Task
+    from tasktune.tasks import get_task
 
     rows, _ = sst2.load(str(shared_data / "sst2" / "train.tsv"))
-    task = SST2Task()
+    task = get_task("sst2")
     builder = PromptBuilder(task, gemma.tokenizer)
     examples = rows[:12]
     ids = task.label_token_ids(builder, examples[0])

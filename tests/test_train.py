@@ -6,19 +6,19 @@ from tasktune.config import TrainConfig
 from tasktune.infer import classify
 from tasktune.models import load_model
 from tasktune.tasks import PromptBuilder
-from tasktune.tasks.sst2 import SST2Task
+from tasktune.tasks import get_task
 from tasktune.train import LeftPadCollator, TaskTrainer, add_lora, fit, objective_loss
 from tiny import sentiment_rows
 
 
 def rows(n, seed=0):
-    return [{"id": i, "sentence": s, "label": l} for i, (s, l) in enumerate(sentiment_rows(n, seed))]
+    return [{"id": i, "text": s, "label": l, "fields": {"text": s}} for i, (s, l) in enumerate(sentiment_rows(n, seed))]
 
 
 def setup(path, objective, dtype="fp32"):
     head = "seqcls" if objective == "seqcls" else "causal_lm"
     lm = load_model(str(path), dtype=dtype, head=head)
-    task = SST2Task()
+    task = get_task("sst2")
     builder = PromptBuilder(task, lm.tokenizer)
     label_ids = task.label_token_ids(builder, rows(1)[0])
     return lm, task, builder, label_ids, head
@@ -111,11 +111,11 @@ def test_seqcls_adapter_reloads_and_scores_identically(tiny_models, tmp_path):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
 def test_answer_loss_equals_full_logit_lm_loss(tiny_models, arch):
-    from tasktune.tasks.squad_v2 import SquadV2Task
+    from tasktune.tasks import get_task
     from tasktune.train import answer_positions_loss
 
     lm = load_model(str(tiny_models[arch]), dtype="fp32")
-    task = SquadV2Task()
+    task = get_task("squad_v2")
     builder = PromptBuilder(task, lm.tokenizer)
     examples = [{"id": str(i), "title": "T", "context": "Paris is the capital of France .", "question": q,
                  "answers": a, "answer_starts": [0] if a else []}

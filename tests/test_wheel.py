@@ -16,6 +16,8 @@ SST2_SHA256 = "48eac26399f8456935f81dd9e3a745c1430adb6c62e233ccfe22db4a0d15d1d1"
 
 
 def sh(*command, cwd=None, env=None):
+    # Never PYTHONPATH: tasktune must come from the wheel alone.
+    env = {k: v for k, v in (env or os.environ).items() if k != "PYTHONPATH"}
     result = subprocess.run([str(c) for c in command], cwd=cwd, env=env, capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"

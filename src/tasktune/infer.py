@@ -95,6 +95,31 @@ def score_tokens(model, encoded: list[list[int]], token_ids: list[int], pad_id: 
 
 
 @torch.inference_mode()
+def score_continuations(model, encoded: list[list[int]], continuations: list[list[int]], pad_id: int,
+                        batch_size: int = 16, desc: str = "score") -> torch.Tensor:
+    """Summed log-probability of each multi-token continuation after each prompt: [n, len(continuations)], fp32
+    (lm-evaluation-harness's loglikelihood). Each (prompt, continuation) pair is one left-padded row; the LM head
+    is applied only at the positions that predict a continuation token."""
+    k = len(continuations)
+    out = torch.empty((len(encoded), k), dtype=torch.float32)
+    per_batch = max(1, batch_size // k)  # rows per forward stay near batch_size
+    for idx in progress(list(batches(encoded, per_batch)), desc):
+        rows = [encoded[i] + cont for i in idx for cont in continuations]
+        ids, mask = left_pad(rows, pad_id)
+        lm = unwrap(model)
+        backbone = getattr(lm, lm.base_model_prefix)
+        hidden = backbone(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                          position_ids=position_ids_from_mask(mask).to(model.device), use_cache=False).last_hidden_state
+        width = ids.shape[1]
+        for row, (i, cont) in enumerate((i, cont) for i in idx for cont in continuations):
+            positions = torch.arange(width - len(cont) - 1, width - 1, device=hidden.device)
+            logprobs = torch.log_softmax(head_logits(model, hidden[row, positions]).float(), dim=-1)
+            target = torch.tensor(cont, device=logprobs.device)
+            out[i, row % k] = logprobs.gather(1, target[:, None]).sum().cpu()
+    return out
+
+
+@torch.inference_mode()
 def classify(model, encoded: list[list[int]], pad_id: int, batch_size: int = 16,
              desc: str = "classify") -> torch.Tensor:
     """Logits of a sequence-classification head: [n, num_labels], fp32."""

@@ -39,7 +39,8 @@ def params_for_run(run_dir: Path) -> dict:
         raise TasktuneError(f"{run_dir} is not a finished tasktune run (needs report.json and adapter/)")
     report = json.loads(report_path.read_text())
     seqcls = json.loads((adapter / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS"
-    lm = load_model(report["model"], report["config"].get("dtype", "auto"), head="seqcls" if seqcls else "causal_lm")
+    lm = load_model(report["model"], report["config"].get("dtype", "auto"), head="seqcls" if seqcls else "causal_lm",
+                    num_labels=len(report["protocol"].get("labels") or [0, 1]))
     base_count = count_parameters(lm.model)["total"]
     merged = merge_for_inference(PeftModel.from_pretrained(lm.model, adapter))
     params = parameter_report(lm.path, adapter, base_count, merged)

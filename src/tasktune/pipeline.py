@@ -6,6 +6,7 @@ directory is created; the directory itself is staged and renamed into place only
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import random
@@ -24,7 +25,7 @@ from tasktune.data.split import overlap_warning
 from tasktune.errors import TasktuneError
 from tasktune.models import LoadedModel, count_parameters, load_model, model_identity
 from tasktune.params import parameter_report
-from tasktune.rundir import RunDir, write_json, write_jsonl
+from tasktune.rundir import RunDir, write_json, write_jsonl, write_text
 from tasktune.tasks import PromptBuilder, get_task
 
 
@@ -70,7 +71,7 @@ def prepare(recipe: Recipe) -> Prepared:
     """Load and check everything the run needs; writes nothing."""
     timings = {}
     start = time.perf_counter()
-    task = get_task(recipe.task, recipe.eval.verbalizers)
+    task = get_task(recipe.task, recipe.eval.verbalizers, recipe.eval.max_prompt_tokens)
     rows, source = task.load(recipe.data.path)
     split = task.split(rows, recipe.data)
     by_id = {r["id"]: r for r in rows}
@@ -87,11 +88,12 @@ def prepare(recipe: Recipe) -> Prepared:
     start = time.perf_counter()
     lm = load_model(recipe.model, recipe.dtype, trust_remote_code=recipe.trust_remote_code)
     timings["model_load_s"] = time.perf_counter() - start
-    if hasattr(task, "max_prompt_tokens"):
-        task.max_prompt_tokens = recipe.eval.max_prompt_tokens
     builder = PromptBuilder(task, lm.tokenizer, recipe.eval.prompt_format, recipe.eval.shots,
                             shot_pool=examples["train"], seed=recipe.data.seed)
-    label_ids = task.label_token_ids(builder, examples["test"][0]) if hasattr(task, "label_token_ids") else None
+    label_ids = task.label_token_ids(builder, examples["test"][0])
+    if label_ids is None and recipe.train.objective in ("verbalizer", "label_lm"):
+        raise TasktuneError(f"train.objective={recipe.train.objective} needs single-token verbalizers; those of "
+                            f"{task.name!r} are several tokens for this tokenizer: use train.objective=lm")
     return Prepared(recipe, task, source, split, examples, lm, builder, label_ids, overlap, test_source, timings)
 
 
@@ -168,7 +170,7 @@ def train_stage(p: Prepared, work: Path) -> tuple[torch.nn.Module, dict, str]:
 
 def base_for_training(p: Prepared, head: str) -> torch.nn.Module:
     if head == "seqcls":
-        return load_model(p.recipe.model, p.recipe.dtype, head="seqcls",
+        return load_model(p.recipe.model, p.recipe.dtype, head="seqcls", num_labels=len(p.task.label_names),
                           trust_remote_code=p.recipe.trust_remote_code).model
     return p.lm.model
 
@@ -190,13 +192,20 @@ def data_fingerprint(source: str) -> dict:
     return {path: content_sha256(Path(path)) for path in source.split(", ") if Path(path).is_file()}
 
 
+def run_fingerprint(p: Prepared) -> dict:
+    """What a run is made from: its data, its model and its task spec (a resumed run must match all three)."""
+    spec_text = Path(p.task.spec.source).read_bytes()
+    return {"data_sha256": data_fingerprint(p.sources), "model": model_identity(p.lm),
+            "task_sha256": hashlib.sha256(spec_text).hexdigest()}
+
+
 def check_fingerprint(folder: Path, fingerprint: dict, what: str) -> None:
     """Refuse to continue (or call complete) a run made from other data or another model than this one's."""
     path = folder / "fingerprint.json"
     if not path.is_file():
         return
     saved = json.loads(path.read_text())
-    for key, label in (("data_sha256", "data"), ("model", "model")):
+    for key, label in (("data_sha256", "data"), ("model", "model"), ("task_sha256", "task spec")):
         if saved.get(key) != fingerprint[key]:
             raise TasktuneError(
                 f"{folder} was made from different {label} than this command reads ({label} now: "
@@ -214,7 +223,7 @@ def run(recipe: Recipe, overwrite: bool = False, train_only: bool = False, resum
     main = state.is_main_process
     say = print if main else (lambda *_: None)
     p = prepare(recipe)
-    fingerprint = {"data_sha256": data_fingerprint(p.sources), "model": model_identity(p.lm)}
+    fingerprint = run_fingerprint(p)
     run_dir = None
     if main:
         run_dir = RunDir(recipe.run_dir, recipe.to_dict(), overwrite=overwrite)
@@ -230,6 +239,8 @@ def run(recipe: Recipe, overwrite: bool = False, train_only: bool = False, resum
             if not run_dir.complete:
                 run_dir.start()
                 write_json(run_dir.work / "fingerprint.json", fingerprint)
+                # The task as declared: the report and model card read it from here, never from the user's path.
+                write_text(run_dir.work / "task.yaml", Path(p.task.spec.source).read_text(encoding="utf-8"))
         except BaseException:
             run_dir.release()
             raise
@@ -329,9 +340,10 @@ def evaluate_run(run_dir: Path, out: Path, data_path: str | None = None, overwri
     run_dir = require_finished_run(Path(run_dir), needs=("report.json", "adapter/adapter_config.json",
                                                          "train/summary.json"))
     staging = StagingDir(Path(out), overwrite=overwrite)  # refuse a bad --out before loading anything
-    recipe = load_recipe(str(run_dir / "recipe.yaml"))
+    # The task as the run recorded it, wherever the user's spec file is now.
+    recipe = load_recipe(str(run_dir / "recipe.yaml"), [f"task={run_dir / 'task.yaml'}"])
     p = prepare(recipe)
-    check_fingerprint(run_dir, {"data_sha256": data_fingerprint(p.sources), "model": model_identity(p.lm)},
+    check_fingerprint(run_dir, run_fingerprint(p),
                       "the run's test split cannot be rebuilt from it; evaluate the run where it was made")
     if data_path:
         rows, source = p.task.load(data_path)

@@ -40,19 +40,21 @@ def training_curves(history: list[dict], metric: str, path: Path) -> Path | None
     return _save(fig, path)
 
 
-def confusion_matrices(zeroshot: dict, finetuned: dict, protocol: str, path: Path) -> Path | None:
+def confusion_matrices(zeroshot: dict, finetuned: dict, protocol: str, label_names: list[str],
+                       path: Path) -> Path | None:
     pairs = [(name, m[protocol]) for name, m in (("zero-shot", zeroshot), ("fine-tuned", finetuned))
              if m and protocol in m and "confusion_matrix" in m[protocol]]
     if not pairs:
         return None
-    fig, axes = plt.subplots(1, len(pairs), figsize=(4.6 * len(pairs), 3.8))
+    size = max(3.8, 1.0 * len(label_names) + 1.8)
+    fig, axes = plt.subplots(1, len(pairs), figsize=(1.2 * size * len(pairs), size))
     for ax, (name, m) in zip(np.atleast_1d(axes), pairs):
         cm = np.array(m["confusion_matrix"])
         ax.imshow(cm, cmap="Blues")
         for (i, j), v in np.ndenumerate(cm):
             ax.text(j, i, f"{v:,}", ha="center", va="center", color="black")
-        ax.set_xticks(range(cm.shape[1]), ["negative", "positive", "None"][: cm.shape[1]])
-        ax.set_yticks(range(2), ["negative", "positive"])
+        ax.set_xticks(range(cm.shape[1]), (list(label_names) + ["None"])[: cm.shape[1]], rotation=30, ha="right")
+        ax.set_yticks(range(len(label_names)), label_names)
         ax.set_xlabel("predicted")
         ax.set_ylabel("gold")
         ax.set_title(f"{name} ({protocol}), acc {m['accuracy']:.3f}")

@@ -56,12 +56,14 @@ def comparison_table(task, zeroshot: dict | None, finetuned: dict | None) -> str
 
 def write_report(run_dir: Path, recipe, prepared, zeroshot, finetuned, training, base_params, versions) -> dict:
     report = {
-        "name": recipe.name, "task": recipe.task, "model": recipe.model, "model_path": prepared.lm.path,
+        "name": recipe.name, "task": prepared.task.name, "model": recipe.model, "model_path": prepared.lm.path,
         "dtype": str(prepared.lm.dtype).replace("torch.", ""),
         "data": {"source": prepared.source, "origin": data_origin(prepared.source),
                  "sha256": json.loads((run_dir / "fingerprint.json").read_text())["data_sha256"],
                  **{k: len(v) for k, v in prepared.examples.items()}},
-        "protocol": {**prepared.builder.describe(), "verbalizers": list(getattr(prepared.task, "verbalizers", [])),
+        "task_type": prepared.task.type,
+        "protocol": {**prepared.builder.describe(), "labels": list(getattr(prepared.task, "label_names", [])),
+                     "verbalizers": list(getattr(prepared.task, "verbalizers", [])),
                      "label_token_ids": prepared.label_token_ids},
         "split": {"split_by": prepared.task.split_policy(recipe.data), "test_source": prepared.test_source,
                   "overlap": prepared.overlap},
@@ -113,6 +115,14 @@ def overlap_lines(split: dict | None) -> list[str]:
     return lines + ([f"- **{warning}**"] if warning else [])
 
 
+def task_of_run(run_dir: Path, report: dict):
+    """The run's task, rebuilt from the spec the run recorded (`task.yaml` in the run directory), with the
+    run's own verbalizers: a report never depends on where the user's spec file was."""
+    from tasktune.tasks import get_task
+
+    return get_task(str(Path(run_dir) / "task.yaml"), report["protocol"].get("verbalizers") or None)
+
+
 def data_origin(source: str) -> str:
     """`path`, `TASKTUNE_DATA_DIR`, `embedded` or `hub`: where the run's data came from."""
     from tasktune.data import origin
@@ -124,7 +134,7 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
 
 
-def changed_examples(run_dir: Path, task_name: str, limit: int = 5) -> dict[str, list[dict]]:
+def changed_examples(run_dir: Path, task, limit: int = 5) -> dict[str, list[dict]]:
     """Test examples whose outcome changed between zero-shot and fine-tuned, in both directions."""
     before = {r["id"]: r for r in _read_jsonl(run_dir / "zeroshot" / "predictions.jsonl")}
     after = {r["id"]: r for r in _read_jsonl(run_dir / "finetuned" / "predictions.jsonl")}
@@ -133,12 +143,14 @@ def changed_examples(run_dir: Path, task_name: str, limit: int = 5) -> dict[str,
         old = before.get(qid)
         if old is None:
             continue
-        if task_name == "sst2":
+        if task.type == "classification":
             key = "score_pred" if "score_pred" in new else "classifier_pred"
             if "score_pred" not in old or key not in new:
                 continue
             was, now = old["score_pred"] == old["label"], new[key] == new["label"]
-            row = {"text": new["sentence"], "gold": new["label"], "zero-shot": old["score_pred"], "fine-tuned": new[key]}
+            names = task.label_names
+            row = {"text": new["text"], "gold": names[new["label"]], "zero-shot": names[old["score_pred"]],
+                   "fine-tuned": names[new[key]]}
         else:
             was, now = old["f1"] >= 0.5, new["f1"] >= 0.5
             row = {"text": new["question"], "gold": " | ".join(new["golds"]) or "(unanswerable)",
@@ -152,15 +164,16 @@ def make_plots(run_dir: Path, report: dict, task, params: dict | None, history: 
     out = run_dir / "plots"
     made = [("Training", plots.training_curves(history, task.metric_for_best, out / "training.png"))]
     zs, ft = report.get("zeroshot"), report.get("finetuned")
-    if report["task"] == "sst2":
-        made.append(("Confusion matrices", plots.confusion_matrices(zs, ft, "score", out / "confusion_score.png")))
+    if task.type == "classification":
+        made.append(("Confusion matrices", plots.confusion_matrices(zs, ft, "score", task.label_names,
+                                                                    out / "confusion_score.png")))
         made.append(("Zero-shot vs fine-tuned", plots.metric_bars(
             [(n.replace("`", ""), v) for n, v in columns_of(task, zs, ft)],
-            ["accuracy", "f1", "f1_macro", "none_rate"], "SST-2 test metrics", out / "metrics.png")))
+            ["accuracy", "f1", "f1_macro", "none_rate"], f"{task.name} test metrics", out / "metrics.png")))
     else:
         made.append(("Zero-shot vs fine-tuned", plots.metric_bars(
             [(n.replace("`", ""), v) for n, v in columns_of(task, zs, ft)],
-            ["exact", "f1", "HasAns_f1", "NoAns_f1"], "SQuAD v2 test metrics (HasAns / NoAns)",
+            ["exact", "f1", "HasAns_f1", "NoAns_f1"], f"{task.name} test metrics (HasAns / NoAns)",
             out / "metrics.png")))
     if params:
         made.append(("LoRA update per layer", plots.delta_heatmap(params["analysis"]["modules"], out / "delta_heatmap.png")))
@@ -168,16 +181,14 @@ def make_plots(run_dir: Path, report: dict, task, params: dict | None, history: 
 
 
 def render(run_dir: Path) -> None:
-    from tasktune.tasks import get_task
-
     run_dir = Path(run_dir)
     report = json.loads((run_dir / "report.json").read_text())
     params = json.loads((run_dir / "params.json").read_text()) if (run_dir / "params.json").is_file() else None
-    task = get_task(report["task"], report["protocol"].get("verbalizers") or None)
+    task = task_of_run(run_dir, report)
     history_path = run_dir / "train" / "log_history.json"
     history = json.loads(history_path.read_text()) if history_path.is_file() else []
     figures = make_plots(run_dir, report, task, params, history)
-    changes = changed_examples(run_dir, report["task"])
+    changes = changed_examples(run_dir, task)
     markdown = render_markdown(report, task, params, figures, changes, history, run_dir)
     (run_dir / "report.md").write_text(markdown, encoding="utf-8")
     (run_dir / "report.html").write_text(markdown_to_html(markdown, run_dir), encoding="utf-8")

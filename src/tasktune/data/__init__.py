@@ -21,9 +21,10 @@ def format_suffix(path: Path) -> str:
     return Path(path.stem).suffix.lower() if path.suffix.lower() == ".gz" else path.suffix.lower()
 
 
-def locate(path: str | None, task_dir: str, pick: Callable[[Path], list[Path]]) -> list[Path] | None:
+def locate(path: str | None, task_dir: str, pick: Callable[[Path], list[Path]],
+           embedded: bool = True) -> list[Path] | None:
     """The data files to read: an explicit file or directory (`pick` chooses files in a directory) →
-    `$TASKTUNE_DATA_DIR/<task_dir>/` → the embedded copy → None, meaning the hub."""
+    `$TASKTUNE_DATA_DIR/<task_dir>/` → the embedded copy (shipped tasks only) → None, meaning the hub."""
     if path:
         p = Path(path).expanduser()
         if not p.exists():
@@ -35,7 +36,7 @@ def locate(path: str | None, task_dir: str, pick: Callable[[Path], list[Path]]) 
             return files
         return [p]
     candidates = [Path(os.environ["TASKTUNE_DATA_DIR"]) / task_dir] if os.environ.get("TASKTUNE_DATA_DIR") else []
-    for folder in candidates + [EMBEDDED_DIR / task_dir]:
+    for folder in candidates + ([EMBEDDED_DIR / task_dir] if embedded else []):
         if folder.is_dir() and pick(folder):
             return pick(folder)
     return None

@@ -1,6 +1,6 @@
 """The official SQuAD v2.0 metric, reimplemented.
 
-`evaluate.load("squad_v2")` downloads its script from the hub, so it cannot run offline; this follows the
+`evaluate.load` of the SQuAD v2 metric downloads its script from the hub, so it cannot run offline; this follows the
 official `evaluate-v2.0.py` line for line in behaviour: normalization, max over gold answers, gold answers
 that normalize to empty dropped (an empty list becomes [""]), the no-answer threshold and the best
 threshold search with its tie rule.

@@ -54,14 +54,18 @@ class PromptBuilder:
                 "template": getattr(self.task, "template", None)}
 
 
-def get_task(name: str, verbalizers: list[str] | None = None):
-    from tasktune.tasks.sst2 import SST2Task
-    tasks = {"sst2": SST2Task}
-    try:
-        from tasktune.tasks.squad_v2 import SquadV2Task
-        tasks["squad_v2"] = SquadV2Task
-    except ImportError:
-        pass
-    if name not in tasks:
-        raise TasktuneError(f"unknown task {name!r} (expected one of {sorted(tasks)})")
-    return tasks[name](verbalizers) if name == "sst2" else tasks[name]()
+def get_task(name_or_path: str, verbalizers: list[str] | None = None, max_prompt_tokens: int = 384):
+    """The task a recipe names: a shipped spec (`sst2`, `squad_v2`) or a path to a user's spec YAML, built by
+    its type's module. Task types are the only code; tasks themselves are data."""
+    from tasktune.tasks.spec import load_spec
+
+    spec = load_spec(name_or_path)
+    if spec.type == "classification":
+        from tasktune.tasks.classification import ClassificationTask
+
+        return ClassificationTask(spec, verbalizers)
+    from tasktune.tasks.extractive_qa import ExtractiveQATask
+
+    if verbalizers:
+        raise TasktuneError(f"eval.verbalizers applies to classification tasks, not to {spec.name!r} ({spec.type})")
+    return ExtractiveQATask(spec, max_prompt_tokens)

@@ -1,4 +1,4 @@
-"""SQuAD v2 questions from the official JSON, JSONL, or the hub (`rajpurkar/squad_v2`).
+"""SQuAD-format questions (SQuAD v2 and any dataset in its layout) from the official JSON, JSONL, or the hub.
 
 Each question becomes `{"id", "title", "context", "question", "answers": [text, ...], "answer_starts",
 "is_impossible"}`; `answers` is empty for unanswerable questions. A directory pools every `*.json` /
@@ -12,9 +12,6 @@ from pathlib import Path
 
 from tasktune.data import format_suffix, locate, read_text
 from tasktune.errors import TasktuneError
-
-HUB_ID = "rajpurkar/squad_v2"
-
 
 def _require(obj, key, kind, where):
     if not isinstance(obj, dict) or key not in obj:
@@ -96,18 +93,18 @@ def load_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def load_hub(split: str = "train") -> list[dict]:
+def load_hub(hub_id: str, config: str | None = None, split: str = "train") -> list[dict]:
     try:
         import datasets
     except ImportError as exc:
-        raise TasktuneError("no local SQuAD v2 file was given and `datasets` is not installed for the hub: "
-                            "pass --data PATH, set $TASKTUNE_DATA_DIR, or pip install 'tasktune[hub]'") from exc
+        raise TasktuneError(f"no local SQuAD-format file was found and `datasets` is not installed for the hub "
+                            f"({hub_id}): pass data.path, set $TASKTUNE_DATA_DIR, or pip install 'tasktune[hub]'") from exc
     try:
-        ds = datasets.load_dataset(HUB_ID, split=split)
+        ds = datasets.load_dataset(hub_id, config, split=split)
     except Exception as exc:  # the hub raises many types; all mean "not available"
-        raise TasktuneError(f"cannot load {HUB_ID!r} from the Hugging Face Hub (offline?): {exc}") from exc
+        raise TasktuneError(f"cannot load {hub_id!r} from the Hugging Face Hub (offline?): {exc}") from exc
     return [_question(r["id"], r["title"], r["context"], r["question"], list(r["answers"]["text"]),
-                      list(r["answers"]["answer_start"]), not r["answers"]["text"], f"{HUB_ID}[{i}]")
+                      list(r["answers"]["answer_start"]), not r["answers"]["text"], f"{hub_id}[{i}]")
             for i, r in enumerate(ds)]
 
 
@@ -125,12 +122,18 @@ def pick(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and format_suffix(p) in (".json", ".jsonl"))
 
 
-def load(path: str | None = None) -> tuple[list[dict], str]:
-    if path in (HUB_ID, f"hub:{HUB_ID}"):
-        return load_hub(), f"hub:{HUB_ID}"
-    files = locate(path, "squad_v2", pick)
+def load(spec, path: str | None = None) -> tuple[list[dict], str]:
+    """Questions and where they came from: `path` (a file, or a directory whose SQuAD files are pooled), else
+    `$TASKTUNE_DATA_DIR/<task>/`, else the embedded copy, else the spec's hub dataset (or `hub:ID`)."""
+    if path and path.startswith("hub:"):
+        hub_id, _, config = path.removeprefix("hub:").partition(":")
+        return load_hub(hub_id, config or None, spec.data.hub_split), path
+    files = locate(path, spec.name, pick, embedded=spec.data.embedded)
     if files is None:
-        return load_hub(), f"hub:{HUB_ID}"
+        if not spec.data.hub:
+            raise TasktuneError(f"task {spec.name!r}: no data file found (pass data.path=FILE or set "
+                                "$TASKTUNE_DATA_DIR) and the task names no hub dataset")
+        return load_hub(spec.data.hub, spec.data.hub_config, spec.data.hub_split), f"hub:{spec.data.hub}"
     rows, seen = [], {}
     for file in files:
         for row in _load_file(file):

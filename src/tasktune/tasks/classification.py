@@ -1,4 +1,10 @@
-"""SST-2: binary sentiment, scored by verbalizer log-likelihood or by parsing a greedy generation."""
+"""Classification with any number of labels, declared by a task spec (`tasks/sst2.yaml` is one): the prompt is
+the spec's template, each label has a verbalizer, and two protocols judge the model.
+
+- `score`: the log-likelihood of each verbalizer after the prompt, argmax (lm-evaluation-harness's
+  multiple-choice protocol). A verbalizer of several tokens scores the sum of its tokens' log-probabilities.
+- `generate`: greedy generation; the label whose verbalizer words open the first line, else None (wrong).
+"""
 
 from __future__ import annotations
 
@@ -6,66 +12,86 @@ import re
 import time
 
 from tasktune import infer
-from tasktune.data import sst2 as sst2_data
+from tasktune.data import table
 from tasktune.data.split import containment_split, stratified_split, text_overlap
+from tasktune.errors import TasktuneError
 from tasktune.metrics.classification import classification_metrics
 from tasktune.metrics.intervals import bootstrap_weights, classification_intervals, mcnemar_exact, paired_difference
+from tasktune.tasks.spec import TaskSpec, check_verbalizers
 
-from tasktune.errors import TasktuneError
+
+def words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
 
 
-class SST2Task:
-    name = "sst2"
-    # The lm-evaluation-harness prompt and verbalizers.
-    template = "{sentence}\nQuestion: Is this sentence positive or negative?\nAnswer:"
-    verbalizers = (" negative", " positive")
-    max_new_tokens = 3  # enough for " positive" plus a newline in any tokenizer we have met
+class ClassificationTask:
+    type = "classification"
+
+    def __init__(self, spec: TaskSpec, verbalizers: list[str] | None = None):
+        """`verbalizers` (from a recipe's eval.verbalizers) replaces the spec's, one per label in order."""
+        self.spec = spec
+        self.name = spec.name
+        self.template = spec.template
+        self.label_names = [label.name for label in spec.labels]
+        self.verbalizers = tuple(verbalizers or [label.verbalizer for label in spec.labels])
+        if len(self.verbalizers) != len(self.label_names):
+            raise TasktuneError(f"eval.verbalizers {list(self.verbalizers)} must give one word per label of "
+                                f"{spec.name!r} ({self.label_names}, in that order)")
+        check_verbalizers(list(self.verbalizers), "eval.verbalizers")
+        self.max_new_tokens = spec.max_new_tokens
+        self.metric_for_best = spec.headline or "accuracy"
 
     def prompt(self, example: dict) -> str:
-        return self.template.format(sentence=example["sentence"])
+        return self.template.format(**example["fields"])
 
     def target(self, example: dict) -> str:
         return self.verbalizers[example["label"]]
 
-    def __init__(self, verbalizers: list[str] | None = None):
-        if verbalizers:
-            self.verbalizers = tuple(verbalizers)
-
     def parse(self, generated: str) -> int | None:
-        """The label whose verbalizer is the first word of the first line, else None."""
-        names = [v.strip().lower() for v in self.verbalizers]
-        words = re.findall(r"\w+", generated.strip().split("\n", 1)[0].lower())
-        if words and words[0] in names:
-            return names.index(words[0])
+        """The label whose verbalizer words open the first line of the generation, else None."""
+        first = words(generated.strip().split("\n", 1)[0])
+        for index, verbalizer in enumerate(self.verbalizers):
+            expected = words(verbalizer)
+            if first[: len(expected)] == expected:
+                return index
         return None
 
-    def label_token_ids(self, builder, example: dict) -> list[int]:
-        """Token id of each verbalizer in the final context; each must be exactly one token."""
+    def verbalizer_tokens(self, builder, example: dict) -> list[list[int]]:
+        """Each verbalizer's token ids as they follow the prompt in the final context (a chat template or a
+        tokenizer's merges can change a label's first token, so it is never tokenized alone)."""
         context = builder.render(example)
         base = builder.encode(context)
-        ids = []
+        sequences = []
         for verbalizer in self.verbalizers:
             full = builder.encode(context + verbalizer)
-            if len(full) != len(base) + 1 or full[: len(base)] != base:
-                pieces = builder.tokenizer.convert_ids_to_tokens(full[len(base) - 1:])
-                raise TasktuneError(
-                    f"verbalizer {verbalizer!r} is not a single token after the prompt for this tokenizer "
-                    f"(it tokenizes as {pieces}); choose verbalizers that are one token each")
-            ids.append(full[-1])
-        if len(set(ids)) != len(ids):
-            raise TasktuneError(f"verbalizers {self.verbalizers} map to the same token id {ids}")
-        return ids
+            if full[: len(base)] != base or len(full) == len(base):
+                pieces = builder.tokenizer.convert_ids_to_tokens(full[max(len(base) - 1, 0):])
+                raise TasktuneError(f"verbalizer {verbalizer!r} does not extend the prompt's tokens for this tokenizer "
+                                    f"(the prompt's last token merges with it: {pieces}); start it with a space")
+            sequences.append(full[len(base):])
+        if len({tuple(s) for s in sequences}) != len(sequences):
+            raise TasktuneError(f"verbalizers {list(self.verbalizers)} tokenize to the same tokens {sequences}: the "
+                                "labels cannot be told apart")
+        return sequences
+
+    def label_token_ids(self, builder, example: dict) -> list[int] | None:
+        """One token per label when every verbalizer is a single token (the fast objectives need it), else None."""
+        sequences = self.verbalizer_tokens(builder, example)
+        return [s[0] for s in sequences] if all(len(s) == 1 for s in sequences) else None
+
+    def generation_tokens(self, builder, example: dict) -> int:
+        return self.max_new_tokens or max(len(s) for s in self.verbalizer_tokens(builder, example)) + 1
 
     # --- data -------------------------------------------------------------------------------------
     def load(self, path: str | None) -> tuple[list[dict], str]:
-        return sst2_data.load(path)
+        return table.load(self.spec, path)
 
     def split(self, rows: list[dict], data_cfg) -> dict[str, list[int]]:
         """Train/test, then a validation slice of the training part, stratified by label. `sentence` (the
         default) splits whole sentences so that no test or validation row occurs inside a training row
         (GLUE's file holds every phrase of a sentence as a row); `row` is the seed's row-level split."""
         labels = [r["label"] for r in rows]
-        texts = [r["sentence"] for r in rows]
+        texts = [r["text"] for r in rows]
         by_sentence = self.split_policy(data_cfg) == "sentence"
 
         def two_way(positions: list[int], fraction: float) -> tuple[list[int], list[int]]:
@@ -81,27 +107,29 @@ class SST2Task:
         ids = [r["id"] for r in rows]  # positions → row ids, which is what the run directory records
         return {"train": [ids[i] for i in fit], "validation": [ids[i] for i in val], "test": [ids[i] for i in test]}
 
-    @staticmethod
-    def split_policy(data_cfg) -> str:
-        return data_cfg.split_by or "sentence"
+    def split_policy(self, data_cfg) -> str:
+        return data_cfg.split_by or self.spec.split_by or "sentence"
 
     def overlap(self, train: list[dict], test: list[dict]) -> dict:
         """How much of the test set the training part (training and validation rows) has seen."""
-        return text_overlap([r["sentence"] for r in test], [r["sentence"] for r in train])
+        return text_overlap([r["text"] for r in test], [r["text"] for r in train])
 
     # --- training ---------------------------------------------------------------------------------
-    metric_for_best = "accuracy"
-
     def train_features(self, builder, examples: list[dict], objective: str, max_length: int,
                        label_token_ids: list[int] | None) -> list[dict]:
+        if objective in ("verbalizer", "label_lm") and label_token_ids is None:
+            raise TasktuneError(f"train.objective={objective} needs single-token verbalizers; "
+                                f"{list(self.verbalizers)} are several tokens for this tokenizer: use train.objective=lm")
+        targets = self.verbalizer_tokens(builder, examples[0]) if objective == "lm" else None
         features = []
         for ex in examples:
+            if objective == "lm":  # causal-LM loss on the verbalizer's tokens
+                target = targets[ex["label"]]
+                ids = builder.encode(builder.render(ex))[-(max_length - len(target)):]  # keep the prompt's end
+                features.append({"input_ids": ids + target, "labels": [-100] * len(ids) + target})
+                continue
             ids = builder.encode(builder.render(ex))[-(max_length - 1):]  # keep the question and "Answer:"
-            if objective == "lm":
-                target = label_token_ids[ex["label"]]
-                features.append({"input_ids": ids + [target], "labels": [-100] * len(ids) + [target]})
-            else:  # verbalizer, label_lm and seqcls: one class id per row
-                features.append({"input_ids": ids, "labels": ex["label"]})
+            features.append({"input_ids": ids, "labels": ex["label"]})  # one class id per row
         return features
 
     def validation_metrics(self, model, builder, examples: list[dict], batch_size: int,
@@ -109,7 +137,7 @@ class SST2Task:
         """Early-stopping metric: `score`-protocol accuracy (classifier head for seqcls)."""
         metrics, _ = self.evaluate(model, builder, examples, ["score"], batch_size, head=head)
         protocol = "classifier" if head == "seqcls" else "score"
-        return {"accuracy": metrics[protocol]["accuracy"]}
+        return {self.metric_for_best: metrics[protocol][self.metric_for_best]}
 
     # --- evaluation -------------------------------------------------------------------------------
     def evaluate(self, model, builder, examples: list[dict], protocols: list[str], batch_size: int,
@@ -126,7 +154,7 @@ class SST2Task:
         """
         tok = builder.tokenizer
         encoded = [builder.encode(builder.render(ex)) for ex in examples]
-        records = [{"id": ex["id"], "sentence": ex["sentence"], "label": ex["label"]} for ex in examples]
+        records = [{"id": ex["id"], "text": ex["text"], "label": ex["label"]} for ex in examples]
         seconds: dict = {}
         if head == "seqcls":
             protocols = ["classifier"]
@@ -137,14 +165,18 @@ class SST2Task:
                 for rec, p in zip(records, preds):
                     rec["classifier_pred"] = p
             elif protocol == "score":
-                token_ids = self.label_token_ids(builder, examples[0])
-                logprobs = infer.score_tokens(model, encoded, token_ids, tok.pad_token_id, batch_size)
+                sequences = self.verbalizer_tokens(builder, examples[0])
+                if all(len(s) == 1 for s in sequences):  # one forward per example
+                    logprobs = infer.score_tokens(model, encoded, [s[0] for s in sequences], tok.pad_token_id,
+                                                  batch_size)
+                else:  # one row per example and label, summed over the verbalizer's tokens
+                    logprobs = infer.score_continuations(model, encoded, sequences, tok.pad_token_id, batch_size)
                 for rec, pred, lp in zip(records, logprobs.argmax(-1).tolist(), logprobs.tolist()):
                     rec["score_pred"], rec["score_logprobs"] = pred, [round(x, 5) for x in lp]
             else:
                 subset = [i for i, ex in enumerate(examples) if generate_ids is None or ex["id"] in generate_ids]
-                texts = infer.generate(model, tok, [encoded[i] for i in subset], self.max_new_tokens,
-                                       batch_size).texts
+                texts = infer.generate(model, tok, [encoded[i] for i in subset],
+                                       self.generation_tokens(builder, examples[0]), batch_size).texts
                 for i, text in zip(subset, texts):
                     records[i]["generate_text"], records[i]["generate_pred"] = text, self.parse(text)
             seconds[protocol] = time.perf_counter() - start
@@ -158,7 +190,7 @@ class SST2Task:
             if not scored:
                 continue
             golds, preds = [r["label"] for r in scored], [r[f"{protocol}_pred"] for r in scored]
-            metrics[protocol] = classification_metrics(golds, preds)
+            metrics[protocol] = classification_metrics(golds, preds, self.label_names)
             metrics[protocol]["ci95"] = classification_intervals(golds, preds, len(self.verbalizers),
                                                                  bootstrap_weights(len(scored)))
             if seconds and protocol in seconds:
@@ -192,9 +224,11 @@ class SST2Task:
                 if isinstance(values, dict) and "accuracy" in values]
 
     def protocol_notes(self, proto: dict) -> list[str]:
-        return [f"- verbalizers {list(self.verbalizers)} → token ids {proto.get('label_token_ids')}",
-                "- `score`: log-likelihood of each verbalizer after the prompt, argmax (never None).",
-                "- `generate`: greedy generation, first word parsed; anything else counts as None (wrong)."]
+        pairs = ", ".join(f"{name} → {v!r}" for name, v in zip(self.label_names, self.verbalizers))
+        return [f"- labels and verbalizers: {pairs}; token ids {proto.get('verbalizer_tokens')}",
+                "- `score`: log-likelihood of each verbalizer after the prompt (summed over its tokens), argmax "
+                "(never None).",
+                "- `generate`: greedy generation; the label whose verbalizer opens the first line, else None (wrong)."]
 
     def summary(self, metrics: dict) -> str:
         return " | ".join(f"{name} accuracy {m['accuracy']:.4f} f1 {m['f1']:.4f} none {m['none_rate']:.3f} "

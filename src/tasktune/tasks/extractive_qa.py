@@ -1,4 +1,6 @@
-"""SQuAD v2: generative extractive QA that must say "unanswerable" when the context has no answer.
+"""Extractive question answering with unanswerable questions (SQuAD v2 and any dataset in its layout),
+declared by a task spec (`tasks/squad_v2.yaml`): generative, and the model must say the spec's abstain word
+("unanswerable") when the context has no answer.
 
 Decisions reported (DESIGN.md):
 - `raw`: greedy generation; the model abstains when its first token is the first token of " unanswerable".
@@ -14,7 +16,7 @@ import random
 import time
 
 from tasktune import infer
-from tasktune.data import squad_v2 as squad_data
+from tasktune.data import squad as squad_data
 from tasktune.data.split import grouped_split, random_split
 from tasktune.errors import TasktuneError
 from tasktune.metrics.intervals import bootstrap_weights, paired_difference
@@ -22,35 +24,39 @@ from tasktune.metrics.squad_v2 import (best_threshold, has_answer_map, normalize
                                         squad_v2_metrics)
 from tasktune.metrics.text_overlap import text_overlap_metrics
 
-ABSTAIN_WORD = "unanswerable"
 
 
-class SquadV2Task:
-    name = "squad_v2"
-    template = "Title: {title}\nContext: {context}\nQuestion: {question}\nAnswer:"
-    max_new_tokens = 32
-    metric_for_best = "f1"
-    max_prompt_tokens = 384  # overridden from the recipe's eval.max_prompt_tokens
+class ExtractiveQATask:
+    type = "extractive_qa"
+
+    def __init__(self, spec, max_prompt_tokens: int = 384):
+        self.spec = spec
+        self.name = spec.name
+        self.template = spec.template
+        self.abstain_word = spec.abstain_word
+        self.max_new_tokens = spec.max_new_tokens or 32
+        self.metric_for_best = spec.headline or "f1"
+        self.max_prompt_tokens = max_prompt_tokens  # the recipe's eval.max_prompt_tokens
 
     def prompt(self, example: dict) -> str:
         return self.template.format(title=example["title"].replace("_", " "), context=example["context"],
                                     question=example["question"])
 
     def target(self, example: dict) -> str:
-        return " " + (example["answers"][0] if example["answers"] else ABSTAIN_WORD)
+        return " " + (example["answers"][0] if example["answers"] else self.abstain_word)
 
     def label_token_ids(self, builder, example: dict) -> list[int]:
         """The first token of " unanswerable" in the final context (its probability is `na_prob`)."""
         context = builder.render(example)
         base = builder.encode(context)
-        full = builder.encode(context + " " + ABSTAIN_WORD)
+        full = builder.encode(context + " " + self.abstain_word)
         if full[: len(base)] != base or len(full) == len(base):
-            raise TasktuneError(f"cannot find the first token of ' {ABSTAIN_WORD}' after the prompt")
+            raise TasktuneError(f"cannot find the first token of ' {self.abstain_word}' after the prompt")
         return [full[len(base)]]
 
     # --- data -------------------------------------------------------------------------------------
     def load(self, path: str | None) -> tuple[list[dict], str]:
-        return squad_data.load(path)
+        return squad_data.load(self.spec, path)
 
     def split(self, rows: list[dict], data_cfg) -> dict[str, list]:
         """80:20 by article (default: no context on both sides) or by question (the seed's protocol). The
@@ -90,9 +96,8 @@ class SquadV2Task:
         val = sorted(random.Random(seed).sample(held, min(n, len(held))))
         return [i for i in train if rows[i]["title"] not in chosen], val
 
-    @staticmethod
-    def split_policy(data_cfg) -> str:
-        return data_cfg.split_by or "article"
+    def split_policy(self, data_cfg) -> str:
+        return data_cfg.split_by or self.spec.split_by or "article"
 
     def overlap(self, train: list[dict], test: list[dict]) -> dict:
         """Test questions whose context, or whose exact question on the same context, the training part has."""
@@ -171,7 +176,7 @@ class SquadV2Task:
         for ex, (_, truncated), text, p, top in zip(examples, fitted, gen.texts, gen.first_token_probs,
                                                    gen.first_token_is_top):
             answer = text.strip()
-            if normalize_answer(answer) == ABSTAIN_WORD:  # said in words after a different first token
+            if normalize_answer(answer) == normalize_answer(self.abstain_word):  # said in words after another first token
                 answer, top = "", True
             records.append({"id": ex["id"], "question": ex["question"], "prediction": "" if top else answer,
                             "answer": answer, "na_prob": p, "golds": ex["answers"], "truncated": truncated})
@@ -193,8 +198,8 @@ class SquadV2Task:
         metrics["truncated_prompts"] = sum(r["truncated"] for r in records)
         if with_text_metrics:
             # Text overlap compares the words produced: an abstention is the word "unanswerable".
-            preds = [r["prediction"] or ABSTAIN_WORD for r in records]
-            refs = [list(dict.fromkeys(r["golds"])) or [ABSTAIN_WORD] for r in records]
+            preds = [r["prediction"] or self.abstain_word for r in records]
+            refs = [list(dict.fromkeys(r["golds"])) or [self.abstain_word] for r in records]
             metrics.update(text_overlap_metrics(preds, refs))
         if na_threshold is not None:
             calibrated = {r["id"]: "" if r["na_prob"] > na_threshold else r["answer"] for r in records}
@@ -240,7 +245,7 @@ class SquadV2Task:
     def protocol_notes(self, proto: dict) -> list[str]:
         return [f"- greedy generation, stop at newline, ≤ {self.max_new_tokens} new tokens; prompts ≤ "
                 f"{self.max_prompt_tokens} tokens (longer contexts cut, counted in `truncated_prompts`)",
-                f"- `raw`: abstains when the first generated token is the first token of ' {ABSTAIN_WORD}' "
+                f"- `raw`: abstains when the first generated token is the first token of ' {self.abstain_word}' "
                 f"(id {proto.get('label_token_ids')}); scored with the official SQuAD v2 semantics",
                 "- `calibrated`: abstains when that token's first-step probability (`na_prob`) exceeds the "
                 "threshold that maximised F1 on the validation slice; otherwise gives the best other answer",

@@ -1,0 +1,178 @@
+"""Classification rows from CSV/TSV, JSONL (each optionally .gz) or the Hugging Face Hub, read as a task spec
+says: which column holds the text, which the label, and how the data writes each label.
+
+Every row becomes `{"id": int, "text": str, "label": int, "fields": {column: text}}`: `id` is the 0-based
+data-row index in the source (so a saved split traces back to the file), `label` the index of the spec's
+label, and `fields` every column, which prompt templates may name. Text is kept exactly as given (GLUE rows end
+with a space before the tab, and lm-evaluation-harness keeps it); emptiness is checked on a stripped copy.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from tasktune.data import format_suffix, locate, read_text
+from tasktune.errors import TasktuneError, where
+
+
+class LabelMap:
+    """The data's way of writing each label → the label's index (case-insensitive; 1.0 reads as 1)."""
+
+    def __init__(self, spec):
+        self.names = [label.name for label in spec.labels]
+        self.index = {value.strip().lower(): i for i, label in enumerate(spec.labels)
+                      for value in (label.values or [label.name])}
+
+    def __call__(self, value, path, row, column) -> int:
+        key = str(value).strip().lower()
+        if isinstance(value, float) and value.is_integer():
+            key = str(int(value))
+        if key not in self.index:
+            raise TasktuneError(f"{where(path, row, column)}: label {value!r} is not one of the task's labels "
+                                f"(expected one of {sorted(self.index)})")
+        return self.index[key]
+
+
+def _text(value, path, row, column) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise TasktuneError(f"{where(path, row, column)}: empty text (expected non-empty text)")
+    return value
+
+
+def _pick(columns: list[str], names: list[str]) -> str | None:
+    lowered = {c.strip().lower(): c for c in columns}
+    return next((lowered[n.lower()] for n in names if n.lower() in lowered), None)
+
+
+class TableReader:
+    def __init__(self, spec):
+        self.spec = spec
+        self.labels = LabelMap(spec)
+        from tasktune.tasks.spec import template_fields
+
+        self.template_fields = template_fields(spec.template, spec.source)
+
+    def columns(self, header: list[str], path, line) -> tuple[str, str]:
+        text_col, label_col = _pick(header, self.spec.data.text_column), _pick(header, self.spec.data.label_column)
+        if text_col is None or label_col is None:
+            raise TasktuneError(
+                f"{path}, {line}: columns {header} do not include a text column {self.spec.data.text_column} and a "
+                f"label column {self.spec.data.label_column} (task spec {self.spec.source})")
+        missing = [f for f in self.template_fields if f != "text" and f not in header]
+        if missing:
+            raise TasktuneError(f"{path}, {line}: the task's template names field(s) {missing} that the data lacks "
+                                f"(columns: {header}; `text` is the text column)")
+        return text_col, label_col
+
+    def row(self, values: dict, n: int, path, line, text_col: str, label_col: str) -> dict:
+        fields = {k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items()}
+        fields["text"] = _text(values[text_col], path, line, text_col)
+        return {"id": n, "text": fields["text"], "label": self.labels(values[label_col], path, line, label_col),
+                "fields": fields}
+
+    def delimited(self, path: Path) -> list[dict]:
+        delimiter = "\t" if format_suffix(path) == ".tsv" else ","
+        text = read_text(path)
+        # GLUE's TSV has no quoting; quotes in CSV files are honoured.
+        quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
+        try:
+            return self._delimited_rows(reader, path, delimiter)
+        except csv.Error as exc:
+            raise TasktuneError(f"{path}, line {reader.line_num}: not valid {'TSV' if delimiter == chr(9) else 'CSV'} "
+                                f"({exc})") from exc
+
+    def _delimited_rows(self, reader, path: Path, delimiter: str) -> list[dict]:
+        header = next(reader, [])
+        other = "," if delimiter == "\t" else "\t"
+        try:
+            text_col, label_col = self.columns(header, path, "header")
+        except TasktuneError as exc:
+            if header and other in header[0]:
+                raise TasktuneError(f"{exc} (the header contains {other!r}: wrong delimiter?)") from None
+            raise
+        rows = []
+        for n, values in enumerate(reader):
+            line = n + 2  # 1-based, after the header
+            if not values:
+                continue
+            if len(values) != len(header):
+                raise TasktuneError(f"{path}, line {line}: {len(values)} fields, expected {len(header)} "
+                                    f"separated by {delimiter!r}")
+            rows.append(self.row(dict(zip(header, values)), len(rows), path, f"{line}", text_col, label_col))
+        return rows
+
+    def jsonl(self, path: Path) -> list[dict]:
+        rows = []
+        for n, line in enumerate(read_text(path).splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise TasktuneError(f"{path}, line {n}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(obj, dict):
+                raise TasktuneError(f"{path}, line {n}: expected a JSON object, got {type(obj).__name__}")
+            text_col, label_col = self.columns(list(obj), path, f"line {n}")
+            rows.append(self.row(obj, len(rows), path, n, text_col, label_col))
+        return rows
+
+    def hub(self, hub_id: str, config: str | None, split: str) -> list[dict]:
+        try:
+            import datasets
+        except ImportError as exc:
+            raise TasktuneError(f"no local data file was found for task {self.spec.name!r} and `datasets` is not "
+                                "installed for the hub: pass data.path, set $TASKTUNE_DATA_DIR, or "
+                                "pip install 'tasktune[hub]'") from exc
+        try:
+            ds = datasets.load_dataset(hub_id, config, split=split)
+        except Exception as exc:  # the hub raises many types; all mean "not available"
+            raise TasktuneError(f"cannot load {hub_id!r} from the Hugging Face Hub (offline?): {exc}") from exc
+        if len(ds) == 0:
+            raise TasktuneError(f"{hub_id!r} split {split!r} has no rows")
+        text_col, label_col = self.columns(list(ds.column_names), hub_id, "columns")
+        names = ds.features[label_col].names if hasattr(ds.features[label_col], "names") else None
+        rows = []
+        for i, r in enumerate(ds):
+            values = dict(r)
+            if names is not None:  # a ClassLabel column: its integer means the class at that position
+                values[label_col] = names[values[label_col]]
+            rows.append(self.row(values, i, hub_id, i, text_col, label_col))
+        return rows
+
+
+def pick_files(spec):
+    def pick(folder: Path) -> list[Path]:
+        return [folder / name for name in spec.data.files if (folder / name).is_file()][:1]
+    return pick
+
+
+def load(spec, path: str | None = None) -> tuple[list[dict], str]:
+    """Rows and a description of where they came from: `path` (a file, or a directory holding one of the spec's
+    `data.files`), else `$TASKTUNE_DATA_DIR/<task>/`, else the embedded copy, else the spec's hub dataset."""
+    reader = TableReader(spec)
+    if path and path.startswith("hub:"):  # hub:ID or hub:ID:CONFIG (hub:nyu-mll/glue:sst2)
+        hub_id, _, config = path.removeprefix("hub:").partition(":")
+        config = config or (spec.data.hub_config if hub_id == spec.data.hub else None)
+        return reader.hub(hub_id, config, spec.data.hub_split), path
+    files = locate(path, spec.name, pick_files(spec), embedded=spec.data.embedded)
+    if files is None:
+        if not spec.data.hub:
+            raise TasktuneError(f"task {spec.name!r}: no data file found (pass data.path=FILE or set "
+                                "$TASKTUNE_DATA_DIR) and the task names no hub dataset")
+        return reader.hub(spec.data.hub, spec.data.hub_config, spec.data.hub_split), f"hub:{spec.data.hub}"
+    resolved = files[0]
+    suffix = format_suffix(resolved)
+    if suffix in (".tsv", ".csv"):
+        rows = reader.delimited(resolved)
+    elif suffix in (".jsonl", ".json"):
+        rows = reader.jsonl(resolved)
+    else:
+        raise TasktuneError(f"{resolved}: unknown data format {suffix!r} (expected .tsv, .csv or .jsonl, "
+                            "optionally .gz)")
+    if not rows:
+        raise TasktuneError(f"{resolved} has a header but no data rows")
+    return rows, str(resolved)

@@ -1,0 +1,144 @@
+"""A task declared as data: one YAML file says what the data looks like, how a prompt is built, which words
+stand for the labels, and how the result is judged. `tasks/sst2.yaml` and `tasks/squad_v2.yaml` ship with
+tasktune; a recipe's `task:` names one of them or a path to a user's spec (`tasktune tasks show sst2` prints one
+to copy). A spec is data, never code: it is read with `yaml.safe_load`, its templates take named fields only,
+and nothing in it names an import or a callable. Every mistake is a one-line error before any model loads.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from tasktune.errors import TasktuneError
+
+TASKS_DIR = Path(__file__).parent
+TYPES = ("classification", "extractive_qa")
+SPLITS = {"classification": ("sentence", "row"), "extractive_qa": ("article", "question")}
+OBJECTIVES = {"classification": ("verbalizer", "label_lm", "lm", "seqcls"), "extractive_qa": ("answer",)}
+
+
+@dataclass
+class LabelSpec:
+    name: str                      # the label as reports show it
+    verbalizer: str                # the words that stand for it after the prompt (" positive"); may be several tokens
+    values: list[str] = field(default_factory=list)  # how the data writes it (case-insensitive); default: [name]
+
+
+@dataclass
+class DataSpec:
+    files: list[str] = field(default_factory=list)   # file names looked for in a data directory, in order
+    text_column: list[str] = field(default_factory=lambda: ["text"])    # candidates, first present wins
+    label_column: list[str] = field(default_factory=lambda: ["label"])  # classification only
+    hub: str | None = None          # Hugging Face dataset id (used when no file is found; named in model cards)
+    hub_config: str | None = None
+    hub_split: str = "train"
+    embedded: bool = False          # a copy ships in tasktune/data/embedded/<task name>/
+
+
+@dataclass
+class TaskSpec:
+    name: str
+    type: str                       # classification | extractive_qa
+    description: str = ""
+    template: str = ""              # str.format-style, named fields only: {text}, or any column of the data
+    labels: list[LabelSpec] = field(default_factory=list)  # classification: two or more
+    abstain_word: str = "unanswerable"  # extractive_qa: what the model says for an unanswerable question
+    max_new_tokens: int = 0         # generate protocol; 0: the longest verbalizer plus one token
+    split_by: str | None = None     # default split policy (see SPLITS)
+    headline: str = ""              # the metric a report leads with
+    data: DataSpec = field(default_factory=DataSpec)
+    source: str = ""                # where the spec was read from (filled in by `load_spec`)
+
+
+def template_fields(template: str, where: str) -> list[str]:
+    """The named fields of a str.format template; positional, attribute and index fields are refused."""
+    names = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise TasktuneError(f"{where}: template is not a valid str.format template ({exc})") from exc
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conversion:
+            raise TasktuneError(f"{where}: template field {{{name}{'!' + conversion if conversion else ''}"
+                                f"{':' + spec if spec else ''}}} must be a plain name such as {{text}} "
+                                "(no positions, attributes, indexes, conversions or format specs)")
+        names.append(name)
+    return names
+
+
+def validate(spec: TaskSpec) -> TaskSpec:
+    where = spec.source
+    if spec.type not in TYPES:
+        raise TasktuneError(f"{where}: type {spec.type!r} is not one of {list(TYPES)}")
+    if not spec.name.replace("-", "_").isidentifier():
+        raise TasktuneError(f"{where}: name {spec.name!r} must be letters, digits, '_' or '-'")
+    if not spec.template.strip():
+        raise TasktuneError(f"{where}: template is empty (expected a prompt such as \"{{text}}\\nAnswer:\")")
+    fields = template_fields(spec.template, where)
+    if not fields:
+        raise TasktuneError(f"{where}: template has no field, so every prompt would be the same")
+    if spec.split_by is not None and spec.split_by not in SPLITS[spec.type]:
+        raise TasktuneError(f"{where}: split_by {spec.split_by!r} does not apply to type {spec.type!r} "
+                            f"(expected one of {list(SPLITS[spec.type])})")
+    if spec.type == "classification":
+        if len(spec.labels) < 2:
+            raise TasktuneError(f"{where}: a classification task needs at least 2 labels, got {len(spec.labels)}")
+        check_verbalizers([label.verbalizer for label in spec.labels], where)
+        names = [label.name for label in spec.labels]
+        if len(set(names)) != len(names):
+            raise TasktuneError(f"{where}: label names {names} are not unique")
+        seen: dict[str, str] = {}
+        for label in spec.labels:
+            for value in label.values or [label.name]:
+                key = value.strip().lower()
+                if key in seen and seen[key] != label.name:
+                    raise TasktuneError(f"{where}: data value {value!r} stands for both {seen[key]!r} and "
+                                        f"{label.name!r}")
+                seen[key] = label.name
+    elif set(fields) - {"title", "context", "question"}:
+        raise TasktuneError(f"{where}: template fields {sorted(set(fields) - {'title', 'context', 'question'})} "
+                            "are not SQuAD fields (expected title, context, question)")
+    return spec
+
+
+def check_verbalizers(verbalizers: list[str], where: str) -> None:
+    if any(not v.strip() for v in verbalizers):
+        raise TasktuneError(f"{where}: verbalizers {verbalizers} must be non-empty words")
+    if len({v.strip().lower() for v in verbalizers}) != len(verbalizers):
+        raise TasktuneError(f"{where}: verbalizers {verbalizers} are not different words")
+    words = [v.strip().lower().split() for v in verbalizers]
+    for i, a in enumerate(words):
+        for j, b in enumerate(words):
+            if i != j and b[: len(a)] == a:  # the generate protocol reads the first words: one must not prefix another
+                raise TasktuneError(f"{where}: verbalizer {verbalizers[i]!r} is the start of {verbalizers[j]!r}; a "
+                                    "generated answer could not tell them apart")
+
+
+def shipped() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(TASKS_DIR.glob("*.yaml"))}
+
+
+def load_spec(name_or_path: str) -> TaskSpec:
+    """A shipped task by name, or a spec file by path."""
+    from tasktune.config import build_dataclass
+
+    path = shipped().get(name_or_path) or Path(name_or_path).expanduser()
+    if not path.is_file():
+        raise TasktuneError(f"task {name_or_path!r} is neither a shipped task ({sorted(shipped())}) nor a spec file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise TasktuneError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise TasktuneError(f"{path}: expected a mapping of task keys, got {type(data).__name__}")
+    for key in ("name", "type"):
+        if key not in data:
+            raise TasktuneError(f"{path}: missing {key!r} (a task spec needs name, type and template)")
+    spec = build_dataclass(TaskSpec, {**data, "source": str(path)}, "", str(path))
+    return validate(spec)
