@@ -234,6 +234,17 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    """A YAML file that must hold a mapping (a recipe, a task spec), read with safe_load: data, never code."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise TasktuneError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(loaded, dict):
+        raise TasktuneError(f"{path}: expected a mapping of {what} keys, got {type(loaded).__name__}")
+    return loaded
+
+
 def load_recipe(path: str | None, overrides: list[str] = (), defaults: dict | None = None) -> Recipe:
     data: dict = dict(defaults or {})
     source = "command line"
@@ -248,13 +259,7 @@ def load_recipe(path: str | None, overrides: list[str] = (), defaults: dict | No
                                     f"{sorted(n for n in recipes.shipped() if '/' not in n)})")
             p = shipped
         source = str(p)
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise TasktuneError(f"{p}: not valid YAML ({exc})") from exc
-        if not isinstance(loaded, dict):
-            raise TasktuneError(f"{p}: expected a mapping of recipe keys, got {type(loaded).__name__}")
-        data = _merge(data, loaded)
+        data = _merge(data, read_yaml_mapping(p, "recipe"))
         data.setdefault("name", p.stem)
     data = _merge(data, parse_overrides(list(overrides)))
     if "name" not in data:

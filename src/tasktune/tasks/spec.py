@@ -11,8 +11,6 @@ import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from tasktune.errors import TasktuneError
 
 TASKS_DIR = Path(__file__).parent
@@ -126,17 +124,12 @@ def shipped() -> dict[str, Path]:
 
 def load_spec(name_or_path: str) -> TaskSpec:
     """A shipped task by name, or a spec file by path."""
-    from tasktune.config import build_dataclass
+    from tasktune.config import build_dataclass, read_yaml_mapping
 
     path = shipped().get(name_or_path) or Path(name_or_path).expanduser()
     if not path.is_file():
         raise TasktuneError(f"task {name_or_path!r} is neither a shipped task ({sorted(shipped())}) nor a spec file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise TasktuneError(f"{path}: not valid YAML ({exc})") from exc
-    if not isinstance(data, dict):
-        raise TasktuneError(f"{path}: expected a mapping of task keys, got {type(data).__name__}")
+    data = read_yaml_mapping(path, "task")
     for key in ("name", "type"):
         if key not in data:
             raise TasktuneError(f"{path}: missing {key!r} (a task spec needs name, type and template)")
