@@ -58,7 +58,7 @@ def lmeval_scores(model_path: str, rows_file: Path, work: Path) -> tuple[list[li
 
     (work / "sst2_local.yaml").write_text(TASK_YAML.format(rows=rows_file))
     results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_path},dtype=float32",
-                                      tasks=["sst2_local"], batch_size=16, log_samples=True,
+                                      tasks=["sst2_local"], batch_size=16, log_samples=True, device="cpu",
                                       task_manager=TaskManager(include_path=str(work)))
     samples = sorted(results["samples"]["sst2_local"], key=lambda s: s["doc_id"])
     return [[float(r[0]) for r in s["filtered_resps"]] for s in samples], lm_eval.__version__
