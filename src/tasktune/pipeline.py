@@ -114,9 +114,9 @@ def evaluate_stage(p: Prepared, model, out_dir: Path, head: str = "causal_lm") -
     test = p.examples["test"]
     generate_ids = {ex["id"] for ex in sample(test, cfg.limit_generate, p.recipe.data.seed)}
     start = time.perf_counter()
-    extra = {}
-    if hasattr(p.task, "calibrate"):  # SQuAD v2: abstention threshold chosen on the validation slice
-        extra["na_threshold"] = p.task.calibrate(model, p.builder, p.examples["validation"], cfg.batch_size)
+    # A decision threshold chosen on the validation slice (extractive QA's abstention; None for classification).
+    threshold = p.task.calibrate(model, p.builder, p.examples["validation"], cfg.batch_size)
+    extra = {} if threshold is None else {"na_threshold": threshold}
     shard = test[state.process_index::state.num_processes]
     records, seconds = p.task.predict(model, p.builder, shard, cfg.protocols, cfg.batch_size, head=head,
                                       generate_ids=generate_ids)

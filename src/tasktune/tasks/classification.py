@@ -139,6 +139,10 @@ class ClassificationTask:
         protocol = "classifier" if head == "seqcls" else "score"
         return {self.metric_for_best: metrics[protocol][self.metric_for_best]}
 
+    def calibrate(self, model, builder, examples: list[dict], batch_size: int) -> None:
+        """Classification has no decision threshold to choose on the validation slice (argmax decides)."""
+        return None
+
     # --- evaluation -------------------------------------------------------------------------------
     def evaluate(self, model, builder, examples: list[dict], protocols: list[str], batch_size: int,
                  head: str = "causal_lm", generate_ids: set[int] | None = None) -> tuple[dict, list[dict]]:
