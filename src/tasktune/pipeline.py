@@ -6,7 +6,6 @@ directory is created; the directory itself is staged and renamed into place only
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import random
@@ -25,7 +24,7 @@ from tasktune.data.split import overlap_warning
 from tasktune.errors import TasktuneError
 from tasktune.models import LoadedModel, count_parameters, load_model, model_identity
 from tasktune.params import parameter_report
-from tasktune.rundir import RunDir, write_json, write_jsonl, write_text
+from tasktune.rundir import RunDir, sha256_file, write_json, write_jsonl, write_text
 from tasktune.tasks import PromptBuilder, get_task
 
 
@@ -106,7 +105,7 @@ def process_state() -> PartialState:
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-def evaluate_stage(p: Prepared, model, out_dir: Path, head: str = "causal_lm") -> dict:
+def evaluate_stage(p: Prepared, model, out_dir: Path, head: str = "causal_lm", protocol: dict | None = None) -> dict:
     """Evaluate the test split. Under `accelerate launch`/`torchrun` each process predicts its own shard, the
     records are gathered, and every process computes the same metrics; only the main process writes."""
     cfg = p.recipe.eval
@@ -132,7 +131,7 @@ def evaluate_stage(p: Prepared, model, out_dir: Path, head: str = "causal_lm") -
     metrics["seconds"] = round(time.perf_counter() - start, 3)
     metrics["processes"] = state.num_processes
     if state.is_main_process:
-        write_json(out_dir / "metrics.json", metrics)
+        write_json(out_dir / "metrics.json", {**metrics, **({"protocol": protocol} if protocol else {})})
         write_jsonl(out_dir / "predictions.jsonl", records)
     return metrics
 
@@ -194,9 +193,8 @@ def data_fingerprint(source: str) -> dict:
 
 def run_fingerprint(p: Prepared) -> dict:
     """What a run is made from: its data, its model and its task spec (a resumed run must match all three)."""
-    spec_text = Path(p.task.spec.source).read_bytes()
     return {"data_sha256": data_fingerprint(p.sources), "model": model_identity(p.lm),
-            "task_sha256": hashlib.sha256(spec_text).hexdigest()}
+            "task_sha256": sha256_file(Path(p.task.spec.source))}
 
 
 def check_fingerprint(folder: Path, fingerprint: dict, what: str) -> None:
@@ -351,7 +349,7 @@ def evaluate_run(run_dir: Path, out: Path, data_path: str | None = None, overwri
         p.source = source
     model, _, head = load_trained(p, run_dir)
     with staging as work:
-        metrics = evaluate_stage(p, merge_for_inference(model), work, head=head)
-        metrics["protocol"] = {"run": str(run_dir), "data": p.source, "rows": "all" if data_path else "test split"}
-        write_json(work / "metrics.json", metrics)
+        metrics = evaluate_stage(p, merge_for_inference(model), work, head=head,
+                                 protocol={"run": str(run_dir), "data": p.source,
+                                           "rows": "all" if data_path else "test split"})
     return metrics, p.task.summary(metrics)

@@ -117,9 +117,6 @@ class ClassificationTask:
     # --- training ---------------------------------------------------------------------------------
     def train_features(self, builder, examples: list[dict], objective: str, max_length: int,
                        label_token_ids: list[int] | None) -> list[dict]:
-        if objective in ("verbalizer", "label_lm") and label_token_ids is None:
-            raise TasktuneError(f"train.objective={objective} needs single-token verbalizers; "
-                                f"{list(self.verbalizers)} are several tokens for this tokenizer: use train.objective=lm")
         targets = self.verbalizer_tokens(builder, examples[0]) if objective == "lm" else None
         features = []
         for ex in examples:
