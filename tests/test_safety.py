@@ -218,3 +218,25 @@ def test_out_of_memory_is_one_line_naming_the_batch_size(tiny_llama, sst2_tsv, t
     assert (tmp_path / ".r.partial" / "stages.json").is_file()  # kept, resumable
     monkeypatch.undo()
     assert main(run_args(tiny_llama, sst2_tsv, tmp_path, "r", "train.batch_size=4")) == 0
+
+
+def test_remove_ours_deletes_only_marked_directories_outside_protected_places(user_dir, tmp_path, monkeypatch):
+    """The one deletion of a named directory in tasktune (`rundir.remove_ours`) re-checks the marker itself."""
+    from tasktune.errors import TasktuneError
+    from tasktune.rundir import mark_as_ours, remove_ours
+
+    before = snapshot(user_dir)
+    with pytest.raises(TasktuneError, match="not written by tasktune"):
+        remove_ours(user_dir)
+    assert snapshot(user_dir) == before
+    mark_as_ours(user_dir, "output")
+    monkeypatch.chdir(user_dir)
+    with pytest.raises(TasktuneError, match="working directory"):
+        remove_ours(user_dir)  # even marked, never the working directory
+    assert (user_dir / "thesis.tex").read_text() == "years of work"
+    monkeypatch.chdir(tmp_path)
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    mark_as_ours(ours, "output")
+    remove_ours(ours)
+    assert not ours.exists()
