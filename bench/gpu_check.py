@@ -1,20 +1,28 @@
-"""GPU throughput check with randomly initialised Llama-3.2-1B- and Gemma-2-2B-shaped models (no download).
+"""GPU throughput and memory check with randomly initialised Llama-3.2-1B- and Gemma-2-2B-shaped models.
 
-For each model: a few LoRA training steps with tasktune's verbalizer objective and with the full-vocabulary
-LM loss, reporting tokens/s, model FLOPs utilisation (6·N·tokens per step against the card's peak bf16
-FLOP/s, passed with --peak-tflops) and peak CUDA memory. Finishes in well under 5 minutes on one H100.
-Usage: python bench/gpu_check.py [--steps 10] [--batch 16] [--seq-len 256] [--peak-tflops 989]
+Nothing is downloaded. Two parts:
+1. Throughput: a few LoRA training steps with tasktune's training step (its objective, the bf16 base with the
+   adapter under autocast) and with the usual script's step (full-vocabulary LM loss through the model's own
+   forward, peft's fp32 adapter), on full rows of --seq-len tokens. Reports tokens/s, model FLOP utilisation
+   (bench/flops.py: LoRA-aware, against --peak-tflops) and peak CUDA memory.
+2. Memory of the GPU recipes: two training steps at each recipe's batch and maximum length (the worst batch),
+   with and without gradient checkpointing, measured with torch.cuda.max_memory_allocated, beside the CPU
+   estimate of bench/gpu_memory.py for the same configuration.
+Usage: python bench/gpu_check.py [--steps 10] [--batch 16] [--seq-len 256] [--peak-tflops 989] [--tiny]
+  --tiny: hidden 64, 2 layers, on CPU: a smoke test of this script (no RESULTS.md entry).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from flops import lora_training_flops  # noqa: E402
 
 # The published configs, written out so nothing is downloaded.
 CONFIGS = {
@@ -27,51 +35,119 @@ CONFIGS = {
                                          head_dim=256, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
                                          sliding_window=4096, query_pre_attn_scalar=256)),
 }
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=512, head_dim=16)
+ANSWER_TOKENS = 8  # as bench/gpu_memory.py: the answer loss covers the last tokens of the row
 
 
-def measure(name: str, objective: str, steps: int, batch: int, seq_len: int, peak_tflops: float) -> list:
+def build(name: str, train_cfg, device: str, tiny: bool):
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from tasktune.config import TrainConfig
-    from tasktune.train import adapter_autocast, adapter_input_casting_off, add_lora, objective_loss
+    from tasktune.train import add_lora
 
     cls_name, kwargs = CONFIGS[name]
+    kwargs = dict(copy.deepcopy(kwargs), **TINY) if tiny else kwargs
     config = getattr(transformers, cls_name)(**kwargs)
-    attn = "eager" if cls_name == "Gemma2Config" else "sdpa"
-    torch.cuda.reset_peak_memory_stats()
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=attn).cuda()
-    n_params = sum(p.numel() for p in model.parameters())
-    model = add_lora(model, TrainConfig(lora_r=16, lora_alpha=32, lora_dropout=0.0), "verbalizer")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(10, config.vocab_size, (batch, seq_len), device="cuda")
+    attn = "eager" if cls_name == "Gemma2Config" else "sdpa"  # as tasktune loads them
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=attn)
+    return add_lora(model, train_cfg, train_cfg.objective), config
+
+
+def batch_inputs(config, objective: str, batch: int, seq_len: int, device: str) -> dict:
+    import torch
+
+    ids = torch.randint(10, config.vocab_size, (batch, seq_len), device=device)
     mask = torch.ones_like(ids)
-    positions = mask.cumsum(-1) - 1
-    labels = torch.randint(0, 2, (batch,), device="cuda")
-    rows = [11, 12]
+    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": mask.cumsum(-1) - 1}
+    if objective == "answer":
+        labels = torch.full_like(ids, -100)
+        labels[:, -ANSWER_TOKENS:] = ids[:, -ANSWER_TOKENS:]
+    elif objective == "lm":  # the usual script: LM loss on the last token, through the model's own forward
+        labels = torch.full_like(ids, -100)
+        labels[:, -1] = ids[:, -1]
+    else:
+        labels = torch.randint(0, 2, (batch,), device=device)
+    inputs["labels"] = labels
+    return inputs
+
+
+def train_steps(model, inputs: dict, objective: str, steps: int, sync) -> float:
+    """Seconds for `steps` optimizer steps after two untimed ones."""
+    import torch
+
+    from tasktune.train import adapter_autocast, adapter_input_casting_off, objective_loss
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+    start = time.perf_counter()
     for step in range(steps + 2):
         if step == 2:
-            torch.cuda.synchronize()
+            sync()
             start = time.perf_counter()
-        if objective == "verbalizer":  # tasktune's training step: its loss, the adapter in bf16 mixed precision
+        if objective == "lm":  # peft's own fp32 adapter path, as a hand-written script runs it
+            loss = objective_loss(model, inputs, "lm")
+        else:
             with adapter_input_casting_off(model):
                 with adapter_autocast(model):
-                    loss = objective_loss(model, {"input_ids": ids, "attention_mask": mask,
-                                                  "position_ids": positions, "labels": labels}, "verbalizer", rows)
-                loss.backward()
-        else:  # the usual script: full-vocabulary LM loss, peft's fp32 adapter
-            target = torch.full_like(ids, -100)
-            target[:, -1] = ids[:, -1]
-            loss = model(input_ids=ids, attention_mask=mask, labels=target).loss
-            loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    tokens = batch * seq_len * steps
-    mfu = 6 * n_params * tokens / seconds / (peak_tflops * 1e12)
-    return [name, objective, tokens / seconds, mfu, torch.cuda.max_memory_allocated() / 2**30]
+                    loss = objective_loss(model, inputs, objective, [11, 12])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    sync()
+    return time.perf_counter() - start
+
+
+def throughput(name: str, objective: str, args, device: str) -> list:
+    import torch
+
+    from tasktune.config import TrainConfig
+
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    train_cfg = TrainConfig(lora_r=16, lora_alpha=32, lora_dropout=0.0, objective=objective)
+    model, config = build(name, train_cfg, device, args.tiny)
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    inputs = batch_inputs(config, objective, args.batch, args.seq_len, device)
+    seconds = train_steps(model, inputs, objective, args.steps, torch.cuda.synchronize if cuda else lambda: None)
+    head_positions = args.seq_len if objective == "lm" else 1
+    flops = lora_training_flops(config, args.batch, args.seq_len, head_positions, lora) * args.steps
+    tokens = args.batch * args.seq_len * args.steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else common.peak_rss_mib() / 1024
+    del model
+    return [name, objective, tokens / seconds, flops / seconds / 1e12, flops / seconds / (args.peak_tflops * 1e12),
+            peak]
+
+
+def recipe_memory(recipe: str, model_name: str, checkpointing: bool, args, device: str) -> list:
+    import torch
+
+    from tasktune.config import load_recipe
+
+    train_cfg = load_recipe(recipe).train
+    train_cfg.lora_dropout = 0.0
+    train_cfg.gradient_checkpointing = checkpointing
+    batch, seq_len = (2, 16) if args.tiny else (train_cfg.batch_size, train_cfg.max_length)
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    model, config = build(model_name, train_cfg, device, args.tiny)
+    if checkpointing:
+        model.activation_checkpointing_enable()  # as the Trainer does for train.gradient_checkpointing
+    weights = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
+    inputs = batch_inputs(config, train_cfg.objective, batch, seq_len, device)
+    train_steps(model, inputs, train_cfg.objective, 0, torch.cuda.synchronize if cuda else lambda: None)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0
+    del model
+    return [recipe, train_cfg.objective, batch, seq_len, "on" if checkpointing else "off", weights, peak - weights,
+            peak, reserved]
 
 
 def main() -> None:
@@ -82,14 +158,36 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes on CPU: a smoke test, no RESULTS.md entry")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("gpu_check needs a CUDA device")
-    rows = [measure(name, objective, args.steps, args.batch, args.seq_len, args.peak_tflops)
-            for name in CONFIGS for objective in ("lm", "verbalizer")]
-    body = common.table(["model", "objective", "tokens/s", "MFU (6N·tokens)", "peak GiB"], rows)
-    print(body)
-    common.append_results("GPU check", "python bench/gpu_check.py " + " ".join(sys.argv[1:]), body, common.machine())
+    if args.tiny:
+        device, args.steps, args.batch, args.seq_len = "cpu", 2, 2, 16
+    elif torch.cuda.is_available():
+        device = "cuda"
+    else:
+        raise SystemExit("gpu_check needs a CUDA device (or --tiny for a CPU smoke test)")
+    rows = [throughput(name, objective, args, device)
+            for name in CONFIGS for objective in ("lm", "verbalizer", "label_lm", "answer")]
+    speed = common.table(["model", "objective", "tokens/s", "model TFLOP/s", f"MFU (of {args.peak_tflops:g})",
+                          "peak GiB"], rows)
+    speed += (f"\n\nBatch {args.batch} x {args.seq_len} tokens, {args.steps} timed steps after 2 untimed, bf16 base, "
+              "LoRA r16 on the attention and MLP projections. `lm`: the usual script (full-vocabulary LM loss "
+              "through the model's forward, peft's fp32 adapter); the others: tasktune's training step. MFU counts "
+              "the FLOPs of bench/flops.py (LoRA-aware: no base weight gradients).")
+    from gpu_memory import RECIPES
+
+    memory_rows = [recipe_memory(recipe, model_name, checkpointing, args, device)
+                   for recipe, model_name in RECIPES.items() for checkpointing in (False, True)]
+    memory = common.table(["recipe", "objective", "batch", "max length", "grad. checkpointing", "weights GiB",
+                           "step adds GiB", "peak allocated GiB", "peak reserved GiB"], memory_rows)
+    memory += ("\n\nTwo training steps (AdamW state live in the second) with every row at the recipe's maximum "
+               "length. Compare `step adds` with bench/gpu_memory.py's `step peak (live tensors)` estimate.")
+    print(speed, memory, sep="\n\n")
+    if not args.tiny:
+        facts = common.machine()
+        common.append_results("GPU check: training throughput and MFU", "python bench/gpu_check.py "
+                              + " ".join(sys.argv[1:]), speed, facts)
+        common.append_results("GPU check: recipe memory measured", "python bench/gpu_check.py", memory, facts)
 
 
 if __name__ == "__main__":

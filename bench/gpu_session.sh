@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One prepared GPU session (run on a lent CUDA machine, from the repository root): versions, the GPU check
+# (throughput, MFU, recipe memory), data-parallel and FSDP steps under accelerate, and tasktune's tests on CUDA.
+# Everything printed goes to $OUT/gpu-session.log (or ./gpu-session.log); RESULTS.md entries to $OUT too.
+# Optional: wheels in .whl (packages the machine lacks or has too old) and pure-Python packages in .gpusite.
+set -uo pipefail
+OUT=${OUT:-.}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=/tmp/site:$PWD/.gpusite:$PWD/src
+cp bench/RESULTS.md /tmp/RESULTS.before.md
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch, transformers, peft, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"
+  echo "== gpu_check"; timeout 240 python3 bench/gpu_check.py --steps 10
+  for cfg in ddp fsdp; do
+    echo "== accelerate launch ($cfg, 1 process)"
+    timeout 90 python3 -m accelerate.commands.launch --config_file src/tasktune/recipes/accelerate/$cfg.yaml \
+      --num_processes 1 bench/gpu_ddp_check.py --steps 10
+  done
+  echo "== tests on CUDA"
+  timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_train.py tests/test_infer.py tests/test_squad_e2e.py \
+    tests/test_resume.py 2>&1 | tail -25
+} 2>&1 | grep -v -E "FutureWarning|warnings.warn" | tee "$OUT/gpu-session.log"
+diff /tmp/RESULTS.before.md bench/RESULTS.md | sed -n 's/^> //p' > "$OUT/RESULTS.gpu.md"
