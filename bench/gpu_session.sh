@@ -5,6 +5,7 @@
 # Optional: wheels in .whl (packages the machine lacks or has too old) and pure-Python packages in .gpusite.
 set -uo pipefail
 OUT=${OUT:-.}
+PARTS=${PARTS:-"check launch tests"}  # a subset reruns only those parts
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -14,14 +15,16 @@ cp bench/RESULTS.md /tmp/RESULTS.before.md
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, transformers, peft, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"
-  echo "== gpu_check"; timeout 240 python3 bench/gpu_check.py --steps 10
-  for cfg in ddp fsdp; do
+  if [[ $PARTS == *check* ]]; then echo "== gpu_check"; timeout 240 python3 bench/gpu_check.py --steps 10; fi
+  for cfg in ddp fsdp fsdp2; do
+    [[ $PARTS == *launch* ]] || break
     echo "== accelerate launch ($cfg, 1 process)"
     timeout 90 python3 -m accelerate.commands.launch --config_file src/tasktune/recipes/accelerate/$cfg.yaml \
       --num_processes 1 bench/gpu_ddp_check.py --steps 10
   done
+  [[ $PARTS == *tests* ]] || exit 0
   echo "== tests on CUDA"
-  timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_train.py tests/test_infer.py tests/test_squad_e2e.py \
-    tests/test_resume.py 2>&1 | tail -25
+  timeout 240 python3 -m pytest -q --tb=short -p no:cacheprovider tests/test_train.py tests/test_infer.py tests/test_squad_e2e.py \
+    tests/test_resume.py tests/test_cli.py 2>&1 | grep -v -E '^(Loading|score|generate| +[0-9]+%)' | tail -150
 } 2>&1 | grep -v -E "FutureWarning|warnings.warn" | tee "$OUT/gpu-session.log"
 diff /tmp/RESULTS.before.md bench/RESULTS.md | sed -n 's/^> //p' > "$OUT/RESULTS.gpu.md"

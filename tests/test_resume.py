@@ -85,7 +85,7 @@ def test_sigkill_after_a_checkpoint_resumes_to_the_same_early_stop(tiny_llama, t
 
     command = [sys.executable, "-m", "tasktune", *args(tiny_llama, data, tmp_path, "killed", *settings)]
     checkpoint = tmp_path / ".killed.partial" / "train" / "checkpoints" / f"checkpoint-{kill_step}"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not (checkpoint / "tasktune_complete.json").exists() and proc.poll() is None and time.time() < deadline:
@@ -137,7 +137,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_llama, reference, tmp
     ref, data = reference
     command = [sys.executable, "-m", "tasktune", *args(tiny_llama, data, tmp_path, "term")]
     checkpoints = tmp_path / ".term.partial" / "train" / "checkpoints"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not (checkpoints / "checkpoint-10").exists() and proc.poll() is None and time.time() < deadline:
