@@ -42,13 +42,14 @@ metadata:
 
 
 def tasktune_scores(model_path: str, rows: list[dict]) -> list[list[float]]:
+    from tasktune.evaluation import predict
     from tasktune.models import load_model
-    from tasktune.tasks import PromptBuilder
-    from tasktune.tasks import get_task
+    from tasktune.runner import Runner
+    from tasktune.tasks import PromptBuilder, get_task
 
     lm = load_model(model_path, dtype="fp32")
     task = get_task("sst2")
-    records, _ = task.predict(lm.model, PromptBuilder(task, lm.tokenizer), rows, ["score"], batch_size=32)
+    records, _ = predict(task, Runner(lm.model, lm.tokenizer, 32), PromptBuilder(task, lm.tokenizer), rows, ["score"])
     return [r["score_logprobs"] for r in records]
 
 

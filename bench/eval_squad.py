@@ -48,7 +48,10 @@ def worker(config: str, model: str, n: int, batch: int, quick: bool) -> dict:
                 logits = lm.model(input_ids=enc).logits[0, -1].float()
                 na.append(torch.softmax(logits, -1)[abstain_id].item())
     else:
-        metrics, records = task.evaluate(lm.model, builder, rows, batch_size=batch, with_text_metrics=False)
+        from tasktune.evaluation import predict
+        from tasktune.runner import Runner
+
+        records, _ = predict(task, Runner(lm.model, lm.tokenizer, batch), builder, rows, ["generate"])
         na = [r["na_prob"] for r in records]
     seconds = time.perf_counter() - start
     return {"config": config, "examples_per_s": n / seconds, "seconds": seconds, "na_probs": na}

@@ -79,7 +79,7 @@ def train_steps(model, inputs: dict, objective: str, steps: int, sync) -> float:
     """Seconds for `steps` optimizer steps after two untimed ones."""
     import torch
 
-    from tasktune.train import adapter_autocast, adapter_input_casting_off, objective_loss
+    from tasktune.losses import adapter_autocast, adapter_input_casting_off, objective_loss
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()

@@ -122,7 +122,7 @@ def step_peak(model_name: str, train_cfg, layers: int, batch: int, seq_len: int,
     """Peak live bytes of two training steps, weights excluded (they exist before tracking starts)."""
     import torch
 
-    from tasktune.train import adapter_autocast, adapter_input_casting_off, objective_loss
+    from tasktune.losses import adapter_autocast, adapter_input_casting_off, objective_loss
 
     objective = train_cfg.objective
     torch.manual_seed(0)

@@ -7,7 +7,10 @@ from tasktune.infer import classify
 from tasktune.models import load_model
 from tasktune.tasks import PromptBuilder
 from tasktune.tasks import get_task
-from tasktune.train import LeftPadCollator, TaskTrainer, add_lora, fit, objective_loss
+from tasktune.evaluation import validation_metrics
+from tasktune.losses import objective_loss
+from tasktune.runner import Runner
+from tasktune.train import LeftPadCollator, TaskTrainer, add_lora, fit
 from tiny import sentiment_rows
 
 
@@ -24,6 +27,10 @@ def setup(path, objective, dtype="fp32"):
     return lm, task, builder, label_ids, head
 
 
+
+def validation(task, model, builder, examples, head):
+    return validation_metrics(task, Runner(model, builder.tokenizer, 8, shard=False), builder, examples, head)
+
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3"])
 @pytest.mark.parametrize("objective", ["verbalizer", "label_lm", "lm", "seqcls"])
 def test_objective_trains_and_changes_only_lora(tiny_models, tmp_path, arch, objective):
@@ -37,7 +44,7 @@ def test_objective_trains_and_changes_only_lora(tiny_models, tmp_path, arch, obj
     features = task.train_features(builder, train, objective, 64, label_ids)
     val = rows(16, seed=1)
     summary = fit(model, lm.tokenizer, features, features[:1], cfg, tmp_path, objective,
-                  lambda m: task.validation_metrics(m, builder, val, 8, head=head), "accuracy", label_ids)
+                  lambda m: validation(task, m, builder, val, head), "accuracy", label_ids)
     assert summary["global_step"] == 6
     assert any("eval_accuracy" in h for h in summary["log_history"])
     assert (tmp_path / "log_history.json").is_file()
@@ -97,7 +104,7 @@ def test_seqcls_adapter_reloads_and_scores_identically(tiny_models, tmp_path):
     model = add_lora(lm.model, cfg, "seqcls")
     features = task.train_features(builder, rows(24), "seqcls", 64, label_ids)
     fit(model, lm.tokenizer, features, features[:1], cfg, tmp_path, "seqcls",
-        lambda m: task.validation_metrics(m, builder, rows(8), 8, head="seqcls"), "accuracy", label_ids)
+        lambda m: validation(task, m, builder, rows(8), "seqcls"), "accuracy", label_ids)
     model.save_pretrained(tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     encoded = [builder.encode(builder.render(r)) for r in rows(10, seed=5)]
@@ -112,7 +119,7 @@ def test_seqcls_adapter_reloads_and_scores_identically(tiny_models, tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
 def test_answer_loss_equals_full_logit_lm_loss(tiny_models, arch):
     from tasktune.tasks import get_task
-    from tasktune.train import answer_positions_loss
+    from tasktune.losses import answer_loss
 
     lm = load_model(str(tiny_models[arch]), dtype="fp32")
     task = get_task("squad_v2")
@@ -124,8 +131,7 @@ def test_answer_loss_equals_full_logit_lm_loss(tiny_models, arch):
     features = task.train_features(builder, examples, "answer", 128)
     batch = LeftPadCollator(lm.tokenizer.pad_token_id)(features)
     with torch.no_grad():
-        ours = answer_positions_loss(lm.model, batch["input_ids"], batch["attention_mask"],
-                                     batch["position_ids"], batch["labels"])
+        ours = answer_loss(lm.model, batch)
         reference = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              position_ids=batch["position_ids"], labels=batch["labels"]).loss
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
@@ -136,7 +142,7 @@ def test_bf16_base_trains_adapter_in_mixed_precision(tiny_models):
     matches the same adapter computed in fp32 (peft's own input up-casting) within bf16 rounding."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from tasktune.train import adapter_autocast, adapter_input_casting_off
+    from tasktune.losses import adapter_autocast, adapter_input_casting_off
 
     lm, task, builder, label_ids, _ = setup(tiny_models["gemma3"], "verbalizer", dtype="bf16")
     model = add_lora(lm.model, TrainConfig(lora_r=4, lora_alpha=8), "verbalizer")
@@ -167,7 +173,7 @@ def test_bf16_base_trains_adapter_in_mixed_precision(tiny_models):
 def test_fp32_base_gets_no_autocast(tiny_llama):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from tasktune.train import adapter_autocast, adapter_input_casting_off
+    from tasktune.losses import adapter_autocast, adapter_input_casting_off
 
     lm, *_ = setup(tiny_llama, "verbalizer")
     model = add_lora(lm.model, TrainConfig(lora_r=4, lora_alpha=8), "verbalizer")
@@ -189,7 +195,7 @@ def test_gradient_checkpointing_still_trains_every_adapter(tiny_models, tmp_path
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
     features = task.train_features(builder, rows(16), "label_lm", 64, label_ids)
     fit(model, lm.tokenizer, features, features[:1], cfg, tmp_path, "label_lm",
-        lambda m: task.validation_metrics(m, builder, rows(8, seed=1), 8, head=head), "accuracy", label_ids)
+        lambda m: validation(task, m, builder, rows(8, seed=1), head), "accuracy", label_ids)
     assert unwrap(model).is_activation_checkpointing
     unchanged = [n for n, p in model.named_parameters() if n in before and torch.equal(p.cpu(), before[n].cpu())]
     assert before and not unchanged, unchanged

@@ -156,7 +156,7 @@ def cmd_recipes(args) -> int:
 
 
 def cmd_params(args) -> int:
-    from tasktune.params import params_for_run
+    from tasktune.param_report import params_for_run
     from tasktune.report import render
     from tasktune.rundir import require_finished_run
 
@@ -239,57 +239,25 @@ def cmd_run(args, train_only: bool = False) -> int:
 
 
 def cmd_eval(args) -> int:
-    from tasktune.config import DataConfig
-    from tasktune.infer import merge_for_inference
-    from tasktune.models import load_model
-    from tasktune.pipeline import sample
-    from tasktune.rundir import StagingDir, write_json, write_jsonl
-    from tasktune.tasks import PromptBuilder, get_task
+    """The evaluation stage of `run`, on a finished run (`--run`) or on a base model and optional adapter."""
+    from tasktune.config import load_recipe
+    from tasktune.pipeline import evaluate_model, evaluate_run
 
     if args.run:
-        from tasktune.pipeline import evaluate_run
-
         metrics, summary = evaluate_run(Path(args.run), Path(args.out), args.data, overwrite=args.overwrite)
-        print(f"[tasktune] {summary}")
-        return 0
-    if not args.task or not args.model:
+    elif not args.task or not args.model:
         raise TasktuneError("eval needs --run RUN_DIR, or both --task and --model")
-    staging = StagingDir(Path(args.out), overwrite=args.overwrite)  # refuse a bad --out before loading anything
-    task = get_task(args.task, max_prompt_tokens=args.max_prompt_tokens)
-    rows, source = task.load(args.data)
-    if args.split == "test":
-        split = task.split(rows, DataConfig(seed=args.seed))
-        by_id = {r["id"]: r for r in rows}
-        examples = [by_id[i] for i in split["test"]]
-        pool = [by_id[i] for i in split["train"]]
     else:
-        examples, pool = rows, rows
-    examples = sample(examples, args.limit, args.seed)
-    head = "causal_lm"
-    if args.adapter:
-        adapter_config = Path(args.adapter) / "adapter_config.json"
-        if not adapter_config.is_file():
-            raise TasktuneError(f"{args.adapter} is not a LoRA adapter directory (no adapter_config.json)")
-        if json.loads(adapter_config.read_text()).get("task_type") == "SEQ_CLS":
-            head = "seqcls"
-    lm = load_model(args.model, args.dtype, head=head, trust_remote_code=args.trust_remote_code)
-    model = lm.model
-    if args.adapter:
-        from peft import PeftModel
-
-        model = merge_for_inference(PeftModel.from_pretrained(model, args.adapter))
-        model.eval()
-    evaluated = {e["id"] for e in examples}
-    shot_pool = [r for r in pool if r["id"] not in evaluated] if args.shots else None
-    builder = PromptBuilder(task, lm.tokenizer, args.prompt_format, args.shots, shot_pool, args.seed)
-    protocols = ["score", "generate"] if args.protocol == "both" else [args.protocol]
-    metrics, records = task.evaluate(model, builder, examples, protocols, args.batch_size, head=head)
-    metrics["protocol"] = {**builder.describe(), "data": source, "split": args.split, "model": args.model,
-                           "adapter": args.adapter}
-    with staging as work:
-        write_json(work / "metrics.json", metrics)
-        write_jsonl(work / "predictions.jsonl", records)
-    print(f"[tasktune] {task.summary(metrics)}")
+        # Typed values straight into the recipe (no k=v parsing: a path stays a string).
+        settings = {"name": "eval", "task": args.task, "model": args.model, "dtype": args.dtype,
+                    "trust_remote_code": args.trust_remote_code,
+                    "data": {"path": args.data, "seed": args.seed, "limit_test": args.limit},
+                    "eval": {"batch_size": args.batch_size, "prompt_format": args.prompt_format, "shots": args.shots,
+                             "max_prompt_tokens": args.max_prompt_tokens,
+                             "protocols": ["score", "generate"] if args.protocol == "both" else [args.protocol]}}
+        metrics, summary = evaluate_model(load_recipe(None, defaults=settings), Path(args.out), args.adapter,
+                                          args.split, overwrite=args.overwrite)
+    print(f"[tasktune] {summary}")
     return 0
 
 

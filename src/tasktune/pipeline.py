@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object
 
 from tasktune import __version__
 from tasktune.config import Recipe
@@ -23,7 +22,7 @@ from tasktune.infer import merge_for_inference
 from tasktune.data.split import overlap_warning
 from tasktune.errors import TasktuneError
 from tasktune.models import LoadedModel, count_parameters, load_model, model_identity
-from tasktune.params import parameter_report
+from tasktune.param_report import parameter_report
 from tasktune.rundir import RunDir, sha256_file, write_json, write_jsonl, write_text
 from tasktune.tasks import PromptBuilder, get_task
 
@@ -66,8 +65,8 @@ class Prepared:
         return self.source + (f", {self.test_source}" if self.test_source else "")
 
 
-def prepare(recipe: Recipe) -> Prepared:
-    """Load and check everything the run needs; writes nothing."""
+def prepare(recipe: Recipe, training: bool = True) -> Prepared:
+    """Load and check everything the run needs (`training=False`: an evaluation only); writes nothing."""
     timings = {}
     start = time.perf_counter()
     task = get_task(recipe.task, recipe.eval.verbalizers, recipe.eval.max_prompt_tokens)
@@ -90,7 +89,7 @@ def prepare(recipe: Recipe) -> Prepared:
     builder = PromptBuilder(task, lm.tokenizer, recipe.eval.prompt_format, recipe.eval.shots,
                             shot_pool=examples["train"], seed=recipe.data.seed)
     label_ids = task.label_token_ids(builder, examples["test"][0])
-    if label_ids is None and recipe.train.objective in ("verbalizer", "label_lm"):
+    if training and label_ids is None and recipe.train.objective in ("verbalizer", "label_lm"):
         raise TasktuneError(f"train.objective={recipe.train.objective} needs single-token verbalizers; those of "
                             f"{task.name!r} are several tokens for this tokenizer: use train.objective=lm")
     return Prepared(recipe, task, source, split, examples, lm, builder, label_ids, overlap, test_source, timings)
@@ -106,28 +105,20 @@ def process_state() -> PartialState:
 
 
 def evaluate_stage(p: Prepared, model, out_dir: Path, head: str = "causal_lm", protocol: dict | None = None) -> dict:
-    """Evaluate the test split. Under `accelerate launch`/`torchrun` each process predicts its own shard, the
-    records are gathered, and every process computes the same metrics; only the main process writes."""
+    """Evaluate the test split with the run's protocol (and its threshold chosen on the validation slice).
+    Under `accelerate launch`/`torchrun` the runner shards the requests across processes and gathers the
+    results, so every process computes the same metrics; only the main process writes."""
+    from tasktune import evaluation
+    from tasktune.runner import Runner
+
     cfg = p.recipe.eval
     state = process_state()
     test = p.examples["test"]
     generate_ids = {ex["id"] for ex in sample(test, cfg.limit_generate, p.recipe.data.seed)}
     start = time.perf_counter()
-    # A decision threshold chosen on the validation slice (extractive QA's abstention; None for classification).
-    threshold = p.task.calibrate(model, p.builder, p.examples["validation"], cfg.batch_size)
-    extra = {} if threshold is None else {"na_threshold": threshold}
-    shard = test[state.process_index::state.num_processes]
-    records, seconds = p.task.predict(model, p.builder, shard, cfg.protocols, cfg.batch_size, head=head,
-                                      generate_ids=generate_ids)
-    if state.num_processes > 1:
-        for record in records:
-            record["process"] = state.process_index
-        records = gather_object(records)
-        order = {ex["id"]: n for n, ex in enumerate(test)}
-        records.sort(key=lambda r: order[r["id"]])
-        every = gather_object([seconds])  # one collective, not one per protocol
-        seconds = {k: max(s[k] for s in every) for k in seconds}
-    metrics = p.task.score(records, seconds, **extra)
+    runner = Runner(model, p.lm.tokenizer, cfg.batch_size)
+    metrics, records = evaluation.evaluate(p.task, runner, p.builder, test, cfg.protocols, head, generate_ids,
+                                           validation=p.examples["validation"])
     metrics["seconds"] = round(time.perf_counter() - start, 3)
     metrics["processes"] = state.num_processes
     if state.is_main_process:
@@ -151,9 +142,12 @@ def train_stage(p: Prepared, work: Path) -> tuple[torch.nn.Module, dict, str]:
                                      p.label_token_ids)
     val_features = features[:1]  # the Trainer wants an eval set; validation runs through `validate`
 
-    def validate(m):
-        return p.task.validation_metrics(m, p.builder, p.examples["validation"], p.recipe.eval.batch_size,
-                                         head=head)
+    def validate(m):  # each process runs the whole validation slice (the Trainer evaluates on every process)
+        from tasktune import evaluation
+        from tasktune.runner import Runner
+
+        runner = Runner(m, p.lm.tokenizer, p.recipe.eval.batch_size, shard=False)
+        return evaluation.validation_metrics(p.task, runner, p.builder, p.examples["validation"], head)
 
     summary = fit(model, p.lm.tokenizer, features, val_features, cfg, work / "train", cfg.objective, validate,
                   p.task.metric_for_best, p.label_token_ids)
@@ -353,3 +347,43 @@ def evaluate_run(run_dir: Path, out: Path, data_path: str | None = None, overwri
                                  protocol={"run": str(run_dir), "data": p.source,
                                            "rows": "all" if data_path else "test split"})
     return metrics, p.task.summary(metrics)
+
+
+def evaluate_model(recipe: Recipe, out: Path, adapter: str | None = None, rows: str = "test",
+                   overwrite: bool = False) -> tuple[dict, str]:
+    """`tasktune eval --task --model` and `tasktune.evaluate`: the same stages as `run` (prepare, then the
+    evaluation stage with the recipe's protocol), for a base model or a base model with a LoRA adapter.
+
+    `rows="test"`: the test part of the recipe's split (a task with a decision threshold chooses it on the
+    validation slice, as `run` does); `rows="all"`: every row of the data file (no validation slice, so the raw
+    decision only; in-context examples come from rows not evaluated)."""
+    from tasktune.rundir import StagingDir
+
+    staging = StagingDir(Path(out), overwrite=overwrite)  # refuse a bad --out before loading anything
+    head = adapter_head(adapter) if adapter else "causal_lm"
+    p = prepare(recipe, training=False)
+    if rows == "all":
+        everything, _ = p.task.load(recipe.data.path)
+        p.examples["test"] = sample(everything, recipe.data.limit_test, recipe.data.seed)
+        p.examples["validation"] = []
+        evaluated = {ex["id"] for ex in p.examples["test"]}
+        p.builder = PromptBuilder(p.task, p.lm.tokenizer, recipe.eval.prompt_format, recipe.eval.shots,
+                                  shot_pool=[r for r in everything if r["id"] not in evaluated],
+                                  seed=recipe.data.seed)
+    model = p.lm.model
+    if adapter:
+        from peft import PeftModel
+
+        model = merge_for_inference(PeftModel.from_pretrained(base_for_training(p, head), adapter))
+    protocol = {**p.builder.describe(), "data": p.source, "rows": rows, "model": recipe.model, "adapter": adapter}
+    with staging as work:
+        metrics = evaluate_stage(p, model, work, head=head, protocol=protocol)
+    return metrics, p.task.summary(metrics)
+
+
+def adapter_head(adapter: str) -> str:
+    """`seqcls` for an adapter saved with a classification head, else `causal_lm`."""
+    config = Path(adapter) / "adapter_config.json"
+    if not config.is_file():
+        raise TasktuneError(f"{adapter} is not a LoRA adapter directory (no adapter_config.json)")
+    return "seqcls" if json.loads(config.read_text()).get("task_type") == "SEQ_CLS" else "causal_lm"

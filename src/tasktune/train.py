@@ -1,15 +1,5 @@
-"""LoRA fine-tuning on the Hugging Face Trainer with task-aware losses.
-
-Objectives (SST-2):
-- `verbalizer`: hidden state of the last prompt token × the LM-head rows of the verbalizers, cross-entropy
-  over the labels. Full-vocabulary logits are never materialised.
-- `label_lm`: the same loss value as `lm` (full-vocabulary cross-entropy on the label token), with the LM head
-  applied at the last prompt position only: the model keeps *writing* the label word, which `verbalizer`
-  (a two-way contrast) does not teach.
-- `lm`: causal-LM loss on the label token only, through the model's own full-vocabulary forward (what most
-  tutorials do); kept for comparison.
-- `seqcls`: a fresh classification head (`AutoModelForSequenceClassification`), saved with the adapter.
-- `answer` (SQuAD v2): LM loss on the answer tokens only, with the LM head applied at those positions only.
+"""LoRA fine-tuning on the Hugging Face Trainer: the Trainer glue (arguments, collator, a Trainer whose loss
+is the objective's and whose evaluation is the task's), around `losses.py` and `checkpoints.py`.
 
 Early stopping reads a task metric computed by the task's own batched evaluation (not Trainer logit
 accumulation), through `TaskTrainer.evaluate`.
@@ -17,21 +7,18 @@ accumulation), through `TaskTrainer.evaluate`.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
-import signal
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
-from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 
-from tasktune.infer import head_logits, last_hidden_state, left_pad, position_ids_from_mask, unwrap
+from tasktune.checkpoints import SealCheckpoints, StopOnSignal, last_complete_checkpoint
 from tasktune.errors import TrainingInterrupted
-from tasktune.rundir import sha256_file, write_json
-
+from tasktune.infer import left_pad, position_ids_from_mask
+from tasktune.losses import adapter_autocast, adapter_input_casting_off, objective_loss
 
 def add_lora(model, train_cfg, objective: str):
     from peft import LoraConfig, TaskType, get_peft_model
@@ -63,85 +50,6 @@ class LeftPadCollator:
         return batch
 
 
-def answer_positions_loss(model, input_ids, attention_mask, position_ids, labels) -> torch.Tensor:
-    """Causal-LM loss over the positions whose next token is labelled, LM head at those positions only."""
-    lm = unwrap(model)
-    backbone = getattr(lm, lm.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      use_cache=False).last_hidden_state
-    targets = labels[:, 1:]
-    keep = targets != -100
-    logits = head_logits(model, hidden[:, :-1][keep]).float()
-    return F.cross_entropy(logits, targets[keep])
-
-
-def _bf16_base_device(model) -> str | None:
-    """The device type of a bf16 base model (DDP wrappers and peft unwrapped), else None."""
-    base = unwrap(getattr(model, "module", model))  # DDP wraps the peft model in `.module`
-    embeddings = base.get_input_embeddings()
-    if embeddings is None or embeddings.weight.dtype != torch.bfloat16:
-        return None
-    return embeddings.weight.device.type
-
-
-# Mixed precision for the adapter. peft casts every LoRA input up to the adapter's fp32 and keeps that copy, and
-# an fp32 output, for backward: with a bf16 base that is most of a step's activation memory. With that cast
-# switched off and the forward under bf16 autocast, the adapter matmuls run in bf16 (weights cast on the fly)
-# while master weights, gradients and optimizer state stay fp32. Measured on SST-2 training
-# (bench/train_sst2.py): peak RSS 2,997 -> 2,526 MiB at the same speed. fp32 and fp16 bases are left as they are
-# (fp16 would need a gradient scaler). Two context managers, because their scopes differ: the cast must stay off
-# through backward (gradient checkpointing recomputes the forward there, and the recomputed tensors must match
-# the saved ones), while autocast must cover the forward only (the checkpoint re-enters it itself).
-
-
-def adapter_input_casting_off(model):
-    """Around forward *and* backward: peft leaves adapter inputs in the base dtype (bf16 bases only)."""
-    if _bf16_base_device(model) is None:
-        return contextlib.nullcontext()
-    from peft.helpers import disable_input_dtype_casting
-
-    return disable_input_dtype_casting(model)
-
-
-def adapter_autocast(model):
-    """Around the forward only: the fp32 adapter weights are cast to bf16 for their matmuls (bf16 bases only)."""
-    device = _bf16_base_device(model)
-    return contextlib.nullcontext() if device is None else torch.autocast(device_type=device, dtype=torch.bfloat16)
-
-
-def objective_loss(model, inputs: dict, objective: str, label_token_ids: list[int] | None = None) -> torch.Tensor:
-    """The training loss of `objective` for one collated batch (see the module docstring)."""
-    ids, mask, pos, labels = (inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"],
-                              inputs["labels"])
-    data_parallel = hasattr(model, "module")  # wrapped by DDP under accelerate launch / torchrun
-    if objective in ("verbalizer", "label_lm"):
-        rows = label_token_ids if objective == "verbalizer" else None  # two label rows, or the whole vocabulary
-        if data_parallel:
-            # DDP synchronises gradients only through its own forward, so the loss goes through the model's
-            # forward, with LM-head logits for the last position only.
-            last = torch.tensor([ids.shape[1] - 1], device=ids.device)  # an index tensor: contiguous gather
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=last,
-                           use_cache=False).logits[:, -1]
-            logits = logits if rows is None else logits[:, rows]
-        else:
-            logits = head_logits(model, last_hidden_state(model, ids, mask), rows=rows)
-        # Rows carry class ids; label_lm's targets are the verbalizers' token ids.
-        targets = labels if rows is not None else torch.tensor(label_token_ids, device=labels.device)[labels]
-        return F.cross_entropy(logits.float(), targets)
-    if objective == "answer" and not data_parallel:
-        return answer_positions_loss(model, ids, mask, pos, labels)
-    if objective == "answer":
-        # As above for DDP: logits only for the window from the first answer position to the end.
-        first = int((labels != -100).float().argmax(dim=1).min())
-        window = torch.arange(max(first - 1, 0), ids.shape[1] - 1, device=ids.device)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=window,
-                       use_cache=False).logits.float()
-        targets = labels[:, window + 1]
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-    # lm and seqcls: the model's own forward and loss
-    return model(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels, use_cache=False).loss
-
-
 class TaskTrainer(Trainer):
     # Our losses are means over the micro-batch; let the Trainer divide by accumulation steps.
     loss_is_scaled_for_ga = False
@@ -169,66 +77,6 @@ class TaskTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
-
-
-SEAL = "tasktune_complete.json"
-
-
-class SealCheckpoints(TrainerCallback):
-    """After the Trainer writes checkpoint-N, record every file's size and sha256 in it. A checkpoint without
-    a matching seal (killed mid-write, truncated, corrupted) is never resumed from."""
-
-    def on_save(self, args, state, control, **kwargs):
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if state.is_world_process_zero and folder.is_dir():
-            files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
-                     for f in sorted(folder.iterdir()) if f.is_file() and f.name != SEAL}
-            write_json(folder / SEAL, {"step": state.global_step, "files": files})
-
-
-def complete_checkpoint(folder: Path) -> bool:
-    seal = folder / SEAL
-    try:
-        files = json.loads(seal.read_text())["files"]
-    except (OSError, ValueError, KeyError):
-        return False
-    return all((folder / name).is_file() and (folder / name).stat().st_size == meta["bytes"]
-               and sha256_file(folder / name) == meta["sha256"] for name, meta in files.items())
-
-
-def last_complete_checkpoint(checkpoints: Path) -> Path | None:
-    """The newest sealed checkpoint whose files still match their seal; damaged ones are skipped."""
-    found = sorted((p for p in checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
-    for folder in found:
-        if complete_checkpoint(folder):
-            return folder
-        print(f"[tasktune] skipping incomplete or damaged checkpoint {folder}")
-    return None
-
-
-class StopOnSignal(TrainerCallback):
-    """SIGINT/SIGTERM: finish the current step, save a checkpoint, stop; the run can then be resumed."""
-
-    def __init__(self):
-        self.received = None
-        self._previous = {}
-
-    def install(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def uninstall(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.received:
-            control.should_save = True
-            control.should_training_stop = True
 
 
 def training_arguments(train_cfg, output_dir: Path, metric: str) -> TrainingArguments:

@@ -9,9 +9,8 @@ the spec's template, each label has a verbalizer, and two protocols judge the mo
 from __future__ import annotations
 
 import re
-import time
 
-from tasktune import infer
+from tasktune import runner
 from tasktune.data import table
 from tasktune.data.split import containment_split, stratified_split, text_overlap
 from tasktune.errors import TasktuneError
@@ -129,59 +128,46 @@ class ClassificationTask:
             features.append({"input_ids": ids, "labels": ex["label"]})  # one class id per row
         return features
 
-    def validation_metrics(self, model, builder, examples: list[dict], batch_size: int,
-                           head: str = "causal_lm") -> dict:
-        """Early-stopping metric: `score`-protocol accuracy (classifier head for seqcls)."""
-        metrics, _ = self.evaluate(model, builder, examples, ["score"], batch_size, head=head)
-        protocol = "classifier" if head == "seqcls" else "score"
+    # --- evaluation: requests for the runner, and records from its results -----------------------------
+    sampled_protocols = ("generate",)  # eval.limit_generate applies to these
+    calibration_protocol = None  # argmax decides: no threshold to choose on the validation slice
+
+    def protocols(self, requested: list[str], head: str = "causal_lm") -> list[str]:
+        return ["classifier"] if head == "seqcls" else list(requested)
+
+    def validation_protocol(self, head: str = "causal_lm") -> str:
+        """Early stopping reads `score`-protocol accuracy (the classifier head's for seqcls)."""
+        return "classifier" if head == "seqcls" else "score"
+
+    def new_records(self, examples: list[dict]) -> list[dict]:
+        return [{"id": ex["id"], "text": ex["text"], "label": ex["label"]} for ex in examples]
+
+    def requests(self, builder, examples: list[dict], protocol: str) -> tuple[list, list[dict]]:
+        """One request per example for `protocol`, and nothing extra to record."""
+        encoded = [tuple(builder.encode(builder.render(ex))) for ex in examples]
+        if protocol == "classifier":
+            requests = [runner.Classify(ids) for ids in encoded]
+        elif protocol == "score":
+            continuations = tuple(tuple(s) for s in self.verbalizer_tokens(builder, examples[0]))
+            requests = [runner.Score(ids, continuations) for ids in encoded]
+        else:
+            new_tokens = self.generation_tokens(builder, examples[0])
+            requests = [runner.Generate(ids, new_tokens) for ids in encoded]
+        return requests, [{} for _ in examples]
+
+    def read_results(self, records: list[dict], protocol: str, results: list) -> None:
+        for rec, result in zip(records, results):
+            if protocol == "generate":
+                rec["generate_text"], rec["generate_pred"] = result.text, self.parse(result.text)
+                continue
+            rec[f"{protocol}_pred"] = max(range(len(result)), key=result.__getitem__)
+            if protocol == "score":
+                rec["score_logprobs"] = [round(x, 5) for x in result]
+
+    def validation_metrics(self, records: list[dict]) -> dict:
+        metrics = self.score(records)
+        protocol = "classifier" if "classifier" in metrics else "score"
         return {self.metric_for_best: metrics[protocol][self.metric_for_best]}
-
-    def calibrate(self, model, builder, examples: list[dict], batch_size: int) -> None:
-        """Classification has no decision threshold to choose on the validation slice (argmax decides)."""
-        return None
-
-    # --- evaluation -------------------------------------------------------------------------------
-    def evaluate(self, model, builder, examples: list[dict], protocols: list[str], batch_size: int,
-                 head: str = "causal_lm", generate_ids: set[int] | None = None) -> tuple[dict, list[dict]]:
-        """Metrics per protocol and one prediction record per example."""
-        records, seconds = self.predict(model, builder, examples, protocols, batch_size, head, generate_ids)
-        return self.score(records, seconds), records
-
-    def predict(self, model, builder, examples: list[dict], protocols: list[str], batch_size: int,
-                head: str = "causal_lm", generate_ids: set[int] | None = None) -> tuple[list[dict], dict]:
-        """One prediction record per example, and the seconds each protocol took.
-
-        `generate_ids` restricts the (slower) generate protocol to those example ids.
-        """
-        tok = builder.tokenizer
-        encoded = [builder.encode(builder.render(ex)) for ex in examples]
-        records = [{"id": ex["id"], "text": ex["text"], "label": ex["label"]} for ex in examples]
-        seconds: dict = {}
-        if head == "seqcls":
-            protocols = ["classifier"]
-        for protocol in protocols:
-            start = time.perf_counter()
-            if protocol == "classifier":
-                preds = infer.classify(model, encoded, tok.pad_token_id, batch_size).argmax(-1).tolist()
-                for rec, p in zip(records, preds):
-                    rec["classifier_pred"] = p
-            elif protocol == "score":
-                sequences = self.verbalizer_tokens(builder, examples[0])
-                if all(len(s) == 1 for s in sequences):  # one forward per example
-                    logprobs = infer.score_tokens(model, encoded, [s[0] for s in sequences], tok.pad_token_id,
-                                                  batch_size)
-                else:  # one row per example and label, summed over the verbalizer's tokens
-                    logprobs = infer.score_continuations(model, encoded, sequences, tok.pad_token_id, batch_size)
-                for rec, pred, lp in zip(records, logprobs.argmax(-1).tolist(), logprobs.tolist()):
-                    rec["score_pred"], rec["score_logprobs"] = pred, [round(x, 5) for x in lp]
-            else:
-                subset = [i for i, ex in enumerate(examples) if generate_ids is None or ex["id"] in generate_ids]
-                texts = infer.generate(model, tok, [encoded[i] for i in subset],
-                                       self.generation_tokens(builder, examples[0]), batch_size).texts
-                for i, text in zip(subset, texts):
-                    records[i]["generate_text"], records[i]["generate_pred"] = text, self.parse(text)
-            seconds[protocol] = time.perf_counter() - start
-        return records, seconds
 
     def score(self, records: list[dict], seconds: dict | None = None) -> dict:
         """Metrics per protocol from prediction records (which may come from several processes)."""

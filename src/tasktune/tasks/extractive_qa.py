@@ -13,9 +13,8 @@ probability is read from that step's raw logits.
 from __future__ import annotations
 
 import random
-import time
 
-from tasktune import infer
+from tasktune import runner
 from tasktune.data import squad as squad_data
 from tasktune.data.split import grouped_split, random_split
 from tasktune.errors import TasktuneError
@@ -142,45 +141,49 @@ class ExtractiveQATask:
             features.append({"input_ids": prompt + target, "labels": [-100] * len(prompt) + target})
         return features
 
-    def validation_metrics(self, model, builder, examples: list[dict], batch_size: int, head: str = "causal_lm") -> dict:
-        metrics, _ = self.evaluate(model, builder, examples, ["generate"], batch_size, with_text_metrics=False)
+    # --- evaluation: requests for the runner, and records from its results -----------------------------
+    sampled_protocols = ()  # every test question is generated
+    calibration_protocol = "generate"  # the abstention threshold is chosen on the validation slice
+
+    def protocols(self, requested: list[str], head: str = "causal_lm") -> list[str]:
+        return ["generate"]
+
+    def validation_protocol(self, head: str = "causal_lm") -> str:
+        return "generate"
+
+    def new_records(self, examples: list[dict]) -> list[dict]:
+        return [{"id": ex["id"], "question": ex["question"], "golds": ex["answers"]} for ex in examples]
+
+    def requests(self, builder, examples: list[dict], protocol: str) -> tuple[list, list[dict]]:
+        """One generation per question, stopping at a newline, watching the abstain token (suppressed as the first
+        token, so the text is the best non-abstaining answer); records note whether the context was cut."""
+        fitted = [self.fit_prompt(builder, ex, self.max_prompt_tokens, keep_answer=False) for ex in examples]
+        abstain_id = self.label_token_ids(builder, examples[0])[0]
+        requests = [runner.Generate(tuple(ids), self.max_new_tokens, stop_at_newline=True, watch_token=abstain_id,
+                                    suppress_watch_token=True) for ids, _ in fitted]
+        return requests, [{"truncated": truncated} for _, truncated in fitted]
+
+    def read_results(self, records: list[dict], protocol: str, results: list) -> None:
+        """The raw decision (abstain when greedy decoding would start with the abstain token), the best
+        non-abstaining answer, and na_prob."""
+        for rec, result in zip(records, results):
+            answer, top = result.text.strip(), result.watch_is_top
+            if normalize_answer(answer) == normalize_answer(self.abstain_word):  # said in words after another first token
+                answer, top = "", True
+            rec.update(prediction="" if top else answer, answer=answer, na_prob=result.watch_prob)
+
+    def validation_metrics(self, records: list[dict]) -> dict:
+        metrics = self.score(records, with_text_metrics=False)
         return {"f1": metrics["f1"], "exact": metrics["exact"], "HasAns_f1": metrics.get("HasAns_f1", 0.0),
                 "NoAns_f1": metrics.get("NoAns_f1", 0.0)}
 
-    def calibrate(self, model, builder, examples: list[dict], batch_size: int) -> float:
-        """The na_prob threshold that maximises F1 on `examples` (the validation slice)."""
-        _, records = self.evaluate(model, builder, examples, ["generate"], batch_size, with_text_metrics=False)
+    def choose_threshold(self, records: list[dict]) -> float:
+        """The na_prob threshold that maximises F1 on `records` (the validation slice's)."""
         answers = {r["id"]: r["answer"] for r in records}
         golds = {r["id"]: r["golds"] for r in records}
         na = {r["id"]: r["na_prob"] for r in records}
-        has = has_answer_map(golds)
         _, f1 = raw_scores(golds, answers)
-        return best_threshold(answers, f1, na, has)[1]
-
-    # --- evaluation -------------------------------------------------------------------------------
-    def evaluate(self, model, builder, examples: list[dict], protocols=("generate",), batch_size: int = 16,
-                 head: str = "causal_lm", generate_ids=None, na_threshold: float | None = None,
-                 with_text_metrics: bool = True) -> tuple[dict, list[dict]]:
-        records, seconds = self.predict(model, builder, examples, protocols, batch_size)
-        return self.score(records, seconds, na_threshold, with_text_metrics), records
-
-    def predict(self, model, builder, examples: list[dict], protocols=("generate",), batch_size: int = 16,
-                head: str = "causal_lm", generate_ids=None) -> tuple[list[dict], dict]:
-        """One record per question: the raw decision, the best non-abstaining answer and na_prob."""
-        start = time.perf_counter()
-        fitted = [self.fit_prompt(builder, ex, self.max_prompt_tokens, keep_answer=False) for ex in examples]
-        abstain_id = self.label_token_ids(builder, examples[0])[0]
-        gen = infer.generate(model, builder.tokenizer, [ids for ids, _ in fitted], self.max_new_tokens, batch_size,
-                             stop_at_newline=True, first_token_id=abstain_id, suppress_first=True)
-        records = []
-        for ex, (_, truncated), text, p, top in zip(examples, fitted, gen.texts, gen.first_token_probs,
-                                                   gen.first_token_is_top):
-            answer = text.strip()
-            if normalize_answer(answer) == normalize_answer(self.abstain_word):  # said in words after another first token
-                answer, top = "", True
-            records.append({"id": ex["id"], "question": ex["question"], "prediction": "" if top else answer,
-                            "answer": answer, "na_prob": p, "golds": ex["answers"], "truncated": truncated})
-        return records, {"generate": time.perf_counter() - start}
+        return best_threshold(answers, f1, na, has_answer_map(golds))[1]
 
     def score(self, records: list[dict], seconds: dict | None = None, na_threshold: float | None = None,
               with_text_metrics: bool = True) -> dict:

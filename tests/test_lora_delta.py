@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from tasktune.analysis import analyse, frozen_check
+from tasktune.lora_delta import analyse, frozen_check
 from tasktune.cli import main
 from tasktune.config import TrainConfig
 from tasktune.models import count_parameters, load_model

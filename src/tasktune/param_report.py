@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tasktune.analysis import analyse, frozen_check
+from tasktune.lora_delta import analyse, frozen_check
 from tasktune.errors import TasktuneError
 from tasktune.models import count_parameters
 from tasktune.rundir import write_json
