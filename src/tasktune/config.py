@@ -224,11 +224,11 @@ def parse_overrides(overrides: list[str]) -> dict:
     return nested
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_mappings(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_mappings(out[key], value)
         else:
             out[key] = value
     return out
@@ -245,7 +245,10 @@ def read_yaml_mapping(path: Path, what: str) -> dict:
     return loaded
 
 
-def load_recipe(path: str | None, overrides: list[str] = (), defaults: dict | None = None) -> Recipe:
+def load_recipe(path: str | None, overrides: list[str] = (), defaults: dict | None = None,
+                settings: dict | None = None) -> Recipe:
+    """The recipe: `defaults` < the file (a path or a shipped recipe's name) < `settings` (typed, nested, from
+    Python) < `overrides` (`key=value` strings from the command line)."""
     data: dict = dict(defaults or {})
     source = "command line"
     if path:
@@ -259,9 +262,10 @@ def load_recipe(path: str | None, overrides: list[str] = (), defaults: dict | No
                                     f"{sorted(n for n in recipes.shipped() if '/' not in n)})")
             p = shipped
         source = str(p)
-        data = _merge(data, read_yaml_mapping(p, "recipe"))
+        data = merge_mappings(data, read_yaml_mapping(p, "recipe"))
         data.setdefault("name", p.stem)
-    data = _merge(data, parse_overrides(list(overrides)))
+    data = merge_mappings(data, settings or {})
+    data = merge_mappings(data, parse_overrides(list(overrides)))
     if "name" not in data:
         raise TasktuneError(f"{source}: a recipe needs a name")
     return validate(build_dataclass(Recipe, data, "", source), source)

@@ -58,6 +58,7 @@ class Prepared:
     overlap: dict  # how much of the test set the training part has seen (see the task's `overlap`)
     test_source: str | None = None  # data.test_path, when the test set is a separate file
     timings: dict = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)  # for the wall time of this invocation
 
     @property
     def sources(self) -> str:
@@ -68,7 +69,7 @@ class Prepared:
 def prepare(recipe: Recipe, training: bool = True) -> Prepared:
     """Load and check everything the run needs (`training=False`: an evaluation only); writes nothing."""
     timings = {}
-    start = time.perf_counter()
+    started = start = time.perf_counter()
     task = get_task(recipe.task, recipe.eval.verbalizers, recipe.eval.max_prompt_tokens)
     rows, source = task.load(recipe.data.path)
     split = task.split(rows, recipe.data)
@@ -92,7 +93,8 @@ def prepare(recipe: Recipe, training: bool = True) -> Prepared:
     if training and label_ids is None and recipe.train.objective in ("verbalizer", "label_lm"):
         raise TasktuneError(f"train.objective={recipe.train.objective} needs single-token verbalizers; those of "
                             f"{task.name!r} are several tokens for this tokenizer: use train.objective=lm")
-    return Prepared(recipe, task, source, split, examples, lm, builder, label_ids, overlap, test_source, timings)
+    return Prepared(recipe, task, source, split, examples, lm, builder, label_ids, overlap, test_source, timings,
+                    started)
 
 
 STAGES = ("split", "zeroshot", "train", "params", "finetuned")
@@ -311,10 +313,11 @@ def _run_stages(p: Prepared, run_dir: RunDir, state: PartialState, say, train_on
             mark("finetuned")
         say(f"[tasktune] fine-tuned {p.task.summary(finetuned)}")
     if main:
-        from tasktune.report import write_report
+        from tasktune.report import run_facts, write_report
 
-        write_report(work, recipe=recipe, prepared=p, zeroshot=zeroshot, finetuned=finetuned,
-                     training=training, base_params=base_params, versions=versions())
+        p.timings["wall_s"] = time.perf_counter() - p.started
+        write_json(work / "run.json", run_facts(p, base_params, versions()))
+        write_report(work)
         run_dir.finish()
         say(f"[tasktune] wrote {recipe.run_dir}")
     state.wait_for_everyone()

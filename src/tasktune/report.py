@@ -7,13 +7,11 @@ so `tasktune report RUN_DIR` can redo them at any time.
 
 from __future__ import annotations
 
-import base64
-import html
 import json
-import re
 from pathlib import Path
 
 from tasktune import plots
+from tasktune.html_page import markdown_to_html
 from tasktune.rundir import write_json
 
 
@@ -54,25 +52,45 @@ def comparison_table(task, zeroshot: dict | None, finetuned: dict | None) -> str
     return markdown_table(list(task.report_rows), columns_of(task, zeroshot, finetuned))
 
 
-def write_report(run_dir: Path, recipe, prepared, zeroshot, finetuned, training, base_params, versions) -> dict:
+def run_facts(p, base_params: dict, versions: dict) -> dict:
+    """What the report needs to know about a run beyond its stage outputs, written to run.json by the pipeline
+    (the report itself reads only files)."""
+    return {
+        "model_path": p.lm.path, "dtype": str(p.lm.dtype).replace("torch.", ""), "task": p.task.name,
+        "task_type": p.task.type,
+        "data": {"source": p.source, "origin": data_origin(p.source), **{k: len(v) for k, v in p.examples.items()}},
+        "protocol": {**p.builder.describe(), "labels": list(p.task.label_names), "verbalizers": list(p.task.verbalizers),
+                     "label_token_ids": p.label_token_ids},
+        "split": {"split_by": p.task.split_policy(p.recipe.data), "test_source": p.test_source, "overlap": p.overlap},
+        "base_parameters": base_params, "timings_s": {k: round(v, 2) for k, v in p.timings.items()},
+        "versions": versions,
+    }
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_report(run_dir: Path) -> dict:
+    """report.json from the run directory's files (run.json, recipe.yaml, the stages' outputs), then report.md
+    and report.html."""
+    from tasktune.config import read_yaml_mapping
+
+    run_dir = Path(run_dir)
+    facts = json.loads((run_dir / "run.json").read_text())
+    config = read_yaml_mapping(run_dir / "recipe.yaml", "recipe")  # the resolved recipe the run wrote
+    zeroshot, finetuned = _read_json(run_dir / "zeroshot" / "metrics.json"), _read_json(run_dir / "finetuned" / "metrics.json")
+    training = _read_json(run_dir / "train" / "summary.json") or {}
+    data = {**facts["data"], "sha256": json.loads((run_dir / "fingerprint.json").read_text())["data_sha256"]}
     report = {
-        "name": recipe.name, "task": prepared.task.name, "model": recipe.model, "model_path": prepared.lm.path,
-        "dtype": str(prepared.lm.dtype).replace("torch.", ""),
-        "data": {"source": prepared.source, "origin": data_origin(prepared.source),
-                 "sha256": json.loads((run_dir / "fingerprint.json").read_text())["data_sha256"],
-                 **{k: len(v) for k, v in prepared.examples.items()}},
-        "task_type": prepared.task.type,
-        "protocol": {**prepared.builder.describe(), "labels": list(getattr(prepared.task, "label_names", [])),
-                     "verbalizers": list(getattr(prepared.task, "verbalizers", [])),
-                     "label_token_ids": prepared.label_token_ids},
-        "split": {"split_by": prepared.task.split_policy(recipe.data), "test_source": prepared.test_source,
-                  "overlap": prepared.overlap},
-        "zeroshot": zeroshot, "finetuned": finetuned,
-        "paired": paired_comparison(run_dir, prepared.task) if zeroshot and finetuned else None,
+        "name": config["name"], "task": facts["task"], "model": config["model"], "model_path": facts["model_path"],
+        "dtype": facts["dtype"], "data": data, "task_type": facts["task_type"], "protocol": facts["protocol"],
+        "split": facts["split"], "zeroshot": zeroshot, "finetuned": finetuned,
+        "paired": paired_comparison(run_dir, task_of_run(run_dir, facts)) if zeroshot and finetuned else None,
         "training": training,
-        "parameters": {"base": base_params, "adapted": training.get("parameters")},
-        "timings_s": {k: round(v, 2) for k, v in prepared.timings.items()},
-        "config": recipe.to_dict(), "versions": versions,
+        "parameters": {"base": facts["base_parameters"], "adapted": training.get("parameters")},
+        "timings_s": facts["timings_s"], "config": config,
+        "versions": facts["versions"],
     }
     write_json(run_dir / "report.json", report)
     render(run_dir)
@@ -134,7 +152,7 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
 
 
-def changed_examples(run_dir: Path, task, limit: int = 5) -> dict[str, list[dict]]:
+def changed_examples(run_dir: Path, task, limit: int = 200) -> dict[str, list[dict]]:
     """Test examples whose outcome changed between zero-shot and fine-tuned, in both directions."""
     before = {r["id"]: r for r in _read_jsonl(run_dir / "zeroshot" / "predictions.jsonl")}
     after = {r["id"]: r for r in _read_jsonl(run_dir / "finetuned" / "predictions.jsonl")}
@@ -191,7 +209,50 @@ def render(run_dir: Path) -> None:
     changes = changed_examples(run_dir, task)
     markdown = render_markdown(report, task, params, figures, changes, history, run_dir)
     (run_dir / "report.md").write_text(markdown, encoding="utf-8")
-    (run_dir / "report.html").write_text(markdown_to_html(markdown, run_dir), encoding="utf-8")
+    (run_dir / "report.html").write_text(markdown_to_html(markdown, run_dir, headline_html(report, task)),
+                                         encoding="utf-8")
+
+
+def headline(report: dict, task) -> dict | None:
+    """The task's main figure zero-shot → fine-tuned, the paired gain with its interval and p-value, n, and
+    the wall time: what the report opens with."""
+    zeroshot, finetuned = report.get("zeroshot"), report.get("finetuned")
+    if not zeroshot or not finetuned:
+        return None
+    columns = task.report_columns(zeroshot)
+    if not columns:
+        return None
+    column, before = columns[0]
+    after = dict(task.report_columns(finetuned)).get(column)
+    metric = task.metric_for_best
+    if after is None or metric not in before:
+        return None
+    paired = (report.get("paired") or {}).get(column) or next(iter((report.get("paired") or {}).values()), None)
+    return {"metric": metric, "protocol": column, "zeroshot": before[metric], "finetuned": after[metric],
+            "interval": (after.get("ci95") or {}).get(metric), "gain": paired["gain"] if paired else None,
+            "n": after.get("n") or after.get("total"), "wall_s": report.get("timings_s", {}).get("wall_s")}
+
+
+def headline_html(report: dict, task) -> str | None:
+    import html
+
+    h = headline(report, task)
+    if h is None:
+        return None
+    line = (f"<div class='big'>{html.escape(h['metric'])} {h['zeroshot']:.4g} → {h['finetuned']:.4g}</div>"
+            f"<div>{html.escape(report['task'])}, protocol <code>{html.escape(h['protocol'])}</code>, "
+            f"n = {h['n']:,} test examples")
+    if h["interval"]:
+        line += f"; fine-tuned 95% interval [{h['interval'][0]:.4g}, {h['interval'][1]:.4g}]"
+    line += "</div>"
+    if h["gain"]:
+        g = h["gain"]
+        p_text = "&lt; 0.001" if g["p_value"] < 0.001 else f"{g['p_value']:.3g}"
+        line += (f"<div>gain {g['difference']:+.4g}, 95% paired interval [{g['interval'][0]:+.4g}, "
+                 f"{g['interval'][1]:+.4g}], p {p_text}</div>")
+    if h["wall_s"]:
+        line += f"<div>wall time {h['wall_s'] / 60:.1f} min</div>"
+    return line
 
 
 def render_markdown(report, task, params, figures, changes, history: list[dict], run_dir: Path) -> str:
@@ -243,14 +304,17 @@ def render_markdown(report, task, params, figures, changes, history: list[dict],
         lines += ["", "## Plots", ""]
         lines += [f"![{title}]({path.relative_to(run_dir)})" for title, path in figures]
     if changes["n_fixed"] or changes["n_broken"]:
+        shown = len(changes["fixed"]) + len(changes["broken"])
         lines += ["", "## Predictions that changed", "",
-                  f"{changes['n_fixed']} test examples went from wrong to right, {changes['n_broken']} from right to wrong.", ""]
-        for label, rows in (("wrong → right", changes["fixed"]), ("right → wrong", changes["broken"])):
-            if rows:
-                lines += [f"**{label}**", "", "| example | gold | zero-shot | fine-tuned |", "|---|---|---|---|"]
-                lines += [f"| {_cell(r['text'])} | {_cell(r['gold'])} | {_cell(r['zero-shot'])} | {_cell(r['fine-tuned'])} |"
-                          for r in rows]
-                lines.append("")
+                  f"{changes['n_fixed']} test examples went from wrong to right, {changes['n_broken']} from right to "
+                  f"wrong; {'all' if shown == changes['n_fixed'] + changes['n_broken'] else f'the first {shown}'} "
+                  "below. (sortable)", "",
+                  "| change | example | gold | zero-shot | fine-tuned |", "|---|---|---|---|---|"]
+        lines += [f"| {label} | {_cell(r['text'])} | {_cell(r['gold'])} | {_cell(r['zero-shot'])} | "
+                  f"{_cell(r['fine-tuned'])} |"
+                  for label, rows in (("wrong → right", changes["fixed"]), ("right → wrong", changes["broken"]))
+                  for r in rows]
+        lines.append("")
     lines += ["", "## Timings (s)", "", *(f"- {k}: {v}" for k, v in report["timings_s"].items()), "",
               "## Versions", "", *(f"- {k}: {v}" for k, v in report["versions"].items()), "",
               "## Configuration", "", "```json", json.dumps(report["config"], indent=1), "```", ""]
@@ -260,57 +324,3 @@ def render_markdown(report, task, params, figures, changes, history: list[dict],
 def _cell(value) -> str:
     text = str(value).replace("|", "\\|").replace("\n", " ")
     return text if len(text) <= 120 else text[:117] + "..."
-
-
-def markdown_to_html(markdown: str, run_dir: Path) -> str:
-    """A small converter for the markdown this module writes (headings, lists, tables, images, code);
-    images are embedded as base64 so the HTML file stands alone."""
-    out, table, in_code = [], [], False
-
-    def inline(text: str) -> str:
-        text = html.escape(text)
-        text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
-        return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
-
-    def flush_table():
-        if table:
-            rows = [r for r in table if not re.fullmatch(r"\|[-:|]+\|", r)]
-            cells = [[c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", r.strip())[1:-1]] for r in rows]
-            out.append("<table>" + "".join(
-                "<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{inline(c)}</{'th' if i == 0 else 'td'}>" for c in row)
-                + "</tr>" for i, row in enumerate(cells)) + "</table>")
-            table.clear()
-
-    for line in markdown.splitlines():
-        if line.startswith("```"):
-            flush_table()
-            out.append("</pre>" if in_code else "<pre>")
-            in_code = not in_code
-            continue
-        if in_code:
-            out.append(html.escape(line))
-            continue
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        flush_table()
-        image = re.fullmatch(r"!\[(.*)\]\((.*)\)", line)
-        if image:
-            data = base64.b64encode((run_dir / image[2]).read_bytes()).decode()
-            out.append(f'<figure><img alt="{html.escape(image[1])}" src="data:image/png;base64,{data}">'
-                       f"<figcaption>{html.escape(image[1])}</figcaption></figure>")
-        elif line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            out.append(f"<h{level}>{inline(line[level:].strip())}</h{level}>")
-        elif line.startswith("- "):
-            out.append(f"<li>{inline(line[2:])}</li>")
-        elif line.strip():
-            out.append(f"<p>{inline(line)}</p>")
-    flush_table()
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-             "td:first-child{text-align:left}th{background:#f3f3f3}img{max-width:100%}code{background:#f5f5f5}"
-             "pre{background:#f5f5f5;padding:1em;overflow:auto}")
-    title = html.escape(markdown.splitlines()[0].lstrip("# ")) if markdown else "tasktune report"
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style>"
-            f"</head><body>{''.join(out)}</body></html>\n")

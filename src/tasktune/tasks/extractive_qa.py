@@ -27,6 +27,8 @@ from tasktune.metrics.text_overlap import text_overlap_metrics
 
 class ExtractiveQATask:
     type = "extractive_qa"
+    label_names: tuple = ()  # no labels: answers are free text
+    verbalizers: tuple = ()
 
     def __init__(self, spec, max_prompt_tokens: int = 384):
         self.spec = spec
