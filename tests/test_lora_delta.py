@@ -134,6 +134,17 @@ def test_export_reloads_and_reproduces_metrics(finished_run, tmp_path, merge):
     accuracy = next(m["value"] for m in results["metrics"] if m["type"] == "accuracy")
     report = json.loads((run / "report.json").read_text())
     assert accuracy == pytest.approx(report["finetuned"]["score"]["accuracy"], abs=1e-4)
+    # The card loads with huggingface_hub, and its model-index parses into EvalResults.
+    from huggingface_hub import ModelCard, metadata_load
+
+    loaded = ModelCard.load(out / "README.md")
+    by_metric = {r.metric_type: r for r in loaded.data.eval_results}
+    assert by_metric["accuracy"].metric_value == accuracy and by_metric["accuracy"].dataset_type == "sst2"
+    assert "n=24" in by_metric["accuracy"].dataset_split
+    assert metadata_load(out / "README.md")["model-index"][0]["results"][0]["metrics"]
+    assert loaded.data.library_name == ("transformers" if merge else "peft")
+    assert loaded.data.base_model is None and loaded.data.license is None  # a local model: nothing claimed
+    assert "95% bootstrap interval" in loaded.text and "LoRA (trainable)" in loaded.text
     assert (out / ("model.safetensors" if merge else "adapter_model.safetensors")).is_file()
     # Reload with plain transformers/peft through tasktune's eval and reproduce the run's test metrics.
     model_args = ["--model", str(out)] if merge else ["--model", report["model"], "--adapter", str(out)]
@@ -170,3 +181,36 @@ def test_compare(finished_run, tiny_llama, tmp_path):
     assert rows["finetuned_accuracy"] == [f"{r['finetuned']['score']['accuracy']:.4f}" for r in reports]
     assert rows["zeroshot_accuracy"][0] == rows["zeroshot_accuracy"][1]  # same model, same split
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 5000
+
+
+def test_model_card_facts_of_known_models():
+    from tasktune.export import base_model_facts
+
+    hub_id, license_id, origin = base_model_facts("gemma3-270m")
+    assert (hub_id, license_id) == ("google/gemma-3-270m", "gemma") and "dequantized" in origin and "Q4_K_M" in origin
+    assert base_model_facts("llama3.2-1b")[:2] == ("meta-llama/Llama-3.2-1B", "llama3.2")
+    assert base_model_facts("meta-llama/Llama-3.2-1B")[:2] == ("meta-llama/Llama-3.2-1B", "llama3.2")
+    assert base_model_facts("someone/their-model")[:2] == ("someone/their-model", None)
+
+
+def test_push_passes_private(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    from tasktune.export import push
+
+    calls = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            calls["create"] = (repo_id, private)
+
+        def upload_folder(self, **kwargs):
+            calls["upload"] = kwargs["repo_id"]
+            return type("Info", (), {"commit_url": "https://hub/commit"})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    assert push(tmp_path, "me/model", private=True) == "https://hub/commit"
+    assert calls == {"create": ("me/model", True), "upload": "me/model"}

