@@ -48,12 +48,24 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter,
                            epilog="overrides use dotted keys: name=X model=M data.path=P train.learning_rate=1e-4 "
                                   "train.objective=verbalizer|label_lm|lm|seqcls eval.protocols=score,generate")
-        p.add_argument("recipe", help="a recipe YAML file, or the name of a shipped recipe (`tasktune recipes`)")
+        p.add_argument("recipe", nargs="?",
+                       help="a recipe YAML file, or the name of a shipped recipe (`tasktune recipes`); or leave it "
+                            "out and give --task and --model")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+        p.add_argument("--task", help="without a recipe: a shipped task or a task spec YAML; the shipped recipe "
+                                      "for this task and model (or its closest one) supplies the rest")
+        p.add_argument("--model", help="without a recipe: hub id, local dir, .gguf or alias (gemma3-270m, "
+                                       "llama3.2-1b, gemma2-2b)")
+        p.add_argument("--print-config", action="store_true",
+                       help="print the resolved recipe (YAML) and exit without running anything")
         p.add_argument("--overwrite", action="store_true",
                        help="replace an existing (or unfinished) run directory made from a different recipe")
         p.add_argument("--resume", action="store_true",
                        help="continue an interrupted run (also what re-running the same command does)")
+
+    r = sub.add_parser("recipe-reference", help="every recipe key with its type, default and meaning (markdown)",
+                       description="Print the recipe reference generated from the recipe dataclasses, or write it.")
+    r.add_argument("--out", help="write it to this file (docs/recipe-reference.md in the repository)")
 
     e = sub.add_parser("eval", help="evaluate a model (optionally with a LoRA adapter) on a task",
                        description="Evaluate a finished run's adapter with the run's own recipe (--run), or a base "
@@ -234,8 +246,54 @@ def cmd_run(args, train_only: bool = False) -> int:
     from tasktune.config import load_recipe
     from tasktune.pipeline import run
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(*recipe_source(args))
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(recipe.to_dict(), sort_keys=False).rstrip())
+        return 0
     run(recipe, overwrite=args.overwrite, train_only=train_only, resume=args.resume)
+    return 0
+
+
+def recipe_source(args) -> tuple[str | None, list[str]]:
+    """(recipe file or shipped name, overrides) from `run RECIPE k=v ...` or `run --task T --model M k=v ...`."""
+    overrides = list(args.overrides)
+    if not args.task and not args.model:
+        if not args.recipe:
+            raise TasktuneError("name a recipe (`tasktune recipes` lists the shipped ones), or give --task and --model")
+        return args.recipe, overrides
+    if args.recipe and "=" in args.recipe:  # `run --task T --model M k=v`: the first override landed here
+        overrides.insert(0, args.recipe)
+    elif args.recipe:
+        raise TasktuneError(f"give a recipe ({args.recipe}) or --task/--model, not both: a recipe already names "
+                            "its task and model (override them with task=... model=...)")
+    if not args.task or not args.model:
+        raise TasktuneError("--task and --model go together (e.g. --task sst2 --model llama3.2-1b)")
+    import torch
+
+    from tasktune import recipes
+
+    default = recipes.default_for(args.task, args.model, torch.cuda.is_available())
+    stem = lambda text: Path(text).name.removesuffix(".yaml").removesuffix(".gguf")  # noqa: E731
+    name = f"{stem(args.task)}-{stem(args.model)}"
+    if default is not None:
+        print(f"[tasktune] using the settings of the shipped recipe {default.stem} for --task {args.task} "
+              f"--model {args.model}", file=sys.stderr)
+    return (str(default) if default else None), [f"task={args.task}", f"model={args.model}", f"name={name}",
+                                                 *overrides]
+
+
+def cmd_recipe_reference(args) -> int:
+    from tasktune.recipe_reference import render
+
+    text = render()
+    if args.out:
+        from tasktune.rundir import write_text
+
+        write_text(Path(args.out), text)
+    else:
+        print(text, end="")
     return 0
 
 
@@ -304,7 +362,7 @@ def cmd_compare(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "train": lambda args: cmd_run(args, train_only=True), "eval": cmd_eval,
+COMMANDS = {"run": cmd_run, "train": lambda args: cmd_run(args, train_only=True), "eval": cmd_eval, "recipe-reference": cmd_recipe_reference,
             "score": cmd_score, "params": cmd_params, "report": cmd_report, "compare": cmd_compare,
             "export": cmd_export, "recipes": cmd_recipes, "tasks": cmd_tasks}
 

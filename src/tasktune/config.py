@@ -15,64 +15,86 @@ from tasktune.errors import TasktuneError
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def opt(default=None, help: str = "", factory=None, required: bool = False):
+    """A recipe key: its default and what it means (docs/recipe-reference.md is generated from these)."""
+    metadata = {"help": help, "required": required}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class DataConfig:
-    path: str | None = None        # file or dir; None: $TASKTUNE_DATA_DIR/<task>/ then the hub
-    seed: int = 42
-    test_size: float = 0.2
-    val_size: int = 500            # rows of the training part held out for early stopping
-    # None: the task's leak-free default. sst2: sentence (no test row inside a training row) | row (the seed's
-    # protocol, which leaks phrases of test sentences into training); squad_v2: article | question (the seed's).
-    split_by: str | None = None
-    test_path: str | None = None   # evaluate on this file instead of a split of `path` (e.g. GLUE validation)
-    limit_train: int | None = None
-    limit_test: int | None = None
+    path: str | None = opt(None, "data file or directory, or `hub:ID[:CONFIG]`; unset: $TASKTUNE_DATA_DIR/<task>/, "
+                                 "then the copy embedded in the package, then the task's hub dataset")
+    seed: int = opt(42, "seed of the split and of every sampled subset")
+    test_size: float = opt(0.2, "share of the rows held out as the test set")
+    val_size: int = opt(500, "rows of the training part held out as the validation slice (early stopping, and "
+                             "extractive QA's abstention threshold)")
+    split_by: str | None = opt(None, "unset: the task's leak-free default. Classification: `sentence` (no test row "
+                                     "inside a training row) or `row`; extractive QA: `article` or `question`")
+    test_path: str | None = opt(None, "evaluate on this file instead of a split of `path` (e.g. GLUE validation)")
+    limit_train: int | None = opt(None, "train on a seeded random sample of this many training rows")
+    limit_test: int | None = opt(None, "evaluate on a seeded random sample of this many test rows")
 
 
 @dataclass
 class EvalConfig:
-    protocols: list[str] = field(default_factory=lambda: ["score", "generate"])
-    batch_size: int = 32
-    limit_generate: int | None = None  # cap on test rows for the slower generate protocol
-    prompt_format: str = "plain"       # plain | chat | auto
-    shots: int = 0
-    max_prompt_tokens: int = 512       # SQuAD v2: longer contexts are truncated
-    verbalizers: list[str] | None = None  # SST-2: [negative, positive] words; None = [" negative", " positive"]
+    protocols: list[str] = opt(help="classification protocols: `score` (log-likelihood of each label's "
+                                    "verbalizer) and/or `generate` (greedy, parsed); extractive QA always generates",
+                               factory=lambda: ["score", "generate"])
+    batch_size: int = opt(32, "rows per evaluation batch")
+    limit_generate: int | None = opt(None, "cap on test rows for the slower `generate` protocol (seeded sample)")
+    prompt_format: str = opt("plain", "`plain` (the template as text), `chat` (the tokenizer's chat template) or "
+                                      "`auto` (chat when the tokenizer has one)")
+    shots: int = opt(0, "in-context examples from the training part, drawn once with the seed")
+    max_prompt_tokens: int = opt(512, "extractive QA: longer contexts are cut around the answer region (counted "
+                                      "in `truncated_prompts`)")
+    verbalizers: list[str] | None = opt(None, "classification: one word per label, replacing the task spec's "
+                                              "(e.g. `[\" bad\", \" good\"]`)")
 
 
 @dataclass
 class TrainConfig:
-    objective: str | None = None     # None: the task type's default (classification: verbalizer; QA: answer)
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
-    learning_rate: float = 2e-4
-    weight_decay: float = 0.0
-    batch_size: int = 16
-    grad_accum: int = 1
-    epochs: float = 1.0
-    max_steps: int | None = None
-    warmup_ratio: float = 0.03
-    lr_scheduler: str = "cosine"
-    eval_steps: int = 100
-    patience: int = 2
-    logging_steps: int = 10
-    seed: int = 42
-    group_by_length: bool = True     # batches of similar length: less padding
-    shuffle: bool = True             # false: file order (used to compare multi-process with single-process)
-    gradient_checkpointing: bool = False
-    max_length: int = 256
+    objective: str | None = opt(None, "the loss (README: Training objectives); unset: the task type's default "
+                                      "(classification `verbalizer`, extractive QA `answer`)")
+    lora_r: int = opt(16, "LoRA rank r of each adapter")
+    lora_alpha: int = opt(32, "LoRA alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = opt(0.05, "dropout on the LoRA input")
+    target_modules: list[str] = opt(help="the linear layers that get LoRA adapters",
+                                    factory=lambda: list(ALL_PROJECTIONS))
+    learning_rate: float = opt(2e-4, "AdamW peak learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    batch_size: int = opt(16, "rows per device per step")
+    grad_accum: int = opt(1, "gradient accumulation steps (global batch = batch_size x grad_accum x devices)")
+    epochs: float = opt(1.0, "passes over the training rows (max_steps, when set, wins)")
+    max_steps: int | None = opt(None, "stop after this many optimizer steps")
+    warmup_ratio: float = opt(0.03, "share of the steps with a linearly rising learning rate")
+    lr_scheduler: str = opt("cosine", "learning-rate schedule after warm-up")
+    eval_steps: int = opt(100, "validate (and checkpoint) every this many steps")
+    patience: int = opt(2, "early stopping: validations without improvement before stopping")
+    logging_steps: int = opt(10, "log the training loss every this many steps")
+    seed: int = opt(42, "seed of LoRA initialisation, shuffling and dropout")
+    group_by_length: bool = opt(True, "batches of rows of similar length (less padding)")
+    shuffle: bool = opt(True, "false: rows in file order (to compare several processes with one)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward: much less memory, ~30% slower")
+    max_length: int = opt(256, "longest training row in tokens (prompts are cut from the start)")
+    report_to: list[str] = opt(help="experiment loggers for the Trainer: `none`, or any of tensorboard, wandb, "
+                                    "mlflow, trackio, ... (each needs its extra, e.g. `pip install "
+                                    "\"tasktune[tensorboard]\"`); TensorBoard writes to train/tensorboard/",
+                               factory=lambda: ["none"])
 
 
 @dataclass
 class Recipe:
-    name: str
-    task: str = ""                   # a shipped task (`tasktune tasks`) or the path of a task spec YAML
-    model: str = "gemma3-270m"
-    dtype: str = "auto"
-    trust_remote_code: bool = False  # run a hub model's own Python code: only for models you trust
-    output_dir: str = "runs"
+    name: str = opt(None, "the run directory's name (runs/<name>/): letters, digits, '.', '_', '-'; a recipe "
+                          "file's name by default", required=True)
+    task: str = opt("", "a shipped task (`tasktune tasks`) or the path of a task spec YAML")
+    model: str = opt("gemma3-270m", "hub id, local directory, .gguf file or alias (gemma3-270m, llama3.2-1b, "
+                                    "gemma2-2b)")
+    dtype: str = opt("auto", "weights' dtype: `auto` (bf16 where the GPU or CPU supports it, else fp32)")
+    trust_remote_code: bool = opt(False, "run a hub model's own Python code: only for models you trust")
+    output_dir: str = opt("runs", "where run directories go")
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -181,6 +203,7 @@ def validate(recipe: Recipe, source: str) -> Recipe:
     if bad or not recipe.eval.protocols:
         raise TasktuneError(f"{source}: eval.protocols {recipe.eval.protocols} must be a non-empty subset "
                             f"of {list(PROTOCOLS)}")
+    check_loggers(recipe.train.report_to, source)
     if not recipe.train.target_modules:
         raise TasktuneError(f"{source}: train.target_modules must name at least one module")
     if not recipe.task:
@@ -203,6 +226,28 @@ def validate(recipe: Recipe, source: str) -> Recipe:
         raise TasktuneError(f"{source}: objective {recipe.train.objective!r} does not apply to task "
                             f"{spec.name!r} (expected one of {list(OBJECTIVES[spec.type])})")
     return recipe
+
+
+# Loggers the Trainer knows (transformers' INTEGRATION_TO_CALLBACK), and the module each one needs.
+LOGGERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio",
+           "comet_ml": "comet_ml", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab",
+           "neptune": "neptune", "azure_ml": "azureml", "codecarbon": "codecarbon", "dagshub": "dagshub",
+           "flyte": "flytekit", "kubeflow": "kubeflow"}
+
+
+def check_loggers(report_to: list[str], source: str) -> None:
+    """`none` alone, or loggers that exist and are installed: a missing one fails now, not after zero-shot."""
+    import importlib.util
+
+    if report_to == ["none"] or not report_to:
+        return
+    for name in report_to:
+        if name not in LOGGERS:
+            raise TasktuneError(f"{source}: train.report_to {name!r} is not one of {['none', *LOGGERS]}")
+        if importlib.util.find_spec(LOGGERS[name]) is None:
+            extra = f'pip install "tasktune[{name}]"' if name in ("tensorboard", "wandb", "mlflow") else \
+                f"pip install {LOGGERS[name]}"
+            raise TasktuneError(f"{source}: train.report_to names {name!r}, which is not installed: {extra}")
 
 
 def parse_overrides(overrides: list[str]) -> dict:

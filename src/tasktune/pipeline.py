@@ -6,6 +6,7 @@ directory is created; the directory itself is staged and renamed into place only
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import random
@@ -23,6 +24,7 @@ from tasktune.data.split import overlap_warning
 from tasktune.errors import TasktuneError
 from tasktune.models import LoadedModel, count_parameters, load_model, model_identity
 from tasktune.param_report import parameter_report
+from tasktune.runlog import RunLog
 from tasktune.rundir import RunDir, sha256_file, write_json, write_jsonl, write_text
 from tasktune.tasks import PromptBuilder, get_task
 
@@ -129,7 +131,13 @@ def evaluate_stage(p: Prepared, model, out_dir: Path, head: str = "causal_lm", p
     return metrics
 
 
-def train_stage(p: Prepared, work: Path) -> tuple[torch.nn.Module, dict, str]:
+def logged_figures(task, metrics: dict | None) -> dict:
+    """The report's numeric rows, flattened for experiment loggers: {"score/accuracy": 0.92, ...}."""
+    return {f"{column}/{row}": values[row] for column, values in task.report_columns(metrics or {})
+            for row in task.report_rows if isinstance(values.get(row), (int, float))}
+
+
+def train_stage(p: Prepared, work: Path, logs=None) -> tuple[torch.nn.Module, dict, str]:
     """LoRA fine-tuning (resuming from a checkpoint when one exists); writes adapter/ and train/summary.json."""
     from tasktune.train import add_lora, fit
 
@@ -152,7 +160,7 @@ def train_stage(p: Prepared, work: Path) -> tuple[torch.nn.Module, dict, str]:
         return evaluation.validation_metrics(p.task, runner, p.builder, p.examples["validation"], head)
 
     summary = fit(model, p.lm.tokenizer, features, val_features, cfg, work / "train", cfg.objective, validate,
-                  p.task.metric_for_best, p.label_token_ids)
+                  p.task.metric_for_best, p.label_token_ids, logs=logs)
     summary.pop("log_history")
     summary.update(parameters=params, base_parameters_before_lora=base_count, head=head)
     state = process_state()
@@ -214,6 +222,12 @@ def run(recipe: Recipe, overwrite: bool = False, train_only: bool = False, resum
 
     `resume=True` insists that an unfinished run exists; re-running the same command resumes either way."""
     state = process_state()  # sets up torch.distributed when launched with several processes
+    with RunLog() if state.is_main_process else contextlib.nullcontext() as log:
+        return _run(recipe, state, log, overwrite, train_only, resume)
+
+
+def _run(recipe: Recipe, state: PartialState, log: RunLog | None, overwrite: bool, train_only: bool,
+         resume: bool) -> Path:
     main = state.is_main_process
     say = print if main else (lambda *_: None)
     p = prepare(recipe)
@@ -238,6 +252,8 @@ def run(recipe: Recipe, overwrite: bool = False, train_only: bool = False, resum
         except BaseException:
             run_dir.release()
             raise
+        if not run_dir.complete:
+            log.attach(run_dir.work / "run.log")
     state.wait_for_everyone()
     if not main:  # the main process has created or validated the directory; follow it
         run_dir = RunDir(recipe.run_dir, recipe.to_dict(), lock=False)
@@ -288,11 +304,16 @@ def _run_stages(p: Prepared, run_dir: RunDir, state: PartialState, say, train_on
             zeroshot = evaluate_stage(p, p.lm.model, work / "zeroshot")
             mark("zeroshot")
         say(f"[tasktune] zero-shot  {p.task.summary(zeroshot)}")
+    logs = None
+    if recipe.train.report_to != ["none"]:
+        from tasktune.train import TestMetricLogs
+
+        logs = TestMetricLogs(logged_figures(p.task, zeroshot))
     start = time.perf_counter()
     if "train" in finished:
         model, training, head = load_trained(p, work)
     else:
-        model, training, head = train_stage(p, work)
+        model, training, head = train_stage(p, work, logs)
         mark("train")
     p.timings["train_s"] = training.get("train_runtime_s") or time.perf_counter() - start
     merged = merge_for_inference(model)
@@ -310,6 +331,8 @@ def _run_stages(p: Prepared, run_dir: RunDir, state: PartialState, say, train_on
         else:
             say(f"[tasktune] fine-tuned evaluation on {len(p.examples['test'])} test examples")
             finetuned = evaluate_stage(p, merged, work / "finetuned", head=head)
+            if logs is not None:
+                logs.log_finetuned(logged_figures(p.task, finetuned))
             mark("finetuned")
         say(f"[tasktune] fine-tuned {p.task.summary(finetuned)}")
     if main:

@@ -7,13 +7,12 @@ accumulation), through `TaskTrainer.evaluate`.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 
 from tasktune.checkpoints import SealCheckpoints, StopOnSignal, last_complete_checkpoint
 from tasktune.errors import TrainingInterrupted
@@ -79,8 +78,25 @@ class TaskTrainer(Trainer):
         return metrics
 
 
+class TestMetricLogs(TrainerCallback):
+    """Sends test-set figures to the run's experiment loggers through the Trainer's own `log`: the zero-shot
+    figures when training begins, the fine-tuned ones after the evaluation stage (`log_finetuned`)."""
+
+    def __init__(self, zeroshot: dict | None):
+        self.zeroshot, self.trainer = zeroshot or {}, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.zeroshot and state.global_step == 0:
+            self.trainer.log({f"test_zeroshot/{k}": v for k, v in self.zeroshot.items()})
+
+    def log_finetuned(self, figures: dict) -> None:
+        if self.trainer is not None and figures:
+            self.trainer.log({f"test_finetuned/{k}": v for k, v in figures.items()})
+
+
 def training_arguments(train_cfg, output_dir: Path, metric: str) -> TrainingArguments:
-    report_to = ["tensorboard"] if importlib.util.find_spec("tensorboard") else "none"
+    # TensorBoard gets its own callback below (to write into the run directory); the others go as named.
+    report_to = [name for name in train_cfg.report_to if name not in ("none", "tensorboard")] or "none"
     return TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=train_cfg.batch_size,
@@ -117,7 +133,8 @@ def training_arguments(train_cfg, output_dir: Path, metric: str) -> TrainingArgu
 
 
 def fit(model, tokenizer, train_features: list[dict], val_features: list[dict], train_cfg, output_dir: Path,
-        objective: str, validate: Callable, metric: str, label_token_ids: list[int] | None = None) -> dict:
+        objective: str, validate: Callable, metric: str, label_token_ids: list[int] | None = None,
+        logs: "TestMetricLogs | None" = None) -> dict:
     """Train `model` (already LoRA-wrapped) in place and return the Trainer's log history and timings.
 
     Resumes from the last complete checkpoint in `output_dir/checkpoints` when there is one.
@@ -125,12 +142,22 @@ def fit(model, tokenizer, train_features: list[dict], val_features: list[dict], 
     checkpoints = output_dir / "checkpoints"
     args = training_arguments(train_cfg, checkpoints, metric)
     stopper = StopOnSignal()
+    callbacks = [EarlyStoppingCallback(early_stopping_patience=train_cfg.patience), SealCheckpoints(), stopper]
+    if "tensorboard" in train_cfg.report_to:
+        from transformers.integrations import TensorBoardCallback
+
+        tensorboard = TensorBoardCallback()
+        tensorboard.logging_dir = str(output_dir / "tensorboard")  # in the run directory, not under checkpoints/
+        callbacks.append(tensorboard)
+    if logs is not None:
+        callbacks.append(logs)
     trainer = TaskTrainer(
         model=model, args=args, train_dataset=train_features, eval_dataset=val_features,
         data_collator=LeftPadCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-        callbacks=[EarlyStoppingCallback(early_stopping_patience=train_cfg.patience), SealCheckpoints(), stopper],
-        objective=objective, label_token_ids=label_token_ids, validate=validate,
+        callbacks=callbacks, objective=objective, label_token_ids=label_token_ids, validate=validate,
     )
+    if logs is not None:
+        logs.trainer = trainer
     resume = last_complete_checkpoint(checkpoints) if checkpoints.is_dir() else None
     if resume:
         print(f"[tasktune] resuming training from {resume}")

@@ -30,6 +30,34 @@ def find(name: str) -> Path | None:
     return shipped().get(name.removesuffix(".yaml"))
 
 
+def default_for(task: str, model: str, cuda: bool) -> Path | None:
+    """The shipped recipe for `tasktune run --task T --model M`: the one for this task and model if it exists,
+    else the task's CPU recipe on a machine without CUDA and its first GPU recipe on one with it; None when no
+    shipped recipe trains this task (then the recipe defaults apply)."""
+    import yaml
+
+    from tasktune.models import KNOWN_MODELS
+
+    def same_model(a: str, b: str) -> bool:
+        ids = {name: (KNOWN_MODELS[name].hub_id if name in KNOWN_MODELS else name) for name in (a, b)}
+        return ids[a] == ids[b]
+
+    candidates = []
+    for name, path in shipped().items():
+        if "/" in name:  # accelerate configs
+            continue
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if data.get("task") == task:
+            candidates.append((name, path, str(data.get("model", ""))))
+    for _, path, recipe_model in candidates:
+        if same_model(recipe_model, model):
+            return path
+    for name, path, _ in candidates:
+        if name.endswith("-cpu") != cuda:
+            return path
+    return candidates[0][1] if candidates else None
+
+
 def copy(name: str, dest: str) -> Path:
     """Copy a shipped recipe to `dest` (a file, or an existing directory); never replaces a file."""
     source = find(name)
