@@ -22,6 +22,7 @@ from tasktune.config import Recipe
 from tasktune.infer import merge_for_inference
 from tasktune.data.split import overlap_warning
 from tasktune.errors import TasktuneError
+from tasktune.memory import MemoryLog, StepMemory
 from tasktune.models import LoadedModel, count_parameters, load_model, model_identity
 from tasktune.param_report import parameter_report
 from tasktune.runlog import RunLog
@@ -61,6 +62,7 @@ class Prepared:
     test_source: str | None = None  # data.test_path, when the test set is a separate file
     timings: dict = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)  # for the wall time of this invocation
+    memory: MemoryLog = field(default_factory=MemoryLog)
 
     @property
     def sources(self) -> str:
@@ -89,6 +91,8 @@ def prepare(recipe: Recipe, training: bool = True) -> Prepared:
     start = time.perf_counter()
     lm = load_model(recipe.model, recipe.dtype, trust_remote_code=recipe.trust_remote_code)
     timings["model_load_s"] = time.perf_counter() - start
+    memory = MemoryLog()
+    memory.stage("model loaded")
     builder = PromptBuilder(task, lm.tokenizer, recipe.eval.prompt_format, recipe.eval.shots,
                             shot_pool=examples["train"], seed=recipe.data.seed)
     label_ids = task.label_token_ids(builder, examples["test"][0])
@@ -96,7 +100,7 @@ def prepare(recipe: Recipe, training: bool = True) -> Prepared:
         raise TasktuneError(f"train.objective={recipe.train.objective} needs single-token verbalizers; those of "
                             f"{task.name!r} are several tokens for this tokenizer: use train.objective=lm")
     return Prepared(recipe, task, source, split, examples, lm, builder, label_ids, overlap, test_source, timings,
-                    started)
+                    started, memory)
 
 
 STAGES = ("split", "zeroshot", "train", "params", "finetuned")
@@ -160,7 +164,7 @@ def train_stage(p: Prepared, work: Path, logs=None) -> tuple[torch.nn.Module, di
         return evaluation.validation_metrics(p.task, runner, p.builder, p.examples["validation"], head)
 
     summary = fit(model, p.lm.tokenizer, features, val_features, cfg, work / "train", cfg.objective, validate,
-                  p.task.metric_for_best, p.label_token_ids, logs=logs)
+                  p.task.metric_for_best, p.label_token_ids, logs=logs, callbacks=[StepMemory(p.memory)])
     summary.pop("log_history")
     summary.update(parameters=params, base_parameters_before_lora=base_count, head=head)
     state = process_state()
@@ -276,8 +280,13 @@ def _run_stages(p: Prepared, run_dir: RunDir, state: PartialState, say, train_on
     if run_dir.resumed:
         say(f"[tasktune] resuming {run_dir.work} (finished stages are kept: {sorted(finished) or 'none'})")
 
+    if (work / "memory.json").is_file():  # a resumed run keeps the earlier invocation's record
+        p.memory = MemoryLog(json.loads((work / "memory.json").read_text()), p.memory.stages)
+
     def mark(stage: str) -> None:
+        p.memory.stage(f"after {stage}")
         if main:
+            write_json(work / "memory.json", p.memory.to_dict())
             run_dir.mark(stage)
         state.wait_for_everyone()
 
@@ -339,6 +348,8 @@ def _run_stages(p: Prepared, run_dir: RunDir, state: PartialState, say, train_on
         from tasktune.report import run_facts, write_report
 
         p.timings["wall_s"] = time.perf_counter() - p.started
+        p.memory.stage("before report")
+        write_json(work / "memory.json", p.memory.to_dict())
         write_json(work / "run.json", run_facts(p, base_params, versions()))
         write_report(work)
         run_dir.finish()

@@ -90,6 +90,7 @@ def write_report(run_dir: Path) -> dict:
         "training": training,
         "parameters": {"base": facts["base_parameters"], "adapted": training.get("parameters")},
         "timings_s": facts["timings_s"], "config": config,
+        "memory": (_read_json(run_dir / "memory.json") or {}).get("summary"),
         "versions": facts["versions"],
     }
     write_json(run_dir / "report.json", report)
@@ -315,10 +316,35 @@ def render_markdown(report, task, params, figures, changes, history: list[dict],
                   for label, rows in (("wrong → right", changes["fixed"]), ("right → wrong", changes["broken"]))
                   for r in rows]
         lines.append("")
+    lines += memory_lines(run_dir, report.get("memory"))
     lines += ["", "## Timings (s)", "", *(f"- {k}: {v}" for k, v in report["timings_s"].items()), "",
               "## Versions", "", *(f"- {k}: {v}" for k, v in report["versions"].items()), "",
               "## Configuration", "", "```json", json.dumps(report["config"], indent=1), "```", ""]
     return "\n".join(lines)
+
+
+def memory_lines(run_dir: Path, summary: dict | None) -> list[str]:
+    """Peak RSS, what the run added to the loaded model, and RSS at each stage (memory.json)."""
+    record = _read_json(Path(run_dir) / "memory.json")
+    if not summary or not record:
+        return []
+    lines = ["", "## Memory", "",
+             f"Peak resident memory {_mib(summary['peak_rss_mib'])} MiB; after loading the model "
+             f"{_mib(summary['rss_after_model_load_mib'])} MiB, so the run added {_mib(summary['added_by_the_run_mib'])}"
+             " MiB" + (f"; CUDA peak allocated {_mib(summary['cuda_peak_allocated_mib'])} MiB"
+                       if summary.get("cuda_peak_allocated_mib") else "") + ".", "",
+             "| at | RSS MiB | peak RSS so far MiB |", "|---|---:|---:|"]
+    lines += [f"| {p['at']} | {_mib(p['rss_mib'])} | {_mib(p['peak_rss_mib'])} |" for p in record["stages"]]
+    steps = record.get("steps") or []
+    if steps:
+        top = max(steps, key=lambda p: p["rss_mib"] or 0)
+        lines += ["", f"During training ({len(steps)} snapshots): RSS from {_mib(min(p['rss_mib'] or 0 for p in steps))}"
+                  f" to {_mib(top['rss_mib'])} MiB (highest at step {top['step']}, {top['at']})."]
+    return lines
+
+
+def _mib(value) -> str:
+    return "—" if value is None else f"{value:,.0f}"
 
 
 def _cell(value) -> str:

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 from tasktune import infer
+from tasktune.memory import release
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class Runner:
         start = time.perf_counter()
         results = self._execute([requests[i] for i in mine], desc)
         seconds = time.perf_counter() - start
+        release()  # variable-shape batches leave freed blocks the allocator would otherwise keep
         if processes == 1:
             return results, seconds, [0] * len(requests)
         gathered = gather_object([(i, rank, r) for i, r in zip(mine, results)])

@@ -134,7 +134,7 @@ def training_arguments(train_cfg, output_dir: Path, metric: str) -> TrainingArgu
 
 def fit(model, tokenizer, train_features: list[dict], val_features: list[dict], train_cfg, output_dir: Path,
         objective: str, validate: Callable, metric: str, label_token_ids: list[int] | None = None,
-        logs: "TestMetricLogs | None" = None) -> dict:
+        logs: "TestMetricLogs | None" = None, callbacks: list[TrainerCallback] = ()) -> dict:
     """Train `model` (already LoRA-wrapped) in place and return the Trainer's log history and timings.
 
     Resumes from the last complete checkpoint in `output_dir/checkpoints` when there is one.
@@ -142,7 +142,8 @@ def fit(model, tokenizer, train_features: list[dict], val_features: list[dict], 
     checkpoints = output_dir / "checkpoints"
     args = training_arguments(train_cfg, checkpoints, metric)
     stopper = StopOnSignal()
-    callbacks = [EarlyStoppingCallback(early_stopping_patience=train_cfg.patience), SealCheckpoints(), stopper]
+    callbacks = [EarlyStoppingCallback(early_stopping_patience=train_cfg.patience), SealCheckpoints(), stopper,
+                 *callbacks]
     if "tensorboard" in train_cfg.report_to:
         from transformers.integrations import TensorBoardCallback
 

@@ -212,7 +212,9 @@ class ClassificationTask:
 
     def protocol_notes(self, proto: dict) -> list[str]:
         pairs = ", ".join(f"{name} → {v!r}" for name, v in zip(self.label_names, self.verbalizers))
-        return [f"- labels and verbalizers: {pairs}; token ids {proto.get('verbalizer_tokens')}",
+        ids = proto.get("label_token_ids")
+        return [f"- labels and verbalizers: {pairs}; " + (f"token ids {ids}" if ids else
+                                                        "several tokens each (log-probabilities summed)"),
                 "- `score`: log-likelihood of each verbalizer after the prompt (summed over its tokens), argmax "
                 "(never None).",
                 "- `generate`: greedy generation; the label whose verbalizer opens the first line, else None (wrong)."]
