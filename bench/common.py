@@ -74,6 +74,47 @@ def ratio(results: dict[str, list[dict]], config: str, key: str, baseline: str =
     return median([r[key] / b[key] for r, b in zip(results[config], results[baseline])])
 
 
+def ratio_of_medians(results: dict[str, list[dict]], config: str, key: str, baseline: str) -> str:
+    """`3.10× (2.95–3.30)`: median(config) / median(baseline), with the min–max of the per-repeat ratios (each
+    repeat runs every config once, interleaved, so a repeat's pair shares the machine's state)."""
+    if not results.get(baseline) or not all(b[key] for b in results[baseline]):
+        return "—"
+    per_repeat = [r[key] / b[key] for r, b in zip(results[config], results[baseline])]
+    center = median([r[key] for r in results[config]]) / median([b[key] for b in results[baseline]])
+    return f"{center:.2f}× ({min(per_repeat):.2f}–{max(per_repeat):.2f})"
+
+
+def rss_mib() -> float:
+    """The current resident set size (Linux), else the peak."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return peak_rss_mib()
+
+
+def matmul_peak_tflops(dtype_name: str = "bfloat16", size: int = 2048, seconds: float = 2.0) -> float:
+    """What this machine's matmul reaches: square products of `size` in `dtype`, repeated for `seconds`
+    (the denominator of MFU on a CPU, which has no datasheet peak for our threads)."""
+    import time
+
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    for _ in range(3):
+        a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * count / (time.perf_counter() - start) / 1e12
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

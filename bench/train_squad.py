@@ -1,10 +1,13 @@
-"""SQuAD v2 training throughput: full-vocabulary LM loss (baseline) vs tasktune's answer-position loss.
+"""SQuAD v2 training throughput, memory and MFU: the strongest standard Trainer+peft script vs tasktune.
 
-baseline   HF Trainer + peft LoRA, model(labels=...) over the full vocabulary with prompt tokens masked,
-           padded to max_length (the tutorial recipe)
-answer     tasktune: LM head applied only at answer positions, dynamic left padding, length grouping
+baseline   THE BASELINE (headline ratios are against it): HF Trainer + peft LoRA, model(labels=...) over the full
+           vocabulary with prompt tokens masked, dynamic padding (DataCollatorForSeq2Seq), group_by_length, bf16
+           weights with the Trainer's bf16 autocast
+padded     the tutorial version: every row padded to max_length, no length grouping (extra row)
+answer     tasktune: LM head applied only at the answer positions, dynamic left padding, length grouping
 
-Same model, questions, batch, max length (prompt ≤ 384 tokens), dtype, LoRA config and steps.
+Same model, questions, tokenized rows (tasktune's prompts with the answer), batch, max length, dtype, LoRA config,
+sampler seed and steps. Reported as in bench/train_sst2.py (tokens/s, MFU, peak RSS and what training adds).
 Usage: python bench/train_squad.py [--quick] [--repeats 3] [--steps 4]
 """
 
@@ -18,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from train_sst2 import common_args, timer_callback  # noqa: E402
+from train_sst2 import common_args, lora_parameters, report, timer_callback  # noqa: E402
 
-CONFIGS = ["baseline", "answer"]
+CONFIGS = ["baseline", "padded", "answer"]
 
 
 def squad_rows(n: int, quick: bool) -> list[dict]:
@@ -57,30 +60,48 @@ def features_for(model: str, rows: list[dict], max_length: int, pad_to: int | No
 
 
 def worker(config: str, model: str, batch: int, steps: int, warmup: int, max_length: int, quick: bool) -> dict:
-    from transformers import Trainer, default_data_collator
+    from transformers import DataCollatorForSeq2Seq, Trainer, default_data_collator
 
+    from flops import lora_training_flops
     from tasktune.config import TrainConfig
     from tasktune.train import LeftPadCollator, TaskTrainer, add_lora
 
     rows = squad_rows(batch * (steps + warmup), quick)
-    lm, features = features_for(model, rows, max_length, max_length if config == "baseline" else None)
+    lm, features = features_for(model, rows, max_length, max_length if config == "padded" else None)
+    loaded = common.rss_mib()
+    pad = lm.tokenizer.pad_token_id
+    real = [sum(t != pad for t in f["input_ids"]) for f in features]
+    answers = [sum(t != -100 for t in f["labels"]) for f in features]
     peft_model = add_lora(lm.model, TrainConfig(lora_r=16, lora_alpha=32, lora_dropout=0.0), "answer")
     timer = timer_callback(warmup)
     with tempfile.TemporaryDirectory() as out:
         args = common_args(out, steps + warmup, batch)
-        if config == "baseline":
-            trainer = Trainer(model=peft_model, args=args, train_dataset=features, data_collator=default_data_collator,
-                              callbacks=[timer])
-        else:
+        if config == "answer":
             args.train_sampling_strategy = "group_by_length"
             trainer = TaskTrainer(model=peft_model, args=args, train_dataset=features,
-                                  data_collator=LeftPadCollator(lm.tokenizer.pad_token_id), callbacks=[timer],
-                                  objective="answer", validate=None)
+                                  data_collator=LeftPadCollator(pad), callbacks=[timer], objective="answer",
+                                  validate=None)
+        else:
+            if config == "baseline":
+                args.train_sampling_strategy = "group_by_length"
+                args.bf16 = lm.dtype == __import__("torch").bfloat16  # the Trainer's autocast
+                tokenizer = lm.tokenizer
+                tokenizer.padding_side = "right"
+                collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+                features = [dict(f, attention_mask=[1] * len(f["input_ids"])) for f in features]
+            else:
+                collator = default_data_collator
+            trainer = Trainer(model=peft_model, args=args, train_dataset=features, data_collator=collator,
+                              callbacks=[timer])
         trainer.train()
-    tokens = sum(len([t for t in f["input_ids"] if t != lm.tokenizer.pad_token_id]) for f in features)
     seconds = timer.end - timer.start
+    tokens, answer_tokens = sum(real) / len(real), sum(answers) / len(answers)
+    config_ = lm.model.config
+    flops = lora_training_flops(config_, batch, round(tokens), round(answer_tokens), lora_parameters(config_)) * steps
+    peak = common.peak_memory_mib()
     return {"config": config, "examples_per_s": batch * steps / seconds, "s_per_step": seconds / steps,
-            "real_tokens_per_example": tokens / len(features), "peak_mib": common.peak_memory_mib()}
+            "tokens_per_s": batch * steps * tokens / seconds, "model_tflops": flops / seconds / 1e12,
+            "real_tokens_per_example": tokens, "peak_mib": peak, "added_mib": peak - loaded}
 
 
 def main() -> None:
@@ -103,17 +124,14 @@ def main() -> None:
         args.max_length = 96
     worker_args = ["--model", args.model, "--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
                    str(args.warmup), "--max-length", str(args.max_length)] + (["--quick"] if args.quick else [])
+    peak = common.matmul_peak_tflops()
     results = common.interleaved(Path(__file__), CONFIGS, worker_args, args.repeats)
-    rows = []
-    for config in CONFIGS:
-        rows.append([config, common.median([r["examples_per_s"] for r in results[config]]),
-                     common.median([r["s_per_step"] for r in results[config]]),
-                     common.median([r["peak_mib"] for r in results[config]]), common.ratio(results, config, "examples_per_s"),
-                     common.ratio(results, config, "peak_mib")])
-    body = common.table(["config", "examples/s (median)", "s/step", "peak memory MiB", "speed × baseline",
-                         "memory × baseline"], rows)
-    body += (f"\n\nbatch {args.batch}, max length {args.max_length}, {args.steps} timed steps after {args.warmup} "
-             f"warm-up, {args.repeats} repeats interleaved; ratios are medians of per-repeat pairs.")
+    body = report(results, CONFIGS, peak).replace("prompt tokens/s", "real tokens/s")
+    body += (f"\n\nbatch {args.batch}, max length {args.max_length} (rows hold "
+             f"{common.median([r['real_tokens_per_example'] for r in results['answer']]):.0f} real tokens on "
+             f"average), {args.steps} timed steps after {args.warmup} warm-up, {args.repeats} repeats interleaved. "
+             "Ratios: median / median of the baseline, with the min–max of the per-repeat ratios. MFU against "
+             f"{peak:.2f} TFLOP/s, a bf16 2048² matmul measured in this run.")
     print(body)
     if not args.quick:
         common.append_results("SQuAD v2 training", "python bench/train_squad.py " + " ".join(sys.argv[1:]), body,

@@ -1,13 +1,18 @@
-"""SST-2 training throughput and peak memory: a hand-written Trainer+peft script vs tasktune's objectives.
+"""SST-2 training throughput, memory and MFU: the strongest standard Trainer+peft script vs tasktune.
 
-baseline          HF Trainer + peft LoRA, causal-LM loss over the full vocabulary with labels masked to the
-                  answer token, inputs padded to max_length (what the seed and most tutorials do)
-baseline_dynamic  the same with dynamic padding, to separate the padding effect from the loss
-verbalizer        tasktune: last hidden state × 2 LM-head rows, dynamic left padding, length grouping
-label_lm          tasktune: the baseline's loss (full vocabulary, label token) with the LM head at one position
-lm / seqcls       tasktune's other objectives, for reference
+baseline   THE BASELINE (headline ratios are against it): HF Trainer + peft LoRA, causal-LM loss over the full
+           vocabulary with labels masked to the answer token, dynamic padding (DataCollatorForSeq2Seq),
+           group_by_length, bf16 weights with the Trainer's bf16 autocast: what a competent user writes
+padded     the tutorial version: the same, every row padded to max_length, no length grouping (extra row)
+verbalizer tasktune: last hidden state × the labels' LM-head rows, dynamic left padding, length grouping
+label_lm   tasktune (the CPU recipe's objective): the baseline's loss with the LM head at one position
+lm/seqcls  tasktune's other objectives, for reference
 
-Same model, data, batch size, max sequence length, dtype, LoRA config and number of steps for all.
+Same model, rows, batch size, max length, dtype, LoRA config, sampler seed and steps for all; length-grouped
+configs see the same rows in the same order (their lengths differ by the one answer token). Reported per
+config: examples/s and real (unpadded) tokens/s, model FLOP utilisation (bench/flops.py, the same FLOPs per
+token for every config, against a bf16 matmul measured on this machine in the same run), and memory twice:
+peak RSS, and peak minus the RSS after the model is loaded (what training adds).
 Usage: python bench/train_sst2.py [--quick] [--repeats 3] [--steps 8]
 """
 
@@ -23,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-CONFIGS = ["baseline", "baseline_dynamic", "verbalizer", "label_lm", "lm", "seqcls"]
+CONFIGS = ["baseline", "padded", "verbalizer", "label_lm", "lm", "seqcls"]
 
 
 def rows_for(n: int, quick: bool) -> list[dict]:
@@ -64,7 +69,8 @@ def common_args(out: str, steps: int, batch: int, seed: int = 0):
 
 
 def worker_baseline(model: str, rows: list[dict], batch: int, steps: int, warmup: int, seq_len: int, dynamic: bool):
-    """A plain transformers + peft script, written as the tutorials write it."""
+    """A plain transformers + peft script: the strongest standard recipe (`dynamic`), or the tutorial's."""
+    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, default_data_collator
 
@@ -75,6 +81,7 @@ def worker_baseline(model: str, rows: list[dict], batch: int, steps: int, warmup
     tok.padding_side = "right"
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype("auto"))
     lm.config.pad_token_id = tok.pad_token_id
+    loaded_rss = common.rss_mib()
     template = "{sentence}\nQuestion: Is this sentence positive or negative?\nAnswer:"
     features = []
     for r in rows:
@@ -93,10 +100,14 @@ def worker_baseline(model: str, rows: list[dict], batch: int, steps: int, warmup
     collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100) if dynamic else default_data_collator
     timer = timer_callback(warmup)
     with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(model=model_, args=common_args(out, steps + warmup, batch), train_dataset=features,
-                          data_collator=collator, callbacks=[timer])
+        args = common_args(out, steps + warmup, batch)
+        if dynamic:
+            args.train_sampling_strategy = "group_by_length"
+            args.bf16 = lm.dtype == torch.bfloat16  # the Trainer's autocast, as the base weights' dtype
+        trainer = Trainer(model=model_, args=args, train_dataset=features, data_collator=collator, callbacks=[timer])
         trainer.train()
-    return timer
+    prompt_tokens = sum(len(tok(template.format(sentence=r["text"]))["input_ids"][: seq_len - 1]) for r in rows)
+    return timer, loaded_rss, prompt_tokens / len(rows), lm.config
 
 
 def worker_tasktune(model: str, rows: list[dict], batch: int, steps: int, warmup: int, seq_len: int, objective: str):
@@ -107,6 +118,7 @@ def worker_tasktune(model: str, rows: list[dict], batch: int, steps: int, warmup
     from tasktune.train import LeftPadCollator, TaskTrainer, add_lora
 
     lm = load_model(model, "auto", head="seqcls" if objective == "seqcls" else "causal_lm")
+    loaded_rss = common.rss_mib()
     task = get_task("sst2")
     builder = PromptBuilder(task, lm.tokenizer)
     label_ids = task.label_token_ids(builder, rows[0])
@@ -120,18 +132,53 @@ def worker_tasktune(model: str, rows: list[dict], batch: int, steps: int, warmup
                               data_collator=LeftPadCollator(lm.tokenizer.pad_token_id), callbacks=[timer],
                               objective=objective, label_token_ids=label_ids, validate=None)
         trainer.train()
-    return timer
+    prompt_tokens = sum(len(builder.encode(builder.render(r))[-(seq_len - 1):]) for r in rows)
+    return timer, loaded_rss, prompt_tokens / len(rows), lm.model.config
 
 
 def worker(config: str, model: str, batch: int, steps: int, warmup: int, seq_len: int, quick: bool) -> dict:
+    from flops import lora_training_flops
+
     rows = rows_for(batch * (steps + warmup), quick)
-    if config.startswith("baseline"):
-        timer = worker_baseline(model, rows, batch, steps, warmup, seq_len, dynamic=config == "baseline_dynamic")
+    if config in ("baseline", "padded"):
+        timer, loaded, tokens, model_config = worker_baseline(model, rows, batch, steps, warmup, seq_len,
+                                                              dynamic=config == "baseline")
     else:
-        timer = worker_tasktune(model, rows, batch, steps, warmup, seq_len, config)
+        timer, loaded, tokens, model_config = worker_tasktune(model, rows, batch, steps, warmup, seq_len, config)
     seconds = timer.end - timer.start
+    lora = lora_parameters(model_config)
+    # One definition of the work for every config: each row's prompt tokens, one predicted label token.
+    flops = lora_training_flops(model_config, batch, round(tokens), 1, lora) * steps
+    peak = common.peak_memory_mib()
     return {"config": config, "examples_per_s": batch * steps / seconds, "s_per_step": seconds / steps,
-            "peak_mib": common.peak_memory_mib()}
+            # prompt tokens: padding and the baseline's answer token excluded
+            "tokens_per_s": batch * steps * tokens / seconds, "model_tflops": flops / seconds / 1e12,
+            "peak_mib": peak, "added_mib": peak - loaded}
+
+
+def lora_parameters(config, r: int = 16) -> int:
+    """LoRA parameters on the attention and MLP projections: r × (in + out) per adapted matrix."""
+    d = config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
+    q, kv, ff = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim, config.intermediate_size
+    per_layer = (d + q) + 2 * (d + kv) + (q + d) + 2 * (d + ff) + (ff + d)
+    return r * per_layer * config.num_hidden_layers
+
+
+def report(results: dict, configs: list[str], peak_tflops: float, baseline: str = "baseline") -> str:
+    """One row per config: medians, ratios of medians against `baseline` with the per-repeat min–max, MFU."""
+    rows = []
+    for config in configs:
+        runs = results[config]
+        tflops = common.median([r["model_tflops"] for r in runs])
+        rows.append([config, common.median([r["examples_per_s"] for r in runs]),
+                     common.median([r["tokens_per_s"] for r in runs]), tflops, f"{100 * tflops / peak_tflops:.1f}%",
+                     common.median([r["peak_mib"] for r in runs]), common.median([r["added_mib"] for r in runs]),
+                     common.ratio_of_medians(results, config, "examples_per_s", baseline),
+                     common.ratio_of_medians(results, config, "added_mib", baseline)])
+    return common.table(["config", "examples/s", "prompt tokens/s", "model TFLOP/s", "MFU", "peak RSS MiB",
+                         "added by training MiB", "speed × baseline (min–max)", "added memory × baseline (min–max)"],
+                        rows)
 
 
 def main() -> None:
@@ -153,18 +200,12 @@ def main() -> None:
         args.model, args.repeats, args.steps, args.warmup = str(common.tiny_model(Path(tmp))), 1, 2, 1
     worker_args = ["--model", args.model, "--batch", str(args.batch), "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--seq-len", str(args.seq_len)] + (["--quick"] if args.quick else [])
+    peak = common.matmul_peak_tflops()
     results = common.interleaved(Path(__file__), CONFIGS, worker_args, args.repeats)
-    rows = []
-    for config in CONFIGS:
-        rows.append([config, common.median([r["examples_per_s"] for r in results[config]]),
-                     common.median([r["s_per_step"] for r in results[config]]),
-                     common.median([r["peak_mib"] for r in results[config]]),
-                     common.ratio(results, config, "examples_per_s"), common.ratio(results, config, "peak_mib")])
-    body = common.table(["config", "examples/s (median)", "s/step", "peak memory MiB", "speed × baseline",
-                         "memory × baseline"], rows)
+    body = report(results, CONFIGS, peak)
     body += (f"\n\nbatch {args.batch}, max length {args.seq_len}, {args.steps} timed steps after {args.warmup} warm-up, "
-             f"{args.repeats} repeats interleaved; ratios are medians of per-repeat pairs. Peak memory is the "
-             "worker process's peak RSS (CPU) or peak CUDA allocation.")
+             f"{args.repeats} repeats interleaved. Ratios: median / median of the baseline, with the min–max of the "
+             f"per-repeat ratios. MFU against {peak:.2f} TFLOP/s, a bf16 2048² matmul measured in this run.")
     print(body)
     if not args.quick:
         common.append_results("SST-2 training", "python bench/train_sst2.py " + " ".join(sys.argv[1:]), body,
