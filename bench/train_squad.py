@@ -113,6 +113,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=416)
     parser.add_argument("--model", default="gemma3-270m")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="a subset to run (the baseline is always run)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -125,10 +126,11 @@ def main() -> None:
     worker_args = ["--model", args.model, "--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
                    str(args.warmup), "--max-length", str(args.max_length)] + (["--quick"] if args.quick else [])
     peak = common.matmul_peak_tflops()
-    results = common.interleaved(Path(__file__), CONFIGS, worker_args, args.repeats)
-    body = report(results, CONFIGS, peak).replace("prompt tokens/s", "real tokens/s")
+    configs = ["baseline"] + [c for c in args.configs.split(",") if c in CONFIGS and c != "baseline"]
+    results = common.interleaved(Path(__file__), configs, worker_args, args.repeats)
+    body = report(results, configs, peak).replace("prompt tokens/s", "real tokens/s")
     body += (f"\n\nbatch {args.batch}, max length {args.max_length} (rows hold "
-             f"{common.median([r['real_tokens_per_example'] for r in results['answer']]):.0f} real tokens on "
+             f"{common.median([r['real_tokens_per_example'] for r in results['baseline']]):.0f} real tokens on "
              f"average), {args.steps} timed steps after {args.warmup} warm-up, {args.repeats} repeats interleaved. "
              "Ratios: median / median of the baseline, with the min–max of the per-repeat ratios. MFU against "
              f"{peak:.2f} TFLOP/s, a bf16 2048² matmul measured in this run.")

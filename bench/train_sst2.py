@@ -190,6 +190,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--model", default="gemma3-270m")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="a subset to run (the baseline is always run)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -201,8 +202,9 @@ def main() -> None:
     worker_args = ["--model", args.model, "--batch", str(args.batch), "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--seq-len", str(args.seq_len)] + (["--quick"] if args.quick else [])
     peak = common.matmul_peak_tflops()
-    results = common.interleaved(Path(__file__), CONFIGS, worker_args, args.repeats)
-    body = report(results, CONFIGS, peak)
+    configs = ["baseline"] + [c for c in args.configs.split(",") if c in CONFIGS and c != "baseline"]
+    results = common.interleaved(Path(__file__), configs, worker_args, args.repeats)
+    body = report(results, configs, peak)
     body += (f"\n\nbatch {args.batch}, max length {args.seq_len}, {args.steps} timed steps after {args.warmup} warm-up, "
              f"{args.repeats} repeats interleaved. Ratios: median / median of the baseline, with the min–max of the "
              f"per-repeat ratios. MFU against {peak:.2f} TFLOP/s, a bf16 2048² matmul measured in this run.")

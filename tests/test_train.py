@@ -199,3 +199,26 @@ def test_gradient_checkpointing_still_trains_every_adapter(tiny_models, tmp_path
     assert unwrap(model).is_activation_checkpointing
     unchanged = [n for n, p in model.named_parameters() if n in before and torch.equal(p.cpu(), before[n].cpu())]
     assert before and not unchanged, unchanged
+
+
+def test_collator_rounds_lengths_up_without_changing_the_loss(tiny_models):
+    """pad_to_multiple_of adds left padding only: same tokens, labels, positions of real tokens, same loss."""
+    from tasktune.tasks import get_task
+
+    lm = load_model(str(tiny_models["llama"]), dtype="fp32")
+    task = get_task("squad_v2")
+    builder = PromptBuilder(task, lm.tokenizer)
+    examples = [{"id": str(i), "title": "T", "context": "Paris is the capital of France .", "question": q,
+                 "answers": a, "answer_starts": [0] if a else []}
+                for i, (q, a) in enumerate([("what is the capital ?", ["Paris"]), ("who ?", []),
+                                            ("what river flows through Paris , the capital ?", ["the Seine"])])]
+    features = task.train_features(builder, examples, "answer", 128)
+    exact = LeftPadCollator(lm.tokenizer.pad_token_id)(features)
+    rounded = LeftPadCollator(lm.tokenizer.pad_token_id, 16)(features)
+    width = exact["input_ids"].shape[1]
+    assert rounded["input_ids"].shape[1] % 16 == 0 and rounded["input_ids"].shape[1] > width
+    for key in ("input_ids", "attention_mask", "labels", "position_ids"):
+        assert torch.equal(rounded[key][:, -width:], exact[key]), key
+    assert not rounded["attention_mask"][:, :-width].any() and (rounded["labels"][:, :-width] == -100).all()
+    with torch.no_grad():
+        torch.testing.assert_close(objective_loss(lm.model, rounded, "answer"), objective_loss(lm.model, exact, "answer"))

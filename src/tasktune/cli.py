@@ -275,8 +275,7 @@ def recipe_source(args) -> tuple[str | None, list[str]]:
     from tasktune import recipes
 
     default = recipes.default_for(args.task, args.model, torch.cuda.is_available())
-    stem = lambda text: Path(text).name.removesuffix(".yaml").removesuffix(".gguf")  # noqa: E731
-    name = f"{stem(args.task)}-{stem(args.model)}"
+    name = "-".join(Path(text).name.removesuffix(".yaml").removesuffix(".gguf") for text in (args.task, args.model))
     if default is not None:
         print(f"[tasktune] using the settings of the shipped recipe {default.stem} for --task {args.task} "
               f"--model {args.model}", file=sys.stderr)

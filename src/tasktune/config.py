@@ -79,6 +79,9 @@ class TrainConfig:
     shuffle: bool = opt(True, "false: rows in file order (to compare several processes with one)")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward: much less memory, ~30% slower")
     max_length: int = opt(256, "longest training row in tokens (prompts are cut from the start)")
+    pad_to_multiple_of: int = opt(1, "round each training batch's length up to a multiple of this: fewer distinct "
+                                     "shapes, so fewer compiled CPU kernels held in memory (the SQuAD CPU recipe "
+                                     "uses 32)")
     report_to: list[str] = opt(help="experiment loggers for the Trainer: `none`, or any of tensorboard, wandb, "
                                     "mlflow, trackio, ... (each needs its extra, e.g. `pip install "
                                     "\"tasktune[tensorboard]\"`); TensorBoard writes to train/tensorboard/",
@@ -108,7 +111,7 @@ class Recipe:
 
 
 POSITIVE = {"val_size", "batch_size", "lora_r", "lora_alpha", "grad_accum", "eval_steps", "logging_steps",
-            "max_length", "max_prompt_tokens", "limit_train", "limit_test", "limit_generate", "max_steps",
+            "max_length", "max_prompt_tokens", "pad_to_multiple_of", "limit_train", "limit_test", "limit_generate", "max_steps",
             "learning_rate", "epochs"}
 NON_NEGATIVE = {"patience", "shots", "weight_decay", "seed"}
 UNIT_INTERVAL = {"test_size": (0.0, 1.0), "lora_dropout": (0.0, 1.0), "warmup_ratio": (0.0, 1.0)}

@@ -32,18 +32,29 @@ def add_lora(model, train_cfg, objective: str):
 
 
 class LeftPadCollator:
-    """Left-pads `input_ids`; `labels` are class ids (one per row) or token labels padded with -100."""
+    """Left-pads `input_ids`; `labels` are class ids (one per row) or token labels padded with -100.
 
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
+    `multiple`: each batch's length is rounded up to a multiple of it. On a CPU every new shape gets its own
+    compiled kernels, which stay in memory: measured on SQuAD training (batch 4, 40 steps), RSS between steps
+    grew 1.48 → 2.01 GB with exact lengths and stayed at 1.57 GB with multiples of 32, at the same speed.
+    """
+
+    def __init__(self, pad_id: int, multiple: int = 1):
+        self.pad_id, self.multiple = pad_id, multiple
 
     def __call__(self, features: list[dict]) -> dict:
         ids, mask = left_pad([f["input_ids"] for f in features], self.pad_id)
+        extra = -ids.shape[1] % self.multiple  # columns added on the left to reach a multiple
+
+        def widen(t: torch.Tensor, value: int) -> torch.Tensor:
+            return torch.cat([torch.full((t.shape[0], extra), value, dtype=t.dtype), t], dim=1) if extra else t
+
+        ids, mask = widen(ids, self.pad_id), widen(mask, 0)
         batch = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids_from_mask(mask)}
         labels = [f["labels"] for f in features]
         if isinstance(labels[0], list):
             padded, _ = left_pad(labels, -100)
-            batch["labels"] = padded
+            batch["labels"] = widen(padded, -100)
         else:
             batch["labels"] = torch.tensor(labels, dtype=torch.long)
         return batch
@@ -154,7 +165,7 @@ def fit(model, tokenizer, train_features: list[dict], val_features: list[dict], 
         callbacks.append(logs)
     trainer = TaskTrainer(
         model=model, args=args, train_dataset=train_features, eval_dataset=val_features,
-        data_collator=LeftPadCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+        data_collator=LeftPadCollator(tokenizer.pad_token_id, train_cfg.pad_to_multiple_of), processing_class=tokenizer,
         callbacks=callbacks, objective=objective, label_token_ids=label_token_ids, validate=validate,
     )
     if logs is not None:

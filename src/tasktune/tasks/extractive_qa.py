@@ -2,7 +2,7 @@
 declared by a task spec (`tasks/squad_v2.yaml`): generative, and the model must say the spec's abstain word
 ("unanswerable") when the context has no answer.
 
-Decisions reported (DESIGN.md):
+Decisions reported:
 - `raw`: greedy generation; the model abstains when its first token is the first token of " unanswerable".
 - `calibrated`: abstain when P(first token of " unanswerable") exceeds a threshold chosen on the validation
   slice (best F1); otherwise answer with the best non-abstaining generation.
