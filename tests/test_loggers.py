@@ -52,3 +52,17 @@ def test_unknown_or_missing_logger_fails_before_loading_anything(tmp_path, capsy
     err = capsys.readouterr().err
     assert message in err and "report_to" in err and "/nonexistent" not in err
     assert not list(tmp_path.iterdir())
+
+
+def test_memory_is_recorded_per_stage_and_step(tiny_llama, sst2_tsv, tmp_path):
+    assert main(tiny_run_args(tiny_llama, sst2_tsv, tmp_path, "train.logging_steps=2")) == 0
+    run = tmp_path / "t"
+    record = json.loads((run / "memory.json").read_text())
+    stages = [p["at"] for p in record["stages"]]
+    assert stages[0] == "model loaded" and "after train" in stages and "after finetuned" in stages
+    assert [p["step"] for p in record["steps"] if p["at"] == "train step"] == [2, 4, 6, 8]
+    summary = record["summary"]
+    assert summary["peak_rss_mib"] >= max(p["rss_mib"] for p in record["stages"]) > 0
+    assert summary["added_by_the_run_mib"] == round(summary["peak_rss_mib"] - summary["rss_after_model_load_mib"], 1)
+    report = json.loads((run / "report.json").read_text())
+    assert report["memory"] == summary and "## Memory" in (run / "report.md").read_text()
