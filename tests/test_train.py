@@ -116,19 +116,23 @@ def test_seqcls_adapter_reloads_and_scores_identically(tiny_models, tmp_path):
     torch.testing.assert_close(before, after)
 
 
+def squad_features(model_dir, questions: list[tuple[str, list[str]]]):
+    """The tiny model, and answer-loss features of questions about one short context."""
+    from tasktune.tasks import get_task
+
+    lm = load_model(str(model_dir), dtype="fp32")
+    task = get_task("squad_v2")
+    examples = [{"id": str(i), "title": "T", "context": "Paris is the capital of France .", "question": q,
+                 "answers": a, "answer_starts": [0] if a else []} for i, (q, a) in enumerate(questions)]
+    return lm, task.train_features(PromptBuilder(task, lm.tokenizer), examples, "answer", 128)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
 def test_answer_loss_equals_full_logit_lm_loss(tiny_models, arch):
-    from tasktune.tasks import get_task
     from tasktune.losses import answer_loss
 
-    lm = load_model(str(tiny_models[arch]), dtype="fp32")
-    task = get_task("squad_v2")
-    builder = PromptBuilder(task, lm.tokenizer)
-    examples = [{"id": str(i), "title": "T", "context": "Paris is the capital of France .", "question": q,
-                 "answers": a, "answer_starts": [0] if a else []}
-                for i, (q, a) in enumerate([("what is the capital ?", ["Paris"]), ("who was born ?", []),
-                                            ("what river flows through Paris ?", ["the Seine"])])]
-    features = task.train_features(builder, examples, "answer", 128)
+    lm, features = squad_features(tiny_models[arch], [("what is the capital ?", ["Paris"]), ("who was born ?", []),
+                                                      ("what river flows through Paris ?", ["the Seine"])])
     batch = LeftPadCollator(lm.tokenizer.pad_token_id)(features)
     with torch.no_grad():
         ours = answer_loss(lm.model, batch)
@@ -203,16 +207,9 @@ def test_gradient_checkpointing_still_trains_every_adapter(tiny_models, tmp_path
 
 def test_collator_rounds_lengths_up_without_changing_the_loss(tiny_models):
     """pad_to_multiple_of adds left padding only: same tokens, labels, positions of real tokens, same loss."""
-    from tasktune.tasks import get_task
-
-    lm = load_model(str(tiny_models["llama"]), dtype="fp32")
-    task = get_task("squad_v2")
-    builder = PromptBuilder(task, lm.tokenizer)
-    examples = [{"id": str(i), "title": "T", "context": "Paris is the capital of France .", "question": q,
-                 "answers": a, "answer_starts": [0] if a else []}
-                for i, (q, a) in enumerate([("what is the capital ?", ["Paris"]), ("who ?", []),
-                                            ("what river flows through Paris , the capital ?", ["the Seine"])])]
-    features = task.train_features(builder, examples, "answer", 128)
+    lm, features = squad_features(tiny_models["llama"], [("what is the capital ?", ["Paris"]), ("who ?", []),
+                                                         ("what river flows through Paris , the capital ?",
+                                                          ["the Seine"])])
     exact = LeftPadCollator(lm.tokenizer.pad_token_id)(features)
     rounded = LeftPadCollator(lm.tokenizer.pad_token_id, 16)(features)
     width = exact["input_ids"].shape[1]
