@@ -7,6 +7,9 @@ padded     the tutorial version: the same, every row padded to max_length, no le
 verbalizer tasktune: last hidden state × the labels' LM-head rows, dynamic left padding, length grouping
 label_lm   tasktune (the CPU recipe's objective): the baseline's loss with the LM head at one position
 lm/seqcls  tasktune's other objectives, for reference
+Variants, for the MFU work: `CONFIG+bN` runs CONFIG with micro-batch N (`label_lm+b64`, `baseline+b64`), and
+`CONFIG+compile` with the Trainer's `torch_compile` (the compile time lands in the untimed warm-up steps and is
+reported on its own as "warm-up s").
 
 Same model, rows, batch size, max length, dtype, LoRA config, sampler seed and steps for all; length-grouped
 configs see the same rows in the same order (their lengths differ by the one answer token). Reported per
@@ -48,7 +51,10 @@ def timer_callback(warmup: int):
     from transformers import TrainerCallback
 
     class Timer(TrainerCallback):
-        start = end = None
+        start = end = began = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.began = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == warmup:
@@ -58,17 +64,28 @@ def timer_callback(warmup: int):
     return Timer()
 
 
-def common_args(out: str, steps: int, batch: int, seed: int = 0):
+def common_args(out: str, steps: int, batch: int, seed: int = 0, compile: bool = False):
     import torch
     from transformers import TrainingArguments
 
     return TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=batch, learning_rate=1e-4,
                              lr_scheduler_type="constant", logging_steps=10_000, save_strategy="no", report_to="none",
                              use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, seed=seed,
-                             dataloader_num_workers=0, disable_tqdm=True)
+                             dataloader_num_workers=0, disable_tqdm=True, torch_compile=compile)
 
 
-def worker_baseline(model: str, rows: list[dict], batch: int, steps: int, warmup: int, seq_len: int, dynamic: bool):
+def parse_config(config: str, batch: int) -> tuple[str, int, bool]:
+    """`label_lm+b64+compile` -> ("label_lm", 64, True)."""
+    name, *variants = config.split("+")
+    for v in variants:
+        if not (v == "compile" or (v.startswith("b") and v[1:].isdigit())):
+            raise SystemExit(f"unknown variant {v!r} in config {config!r}: expected bN (micro-batch) or compile")
+    sizes = [int(v[1:]) for v in variants if v.startswith("b")]
+    return name, sizes[-1] if sizes else batch, "compile" in variants
+
+
+def worker_baseline(model: str, rows: list[dict], batch: int, steps: int, warmup: int, seq_len: int, dynamic: bool,
+                    compile: bool = False):
     """A plain transformers + peft script: the strongest standard recipe (`dynamic`), or the tutorial's."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -100,7 +117,7 @@ def worker_baseline(model: str, rows: list[dict], batch: int, steps: int, warmup
     collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100) if dynamic else default_data_collator
     timer = timer_callback(warmup)
     with tempfile.TemporaryDirectory() as out:
-        args = common_args(out, steps + warmup, batch)
+        args = common_args(out, steps + warmup, batch, compile=compile)
         if dynamic:
             args.train_sampling_strategy = "group_by_length"
             args.bf16 = lm.dtype == torch.bfloat16  # the Trainer's autocast, as the base weights' dtype
@@ -110,7 +127,8 @@ def worker_baseline(model: str, rows: list[dict], batch: int, steps: int, warmup
     return timer, loaded_rss, prompt_tokens / len(rows), lm.config
 
 
-def worker_tasktune(model: str, rows: list[dict], batch: int, steps: int, warmup: int, seq_len: int, objective: str):
+def worker_tasktune(model: str, rows: list[dict], batch: int, steps: int, warmup: int, seq_len: int, objective: str,
+                    compile: bool = False):
     from tasktune.config import TrainConfig
     from tasktune.models import load_model
     from tasktune.tasks import PromptBuilder
@@ -126,7 +144,7 @@ def worker_tasktune(model: str, rows: list[dict], batch: int, steps: int, warmup
     model_ = add_lora(lm.model, TrainConfig(lora_r=16, lora_alpha=32, lora_dropout=0.0), objective)
     timer = timer_callback(warmup)
     with tempfile.TemporaryDirectory() as out:
-        args = common_args(out, steps + warmup, batch)
+        args = common_args(out, steps + warmup, batch, compile=compile)
         args.train_sampling_strategy = "group_by_length"
         trainer = TaskTrainer(model=model_, args=args, train_dataset=features,
                               data_collator=LeftPadCollator(lm.tokenizer.pad_token_id), callbacks=[timer],
@@ -139,18 +157,21 @@ def worker_tasktune(model: str, rows: list[dict], batch: int, steps: int, warmup
 def worker(config: str, model: str, batch: int, steps: int, warmup: int, seq_len: int, quick: bool) -> dict:
     from flops import lora_training_flops
 
+    name, batch, compile = parse_config(config, batch)
     rows = rows_for(batch * (steps + warmup), quick)
-    if config in ("baseline", "padded"):
+    if name in ("baseline", "padded"):
         timer, loaded, tokens, model_config = worker_baseline(model, rows, batch, steps, warmup, seq_len,
-                                                              dynamic=config == "baseline")
+                                                              dynamic=name == "baseline", compile=compile)
     else:
-        timer, loaded, tokens, model_config = worker_tasktune(model, rows, batch, steps, warmup, seq_len, config)
+        timer, loaded, tokens, model_config = worker_tasktune(model, rows, batch, steps, warmup, seq_len, name,
+                                                              compile=compile)
     seconds = timer.end - timer.start
     lora = lora_parameters(model_config)
     # One definition of the work for every config: each row's prompt tokens, one predicted label token.
     flops = lora_training_flops(model_config, batch, round(tokens), 1, lora) * steps
     peak = common.peak_memory_mib()
-    return {"config": config, "examples_per_s": batch * steps / seconds, "s_per_step": seconds / steps,
+    return {"config": config, "batch": batch, "examples_per_s": batch * steps / seconds, "s_per_step": seconds / steps,
+            "warmup_s": timer.start - timer.began,
             # prompt tokens: padding and the baseline's answer token excluded
             "tokens_per_s": batch * steps * tokens / seconds, "model_tflops": flops / seconds / 1e12,
             "peak_mib": peak, "added_mib": peak - loaded}
@@ -171,12 +192,12 @@ def report(results: dict, configs: list[str], peak_tflops: float, baseline: str 
     for config in configs:
         runs = results[config]
         tflops = common.median([r["model_tflops"] for r in runs])
-        rows.append([config, common.median([r["examples_per_s"] for r in runs]),
+        rows.append([config, runs[0]["batch"], common.median([r["warmup_s"] for r in runs]), common.median([r["examples_per_s"] for r in runs]),
                      common.median([r["tokens_per_s"] for r in runs]), tflops, f"{100 * tflops / peak_tflops:.1f}%",
                      common.median([r["peak_mib"] for r in runs]), common.median([r["added_mib"] for r in runs]),
                      common.ratio_of_medians(results, config, "examples_per_s", baseline),
                      common.ratio_of_medians(results, config, "added_mib", baseline)])
-    return common.table(["config", "examples/s", "prompt tokens/s", "model TFLOP/s", "MFU", "peak RSS MiB",
+    return common.table(["config", "micro-batch", "warm-up s", "examples/s", "prompt tokens/s", "model TFLOP/s", "MFU", "peak RSS MiB",
                          "added by training MiB", "speed × baseline (min–max)", "added memory × baseline (min–max)"],
                         rows)
 
@@ -202,10 +223,13 @@ def main() -> None:
     worker_args = ["--model", args.model, "--batch", str(args.batch), "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--seq-len", str(args.seq_len)] + (["--quick"] if args.quick else [])
     peak = common.matmul_peak_tflops()
-    configs = ["baseline"] + [c for c in args.configs.split(",") if c in CONFIGS and c != "baseline"]
+    configs = ["baseline"] + [c for c in args.configs.split(",") if c != "baseline"]
+    for c in configs:
+        if parse_config(c, args.batch)[0] not in CONFIGS:
+            raise SystemExit(f"unknown config {c!r}: expected one of {', '.join(CONFIGS)}, optionally +bN / +compile")
     results = common.interleaved(Path(__file__), configs, worker_args, args.repeats)
     body = report(results, configs, peak)
-    body += (f"\n\nbatch {args.batch}, max length {args.seq_len}, {args.steps} timed steps after {args.warmup} warm-up, "
+    body += (f"\n\nbatch {args.batch} (or the config's +bN), max length {args.seq_len}, {args.steps} timed steps after {args.warmup} warm-up, "
              f"{args.repeats} repeats interleaved. Ratios: median / median of the baseline, with the min–max of the "
              f"per-repeat ratios. MFU against {peak:.2f} TFLOP/s, a bf16 2048² matmul measured in this run.")
     print(body)

@@ -34,3 +34,24 @@ def test_gpu_memory_estimate_quick():
     errors = [float(e) for e in re.findall(r"measured directly ([+-][\d.]+)%", proc.stdout)]
     assert len(errors) == 2 and all(abs(e) < 5.0 for e in errors)
     assert (ROOT / "bench" / "RESULTS.md").read_text() == before
+
+
+def test_training_step_profile_quick():
+    """The step profile runs and accounts the matrix products apart from the rest."""
+    before = (ROOT / "bench" / "RESULTS.md").read_text()
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "profile_train_step.py"), "--quick", "--batches", "2,4",
+                           "--steps", "1", "--warmup", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.search(r"^\| 2 \| 2×\d+ \|", proc.stdout, re.M) and re.search(r"^\| 4 \| 4×\d+ \|", proc.stdout, re.M)
+    assert "| aten::mm |" in proc.stdout
+    assert (ROOT / "bench" / "RESULTS.md").read_text() == before
+
+
+def test_training_variants_parse():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from train_sst2 import parse_config
+
+    assert parse_config("label_lm", 16) == ("label_lm", 16, False)
+    assert parse_config("label_lm+b64+compile", 16) == ("label_lm", 64, True)
+    with pytest.raises(SystemExit, match="unknown variant 'x64'"):
+        parse_config("label_lm+x64", 16)

@@ -1,0 +1,120 @@
+"""Where a CPU training step spends its time: torch.profiler over tasktune's SST-2 training step.
+
+For each micro-batch size given, the script builds tasktune's `label_lm` step on real SST-2 rows (the CPU
+recipe's LoRA, bf16 base, adapter autocast), runs warm-up steps, profiles timed steps, and reports the share of
+the step spent in matrix products (what MFU counts) against everything else (elementwise ops, norms, copies,
+the optimizer, Python), with the top operators by self time. This is the evidence behind the MFU figures in
+`train_sst2.py`: it says whether a larger micro-batch, fusion or compilation can help.
+Usage: python bench/profile_train_step.py [--batches 16,64] [--steps 3] [--top 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+# Operators that are matrix products: the work MFU counts.
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
+              "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math",
+              "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::_mkldnn_mm")
+
+
+def build_step(model_name: str, batch: int, quick: bool):
+    import torch
+
+    from tasktune.config import TrainConfig
+    from tasktune.losses import adapter_autocast, adapter_input_casting_off, objective_loss
+    from tasktune.models import load_model
+    from tasktune.tasks import PromptBuilder, get_task
+    from tasktune.train import LeftPadCollator, add_lora
+    from train_sst2 import rows_for
+
+    lm = load_model(model_name, "auto")
+    task = get_task("sst2")
+    builder = PromptBuilder(task, lm.tokenizer)
+    rows = rows_for(batch, quick)
+    label_ids = task.label_token_ids(builder, rows[0])
+    features = task.train_features(builder, rows, "label_lm", 64, label_ids)
+    inputs = LeftPadCollator(lm.tokenizer.pad_token_id)(features)
+    model = add_lora(lm.model, TrainConfig(lora_r=16, lora_alpha=32, lora_dropout=0.0), "label_lm")
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        with adapter_input_casting_off(model):
+            with adapter_autocast(model):
+                loss = objective_loss(model, inputs, "label_lm", label_ids)
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    tokens = int(inputs["attention_mask"].sum())
+    return step, tokens, inputs["input_ids"].shape
+
+
+def profile(model_name: str, batch: int, steps: int, warmup: int, top: int, quick: bool) -> tuple[list, str]:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    step, tokens, shape = build_step(model_name, batch, quick)
+    for _ in range(warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    plain_s = (time.perf_counter() - start) / steps  # unprofiled: the profiler itself adds overhead
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS)
+    count = sum(e.count for e in events)
+    ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    matmul_s = matmul / 1e6 / steps  # profiler times are in microseconds
+    summary = [batch, f"{shape[0]}×{shape[1]}", tokens, plain_s, batch / plain_s, f"{100 * matmul / total:.0f}%",
+               f"{100 * matmul_s / plain_s:.0f}%", round(count / steps)]
+    lines = [f"micro-batch {batch} ({shape[0]}×{shape[1]} ids, {tokens} real tokens): top {top} operators by self "
+             f"CPU time, share of the profiled step", "",
+             common.table(["operator", "calls per step", "self time share"],
+                          [[e.key, round(e.count / steps), f"{100 * e.self_cpu_time_total / total:.1f}%"]
+                           for e in ranked])]
+    return summary, "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", default="16,64")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--model", default="gemma3-270m")
+    parser.add_argument("--quick", action="store_true", help="tiny random model, no RESULTS.md entry")
+    args = parser.parse_args()
+    if args.quick:
+        import tempfile
+
+        args.model = str(common.tiny_model(Path(tempfile.mkdtemp())))
+    summaries, details = [], []
+    for batch in [int(b) for b in args.batches.split(",")]:
+        summary, detail = profile(args.model, batch, args.steps, args.warmup, args.top, args.quick)
+        summaries.append(summary)
+        details.append(detail)
+    body = "\n\n".join([common.table(["micro-batch", "ids shape", "real tokens", "s/step (unprofiled)",
+                                      "examples/s", "matmul share of op time",
+                                      "matmul time / unprofiled step", "operator calls per step"],
+                                     summaries), *details])
+    body += (f"\n\n{args.warmup} warm-up steps, then {args.steps} unprofiled and {args.steps} profiled steps per "
+             "micro-batch, one process; tasktune's label_lm step (forward, backward, AdamW) on real SST-2 rows.")
+    print(body)
+    if not args.quick:
+        common.append_results("SST-2 training step profile", "python bench/profile_train_step.py " +
+                              " ".join(sys.argv[1:]), body, common.machine())
+
+
+if __name__ == "__main__":
+    main()
