@@ -37,3 +37,14 @@ def test_evaluate_returns_metrics_and_predictions(tiny_llama, sst2_tsv, tmp_path
 def test_importing_tasktune_loads_no_torch():
     code = "import sys, tasktune; print('torch' in sys.modules, 'transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split() == ["False", "False"]
+
+
+def test_evaluating_every_row_reads_the_data_file_once(tiny_llama, sst2_tsv, tmp_path, monkeypatch):
+    from tasktune.tasks.classification import ClassificationTask
+
+    reads = []
+    original = ClassificationTask.load
+    monkeypatch.setattr(ClassificationTask, "load", lambda self, path: reads.append(path) or original(self, path))
+    metrics = tasktune.evaluate(str(tiny_llama), "sst2", str(sst2_tsv), rows="all", out=str(tmp_path / "e"),
+                                dtype="fp32", eval={"protocols": ["score"]})
+    assert metrics["score"]["n"] == 120 and reads == [str(sst2_tsv)]

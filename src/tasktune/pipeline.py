@@ -63,6 +63,7 @@ class Prepared:
     timings: dict = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)  # for the wall time of this invocation
     memory: MemoryLog = field(default_factory=MemoryLog)
+    rows: list[dict] = field(default_factory=list)  # every row of the data file, as loaded (read once)
 
     @property
     def sources(self) -> str:
@@ -100,7 +101,7 @@ def prepare(recipe: Recipe, training: bool = True) -> Prepared:
         raise TasktuneError(f"train.objective={recipe.train.objective} needs single-token verbalizers; those of "
                             f"{task.name!r} are several tokens for this tokenizer: use train.objective=lm")
     return Prepared(recipe, task, source, split, examples, lm, builder, label_ids, overlap, test_source, timings,
-                    started, memory)
+                    started, memory, rows)
 
 
 STAGES = ("split", "zeroshot", "train", "params", "finetuned")
@@ -400,7 +401,7 @@ def evaluate_model(recipe: Recipe, out: Path, adapter: str | None = None, rows: 
     head = adapter_head(adapter) if adapter else "causal_lm"
     p = prepare(recipe, training=False)
     if rows == "all":
-        everything, _ = p.task.load(recipe.data.path)
+        everything = p.rows
         p.examples["test"] = sample(everything, recipe.data.limit_test, recipe.data.seed)
         p.examples["validation"] = []
         evaluated = {ex["id"] for ex in p.examples["test"]}
