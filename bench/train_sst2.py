@@ -8,8 +8,9 @@ verbalizer tasktune: last hidden state × the labels' LM-head rows, dynamic left
 label_lm   tasktune (the CPU recipe's objective): the baseline's loss with the LM head at one position
 lm/seqcls  tasktune's other objectives, for reference
 Variants, for the MFU work: `CONFIG+bN` runs CONFIG with micro-batch N (`label_lm+b64`, `baseline+b64`), and
-`CONFIG+compile` with the Trainer's `torch_compile` (the compile time lands in the untimed warm-up steps and is
-reported on its own as "warm-up s").
+`CONFIG+compile` with every decoder layer compiled in place (`torch.compile`, as torchtune compiles per layer; the
+Trainer's `torch_compile` flag would wrap the whole model, which tasktune's losses bypass by calling the backbone
+directly). The compile time lands in the untimed warm-up steps and is reported on its own as "warm-up s".
 
 Same model, rows, batch size, max length, dtype, LoRA config, sampler seed and steps for all; length-grouped
 configs see the same rows in the same order (their lengths differ by the one answer token). Reported per
@@ -64,14 +65,21 @@ def timer_callback(warmup: int):
     return Timer()
 
 
-def common_args(out: str, steps: int, batch: int, seed: int = 0, compile: bool = False):
+def common_args(out: str, steps: int, batch: int, seed: int = 0):
     import torch
     from transformers import TrainingArguments
 
     return TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=batch, learning_rate=1e-4,
                              lr_scheduler_type="constant", logging_steps=10_000, save_strategy="no", report_to="none",
                              use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, seed=seed,
-                             dataloader_num_workers=0, disable_tqdm=True, torch_compile=compile)
+                             dataloader_num_workers=0, disable_tqdm=True)
+
+
+def compile_layers(peft_model) -> None:
+    """Compile each decoder layer (with its LoRA modules) in place."""
+    base = peft_model.get_base_model()
+    for layer in getattr(base, base.base_model_prefix).layers:
+        layer.compile()
 
 
 def parse_config(config: str, batch: int) -> tuple[str, int, bool]:
@@ -117,7 +125,9 @@ def worker_baseline(model: str, rows: list[dict], batch: int, steps: int, warmup
     collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100) if dynamic else default_data_collator
     timer = timer_callback(warmup)
     with tempfile.TemporaryDirectory() as out:
-        args = common_args(out, steps + warmup, batch, compile=compile)
+        args = common_args(out, steps + warmup, batch)
+        if compile:
+            compile_layers(model_)
         if dynamic:
             args.train_sampling_strategy = "group_by_length"
             args.bf16 = lm.dtype == torch.bfloat16  # the Trainer's autocast, as the base weights' dtype
@@ -144,7 +154,9 @@ def worker_tasktune(model: str, rows: list[dict], batch: int, steps: int, warmup
     model_ = add_lora(lm.model, TrainConfig(lora_r=16, lora_alpha=32, lora_dropout=0.0), objective)
     timer = timer_callback(warmup)
     with tempfile.TemporaryDirectory() as out:
-        args = common_args(out, steps + warmup, batch, compile=compile)
+        args = common_args(out, steps + warmup, batch)
+        if compile:
+            compile_layers(model_)
         args.train_sampling_strategy = "group_by_length"
         trainer = TaskTrainer(model=model_, args=args, train_dataset=features,
                               data_collator=LeftPadCollator(lm.tokenizer.pad_token_id), callbacks=[timer],
