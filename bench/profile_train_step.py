@@ -86,6 +86,36 @@ def profile(model_name: str, batch: int, steps: int, warmup: int, top: int, quic
     return summary, "\n".join(lines)
 
 
+def matmul_rates(config, token_counts: list[int], seconds: float = 1.0) -> str:
+    """TFLOP/s of the step's own linear shapes (tokens x hidden -> intermediate, forward and input gradient) in
+    bf16 and fp32, next to the square 2048² product MFU is quoted against: is a larger micro-batch faster?"""
+    import torch
+    import torch.nn.functional as F
+
+    def rate(fn, flops: float) -> float:
+        for _ in range(2):
+            fn()
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            fn()
+            count += 1
+        return flops * count / (time.perf_counter() - start) / 1e12
+
+    d, ff = config.hidden_size, config.intermediate_size
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        a = torch.randn(2048, 2048, dtype=dtype)
+        rows.append([str(dtype).removeprefix("torch."), "2048×2048 @ 2048×2048", rate(lambda: a @ a, 2 * 2048**3)])
+        weight = torch.randn(ff, d, dtype=dtype)
+        for m in token_counts:
+            x, grad = torch.randn(m, d, dtype=dtype), torch.randn(m, ff, dtype=dtype)
+            rows.append([str(dtype).removeprefix("torch."), f"{m}×{d} → {ff} (forward)",
+                         rate(lambda: F.linear(x, weight), 2 * m * d * ff)])
+            rows.append([str(dtype).removeprefix("torch."), f"{m}×{ff} → {d} (input gradient)",
+                         rate(lambda: grad @ weight, 2 * m * d * ff)])
+    return common.table(["dtype", "product", "TFLOP/s"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="16,64")
@@ -99,15 +129,25 @@ def main() -> None:
         import tempfile
 
         args.model = str(common.tiny_model(Path(tempfile.mkdtemp())))
-    summaries, details = [], []
+    summaries, details, shapes = [], [], []
     for batch in [int(b) for b in args.batches.split(",")]:
         summary, detail = profile(args.model, batch, args.steps, args.warmup, args.top, args.quick)
         summaries.append(summary)
         details.append(detail)
+        rows, width = (int(n) for n in summary[1].split("×"))
+        shapes.append(rows * width)
+    from transformers import AutoConfig
+
+    from tasktune.models import resolve_model_path
+
+    model_config = AutoConfig.from_pretrained(resolve_model_path(args.model))
+    model_config = getattr(model_config, "text_config", model_config)
     body = "\n\n".join([common.table(["micro-batch", "ids shape", "real tokens", "s/step (unprofiled)",
                                       "examples/s", "matmul share of op time",
                                       "matmul time / unprofiled step", "operator calls per step"],
-                                     summaries), *details])
+                                     summaries), *details,
+                         "Matrix products alone, at the steps' shapes (rows = the padded ids of each micro-batch):",
+                         matmul_rates(model_config, shapes)])
     body += (f"\n\n{args.warmup} warm-up steps, then {args.steps} unprofiled and {args.steps} profiled steps per "
              "micro-batch, one process; tasktune's label_lm step (forward, backward, AdamW) on real SST-2 rows.")
     print(body)
