@@ -116,6 +116,42 @@ def matmul_rates(config, token_counts: list[int], seconds: float = 1.0) -> str:
     return common.table(["dtype", "product", "TFLOP/s"], rows)
 
 
+def padding_shares(recipe_name: str, batch_sizes: list[int]) -> str:
+    """How much of each training batch is padding, over the recipe's own training rows, with the Trainer's
+    length-grouped sampler (what the recipes use) and in random order: what packing could still remove."""
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from tasktune.config import load_recipe
+    from tasktune.models import load_tokenizer, resolve_model_path
+    from tasktune.pipeline import sample
+    from tasktune.tasks import PromptBuilder, get_task
+
+    recipe = load_recipe(recipe_name)
+    task = get_task(recipe.task, recipe.eval.verbalizers, recipe.eval.max_prompt_tokens)
+    rows, _ = task.load(recipe.data.path)
+    by_id = {r["id"]: r for r in rows}
+    train = sample([by_id[i] for i in task.split(rows, recipe.data)["train"]], recipe.data.limit_train,
+                   recipe.data.seed)
+    builder = PromptBuilder(task, load_tokenizer(resolve_model_path(recipe.model)), recipe.eval.prompt_format)
+    features = task.train_features(builder, train, recipe.train.objective, recipe.train.max_length,
+                                   task.label_token_ids(builder, train[0]))
+    lengths = [len(f["input_ids"]) for f in features]
+    table = []
+    for batch in batch_sizes:
+        grouped = list(LengthGroupedSampler(batch, lengths=lengths, generator=torch.Generator().manual_seed(0)))
+        shuffled = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(0)).tolist()
+        shares = []
+        for order in (grouped, shuffled):
+            chunks = [[lengths[i] for i in order[k:k + batch]] for k in range(0, len(order), batch)]
+            real, padded = sum(sum(c) for c in chunks), sum(max(c) * len(c) for c in chunks)
+            shares.append(f"{100 * (1 - real / padded):.1f}%")
+        table.append([batch, *shares])
+    return (f"{recipe_name}: {len(lengths):,} training rows, {sum(lengths) / len(lengths):.1f} tokens on average "
+            f"(min {min(lengths)}, max {max(lengths)}). Share of padding tokens per batch:\n\n" +
+            common.table(["batch", "length-grouped (the recipes)", "random order"], table))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="16,64")
@@ -124,7 +160,15 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--model", default="gemma3-270m")
     parser.add_argument("--quick", action="store_true", help="tiny random model, no RESULTS.md entry")
+    parser.add_argument("--padding", metavar="RECIPE", help="only measure the padding share of RECIPE's training "
+                        "batches (tokenizer only, no model run)")
     args = parser.parse_args()
+    if args.padding:
+        body = padding_shares(args.padding, [int(b) for b in args.batches.split(",")])
+        print(body)
+        common.append_results("Padding in the training batches", "python bench/profile_train_step.py " +
+                              " ".join(sys.argv[1:]), body, common.machine())
+        return
     if args.quick:
         import tempfile
 

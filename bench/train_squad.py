@@ -99,8 +99,9 @@ def worker(config: str, model: str, batch: int, steps: int, warmup: int, max_len
     config_ = lm.model.config
     flops = lora_training_flops(config_, batch, round(tokens), round(answer_tokens), lora_parameters(config_)) * steps
     peak = common.peak_memory_mib()
-    return {"config": config, "examples_per_s": batch * steps / seconds, "s_per_step": seconds / steps,
-            "tokens_per_s": batch * steps * tokens / seconds, "model_tflops": flops / seconds / 1e12,
+    return {"config": config, "batch": batch, "examples_per_s": batch * steps / seconds, "s_per_step": seconds / steps,
+            "warmup_s": timer.start - timer.began, "tokens_per_s": batch * steps * tokens / seconds,
+            "model_tflops": flops / seconds / 1e12,
             "real_tokens_per_example": tokens, "peak_mib": peak, "added_mib": peak - loaded}
 
 
