@@ -204,13 +204,15 @@ def report(results: dict, configs: list[str], peak_tflops: float, baseline: str 
     for config in configs:
         runs = results[config]
         tflops = common.median([r["model_tflops"] for r in runs])
-        rows.append([config, runs[0]["batch"], common.median([r["warmup_s"] for r in runs]), common.median([r["examples_per_s"] for r in runs]),
+        rows.append([config, runs[0]["batch"], common.median([r["warmup_s"] for r in runs]),
+                     common.median([r["examples_per_s"] for r in runs]),
                      common.median([r["tokens_per_s"] for r in runs]), tflops, f"{100 * tflops / peak_tflops:.1f}%",
                      common.median([r["peak_mib"] for r in runs]), common.median([r["added_mib"] for r in runs]),
                      common.ratio_of_medians(results, config, "examples_per_s", baseline),
                      common.ratio_of_medians(results, config, "added_mib", baseline)])
-    return common.table(["config", "micro-batch", "warm-up s", "examples/s", "prompt tokens/s", "model TFLOP/s", "MFU", "peak RSS MiB",
-                         "added by training MiB", "speed × baseline (min–max)", "added memory × baseline (min–max)"],
+    return common.table(["config", "micro-batch", "warm-up s", "examples/s", "prompt tokens/s", "model TFLOP/s",
+                         "MFU", "peak RSS MiB", "added by training MiB", "speed × baseline (min–max)",
+                         "added memory × baseline (min–max)"],
                         rows)
 
 
@@ -244,10 +246,10 @@ def main() -> None:
     after = common.matmul_peak_tflops()
     peak = max(before, after)
     body = report(results, configs, peak)
-    body += (f"\n\nbatch {args.batch} (or the config's +bN), max length {args.seq_len}, {args.steps} timed steps after {args.warmup} warm-up, "
-             f"{args.repeats} repeats interleaved. Ratios: median / median of the baseline, with the min–max of the "
-             f"per-repeat ratios. MFU against {peak:.2f} TFLOP/s, the "
-             f"faster of two bf16 2048² matmul measurements before and after the configs ({before:.2f} and {after:.2f}).")
+    body += (f"\n\nbatch {args.batch} (or the config's +bN), max length {args.seq_len}, {args.steps} timed steps "
+             f"after {args.warmup} warm-up, {args.repeats} repeats interleaved. Ratios: median / median of the "
+             f"baseline, with the min–max of the per-repeat ratios. MFU against {peak:.2f} TFLOP/s, the faster of two "
+             f"bf16 2048² matmul measurements before and after the configs ({before:.2f} and {after:.2f}).")
     print(body)
     if not args.quick:
         common.append_results("SST-2 training", "python bench/train_sst2.py " + " ".join(sys.argv[1:]), body,
