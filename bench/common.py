@@ -96,23 +96,30 @@ def rss_mib() -> float:
 def matmul_peak_tflops(dtype_name: str = "bfloat16", size: int = 2048, seconds: float = 2.0) -> float:
     """What this machine's matmul reaches: square products of `size` in `dtype`, repeated for `seconds`
     (the denominator of MFU on a CPU, which has no datasheet peak for our threads)."""
-    import time
-
     import torch
 
     dtype = getattr(torch, dtype_name)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     a = torch.randn(size, size, dtype=dtype, device=device)
     b = torch.randn(size, size, dtype=dtype, device=device)
+    return tflops_of(lambda: a @ b, 2 * size**3, seconds)
+
+
+def tflops_of(fn, flops: float, seconds: float) -> float:
+    """TFLOP/s of `fn` (doing `flops` per call), called repeatedly for `seconds` after three warm-up calls."""
+    import time
+
+    import torch
+
     for _ in range(3):
-        a @ b
+        fn()
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        a @ b
+        fn()
         count += 1
-    if device == "cuda":
+    if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return 2 * size**3 * count / (time.perf_counter() - start) / 1e12
+    return flops * count / (time.perf_counter() - start) / 1e12
 
 
 def median(values: list[float]) -> float:

@@ -93,13 +93,7 @@ def matmul_rates(config, token_counts: list[int], seconds: float = 1.0) -> str:
     import torch.nn.functional as F
 
     def rate(fn, flops: float) -> float:
-        for _ in range(2):
-            fn()
-        count, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            fn()
-            count += 1
-        return flops * count / (time.perf_counter() - start) / 1e12
+        return common.tflops_of(fn, flops, seconds)
 
     d, ff = config.hidden_size, config.intermediate_size
     rows = []
