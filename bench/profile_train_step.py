@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-# Operators that are matrix products: the work MFU counts.
+# Operators that are matrix products, attention (SDPA forward and backward) included: the work MFU counts.
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
               "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math",
               "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::_mkldnn_mm")
