@@ -161,3 +161,35 @@ def test_hub_token_never_reaches_the_run_directory(tiny_llama, reference, tmp_pa
     assert len(files) > 10
     for file in files:
         assert secret.encode() not in file.read_bytes(), file
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_resume_with_dropout_reproduces_every_later_checkpoint(tiny_llama, tmp_path, sig):
+    """Randomness on (LoRA dropout 0.1, shuffled, length-grouped batches), no early stop: after a kill (or a
+    clean stop) after checkpoint 30 of 60, the resumed run's checkpoints 40, 50 and 60 must hold the same
+    weights as the uninterrupted run's, not only the one it ends with."""
+    from tiny import write_sst2_tsv
+
+    data = write_sst2_tsv(tmp_path / "train.tsv")
+    settings = ["train.eval_steps=10", "train.keep_checkpoints=null", "train.learning_rate=1e-3"]
+    assert main(args(tiny_llama, data, tmp_path, "ref", *settings)) == 0
+    command = [sys.executable, "-m", "tasktune", *args(tiny_llama, data, tmp_path, "cut", *settings)]
+    checkpoint = tmp_path / ".cut.partial" / "train" / "checkpoints" / "checkpoint-30"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (checkpoint / "tasktune_complete.json").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(sig)
+    proc.wait()
+    assert proc.returncode in (-signal.SIGKILL, 130), "the process must be stopped, not finish"
+    assert not (tmp_path / ".cut.partial" / "train" / "checkpoints" / "checkpoint-60").exists()
+    assert main(args(tiny_llama, data, tmp_path, "cut", *settings)) == 0
+    ref_checkpoints = tmp_path / "ref" / "train" / "checkpoints"
+    names = sorted(p.name for p in ref_checkpoints.glob("checkpoint-*"))
+    assert names == [f"checkpoint-{step}" for step in (10, 20, 30, 40, 50, 60)]
+    for name in names:
+        a = load_file(ref_checkpoints / name / "adapter_model.safetensors")
+        b = load_file(tmp_path / "cut" / "train" / "checkpoints" / name / "adapter_model.safetensors")
+        assert a.keys() == b.keys()
+        assert all(a[k].equal(b[k]) for k in a), f"{name} differs after resuming"

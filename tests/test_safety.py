@@ -70,10 +70,15 @@ def test_eval_out_overwrite_replaces_only_its_own_output(tiny_llama, sst2_tsv, t
     assert (out / MARKER).is_file() and (out / "metrics.json").is_file()
     assert main(eval_args(tiny_llama, sst2_tsv, out)) == 2  # exists: refused without --overwrite
     assert "--overwrite" in capsys.readouterr().err
-    (out / "metrics.json").write_text("stale")
-    assert main(eval_args(tiny_llama, sst2_tsv, out, "--overwrite")) == 0
+    assert main(eval_args(tiny_llama, sst2_tsv, out, "--overwrite")) == 0  # its own, unchanged: replaced
     assert json.loads((out / "metrics.json").read_text())["score"]["n"] == 8
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ev")]  # no leftovers
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ev")]  # no leftovers, no lock file
+    capsys.readouterr()
+    (out / "metrics.json").write_text("edited by hand")  # now the user's: --overwrite refuses, naming it
+    assert main(eval_args(tiny_llama, sst2_tsv, out, "--overwrite")) == 2
+    err = capsys.readouterr().err
+    assert "metrics.json (changed)" in err and err.count("\n") == 1
+    assert (out / "metrics.json").read_text() == "edited by hand"
 
 
 def test_eval_out_may_be_an_empty_existing_directory(tiny_llama, sst2_tsv, tmp_path):

@@ -98,7 +98,7 @@ def squad_doc(n_articles: int = 4) -> dict:
             {"id": f"a{a}-q1", "question": "what is the capital of France ?", "is_impossible": False,
              "answers": [{"text": "Paris", "answer_start": 0}, {"text": "Paris", "answer_start": 0}]},
             {"id": f"a{a}-q2", "question": "what river flows through Paris ?", "is_impossible": False,
-             "answers": [{"text": "the Seine", "answer_start": 35}]},
+             "answers": [{"text": "the Seine", "answer_start": 33}]},
             {"id": f"a{a}-q3", "question": "who was born in 1900 ?", "is_impossible": True, "answers": [],
              "plausible_answers": [{"text": "Paris", "answer_start": 0}]},
         ]

@@ -5,7 +5,9 @@ Bad input exits with code 2 and one clear line."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -66,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("recipe-reference", help="every recipe key with its type, default and meaning (markdown)",
                        description="Print the recipe reference generated from the recipe dataclasses, or write it.")
     r.add_argument("--out", help="write it to this file (docs/recipe-reference.md in the repository)")
+    r.add_argument("--overwrite", action="store_true", help="replace --out if tasktune wrote it, unchanged")
 
     e = sub.add_parser("eval", help="evaluate a model (optionally with a LoRA adapter) on a task",
                        description="Evaluate a finished run's adapter with the run's own recipe (--run), or a base "
@@ -169,12 +172,13 @@ def cmd_recipes(args) -> int:
 
 
 def cmd_params(args) -> int:
+    from tasktune.ownership import add_to_seal
     from tasktune.param_report import params_for_run
     from tasktune.report import render
-    from tasktune.rundir import require_finished_run
 
-    params = params_for_run(require_finished_run(Path(args.run_dir), needs=("report.json", "adapter")))
-    render(Path(args.run_dir))
+    run_dir = require_owned_run(Path(args.run_dir), needs=("report.json", "adapter"))
+    params = params_for_run(run_dir)
+    add_to_seal(run_dir, [run_dir / "params.json", *render(run_dir)])
     lora = params["analysis"]["lora"]
     print(f"[tasktune] base {params['counts']['base']:,} | LoRA {lora['parameters']:,} "
           f"({100 * params['counts']['lora_share']:.3f}%) = r×(in+out) {lora['rank_formula']:,} | merged "
@@ -215,9 +219,11 @@ def _read_json_object(path: str, what: str, value_type) -> dict:
 def cmd_score(args) -> int:
     from tasktune.data import squad as squad_data
     from tasktune.metrics.squad_v2 import squad_v2_metrics
+    from tasktune.ownership import check_outside
     from tasktune.rundir import StagingDir, write_json
     from tasktune.tasks.spec import load_spec
 
+    check_outside(Path(args.out), {"data": args.data, "predictions": args.predictions, "na-probs": args.na_probs})
     spec = load_spec(args.task)
     if spec.type != "extractive_qa":
         raise TasktuneError(f"score reads SQuAD-format predictions: task {spec.name!r} is {spec.type}")
@@ -235,6 +241,11 @@ def cmd_score(args) -> int:
         if missing or extra:
             raise TasktuneError(f"{args.na_probs}: {len(missing)} question id(s) missing (e.g. {missing[:3]}) "
                                 f"and {len(extra)} unknown id(s) (e.g. {extra[:3]})")
+        for key, value in na_probs.items():
+            if not 0.0 <= value <= 1.0:  # also false for NaN
+                raise TasktuneError(f"{args.na_probs}, id {key!r}: expected a probability in [0, 1], got {value!r}")
+    if not math.isfinite(args.threshold):
+        raise TasktuneError(f"--threshold must be a finite number, got {args.threshold}")
     metrics = squad_v2_metrics(golds, preds, na_probs, threshold=args.threshold)
     with StagingDir(Path(args.out), overwrite=args.overwrite) as work:
         write_json(work / "metrics.json", metrics)
@@ -288,9 +299,9 @@ def cmd_recipe_reference(args) -> int:
 
     text = render()
     if args.out:
-        from tasktune.rundir import write_text
+        from tasktune.ownership import write_owned_file
 
-        write_text(Path(args.out), text)
+        write_owned_file(Path(args.out), text.encode("utf-8"), overwrite=args.overwrite)
     else:
         print(text, end="")
     return 0
@@ -345,13 +356,27 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def cmd_report(args) -> int:
+    from tasktune.ownership import add_to_seal
     from tasktune.report import render
-    from tasktune.rundir import require_finished_run
 
-    run_dir = require_finished_run(Path(args.run_dir))
-    render(run_dir)
+    run_dir = require_owned_run(Path(args.run_dir))
+    add_to_seal(run_dir, render(run_dir))
     print(f"[tasktune] wrote {run_dir / 'report.md'} and report.html")
     return 0
+
+
+def require_owned_run(run_dir: Path, needs: tuple[str, ...] = ("report.json",)) -> Path:
+    """A finished run that tasktune signed: `report` and `params` rewrite files in it."""
+    from tasktune.ownership import read_marker
+    from tasktune.rundir import require_finished_run
+
+    run_dir = require_finished_run(run_dir, needs=needs)
+    if run_dir.is_symlink():
+        raise TasktuneError(f"{run_dir} is a symbolic link; tasktune writes only into the run directory itself")
+    marker, why = read_marker(run_dir)
+    if marker is None:
+        raise TasktuneError(f"{run_dir}: {why}, so it is not a run tasktune wrote; refusing to write into it")
+    return run_dir
 
 
 def cmd_compare(args) -> int:
@@ -377,11 +402,32 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as exc:
         print(f"tasktune: {exc}", file=sys.stderr)
         return 130
+    except KeyboardInterrupt:  # outside training (which saves a checkpoint first): finished stages are kept
+        print(f"tasktune: interrupted (SIGINT) during `tasktune {args.command}`; finished stages are kept: run "
+              "the same command again to resume", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        if is_out_of_memory(exc) or exc.errno is None:
+            raise
+        print(f"tasktune: error: {file_system_message(exc, args)}", file=sys.stderr)
+        return 3 if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else 2
     except Exception as exc:
         if not is_out_of_memory(exc):
             raise
         print(f"tasktune: error: {out_of_memory_message(args)}", file=sys.stderr)
         return 3
+
+
+def file_system_message(exc: OSError, args) -> str:
+    """One line naming the path: a read-only place, a full disk, a file where a folder was expected."""
+    text = f"{exc.filename or 'a file'}: {exc.strerror or exc}"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        text += "; free some space (or raise the file-size limit)"
+        if args.command in ("run", "train"):
+            text += ": the unfinished run is kept and the same command resumes it"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        text += "; choose an output place you can write to"
+    return text
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tasktune import plots
 from tasktune.errors import TasktuneError
+from tasktune.ownership import check_outside
 from tasktune.report import markdown_table
 from tasktune.rundir import StagingDir, require_finished_run, write_text
 
@@ -31,9 +32,10 @@ def headline(report: dict) -> dict:
 
 def compare(run_dirs: list[str], out: Path, overwrite: bool = False) -> str:
     reports = [json.loads((require_finished_run(Path(run)) / "report.json").read_text()) for run in run_dirs]
-    staging = StagingDir(out, overwrite=overwrite)
     if len({r["task"] for r in reports}) > 1:
         raise TasktuneError(f"runs of different tasks cannot share a table: {sorted({r['task'] for r in reports})}")
+    check_outside(Path(out), {f"run {run}": run for run in run_dirs})
+    staging = StagingDir(out, overwrite=overwrite)
     columns = [(f"`{r['name']}`", headline(r)) for r in reports]
     rows = list(dict.fromkeys(k for _, c in columns for k in c))
     keys = [k for k in rows if k.startswith("finetuned_") or k.startswith("zeroshot_")]

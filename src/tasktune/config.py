@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -73,6 +74,8 @@ class TrainConfig:
     lr_scheduler: str = opt("cosine", "learning-rate schedule after warm-up")
     eval_steps: int = opt(100, "validate (and checkpoint) every this many steps")
     patience: int = opt(2, "early stopping: validations without improvement before stopping")
+    keep_checkpoints: int | None = opt(3, "checkpoints kept on disk besides the best one (older ones are deleted); "
+                                          "null keeps every one")
     logging_steps: int = opt(10, "log the training loss every this many steps")
     seed: int = opt(42, "seed of LoRA initialisation, shuffling and dropout")
     group_by_length: bool = opt(True, "batches of rows of similar length (less padding)")
@@ -110,10 +113,11 @@ class Recipe:
         return Path(self.output_dir) / self.name
 
 
-POSITIVE = {"val_size", "batch_size", "lora_r", "lora_alpha", "grad_accum", "eval_steps", "logging_steps",
+POSITIVE = {"keep_checkpoints", "val_size", "batch_size", "lora_r", "lora_alpha", "grad_accum", "eval_steps", "logging_steps",
             "max_length", "max_prompt_tokens", "pad_to_multiple_of", "limit_train", "limit_test", "limit_generate", "max_steps",
             "learning_rate", "epochs"}
 NON_NEGATIVE = {"patience", "shots", "weight_decay", "seed"}
+AT_LEAST = {"max_length": 16, "max_prompt_tokens": 16}
 UNIT_INTERVAL = {"test_size": (0.0, 1.0), "lora_dropout": (0.0, 1.0), "warmup_ratio": (0.0, 1.0)}
 CHOICES = {"objective": ("verbalizer", "label_lm", "lm", "seqcls", "answer"),
            "split_by": ("sentence", "row", "article", "question"), "prompt_format": ("plain", "chat", "auto"),
@@ -192,6 +196,11 @@ def validate(recipe: Recipe, source: str) -> Recipe:
             value = getattr(section, f.name)
             if value is None or isinstance(value, bool) or dataclasses.is_dataclass(value):
                 continue
+            if isinstance(value, float) and not math.isfinite(value):
+                raise TasktuneError(f"{source}: {f.name} must be a finite number, got {value}")
+            if f.name in AT_LEAST and value < AT_LEAST[f.name]:
+                raise TasktuneError(f"{source}: {f.name} must be >= {AT_LEAST[f.name]} (a prompt and its answer "
+                                    f"must fit), got {value}")
             if f.name in POSITIVE and value <= 0:
                 raise TasktuneError(f"{source}: {f.name} must be > 0, got {value}")
             if f.name in NON_NEGATIVE and value < 0:
@@ -207,6 +216,9 @@ def validate(recipe: Recipe, source: str) -> Recipe:
         raise TasktuneError(f"{source}: eval.protocols {recipe.eval.protocols} must be a non-empty subset "
                             f"of {list(PROTOCOLS)}")
     check_loggers(recipe.train.report_to, source)
+    out = Path(recipe.output_dir)
+    if out.exists() and not out.is_dir():
+        raise TasktuneError(f"{source}: output_dir {recipe.output_dir!r} is a file; expected a directory for runs")
     if not recipe.train.target_modules:
         raise TasktuneError(f"{source}: train.target_modules must name at least one module")
     if not recipe.task:
@@ -282,12 +294,40 @@ def merge_mappings(base: dict, extra: dict) -> dict:
     return out
 
 
+MAX_YAML_BYTES = 1 << 20  # no real recipe or task spec comes near 1 MiB (the shipped ones are ~1-3 KiB)
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """safe_load without aliases: `*name` can expand a 600-byte file into gigabytes (nested references), and
+    no recipe or spec needs one."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in tasktune files",
+                                              self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+def yaml_error_line(exc: yaml.YAMLError) -> str:
+    """A YAML error as one line: where, and what (PyYAML's own text spans several lines with a snippet)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
+
+
 def read_yaml_mapping(path: Path, what: str) -> dict:
-    """A YAML file that must hold a mapping (a recipe, a task spec), read with safe_load: data, never code."""
+    """A YAML file that must hold a mapping (a recipe, a task spec), read safely: data, never code; no aliases;
+    at most MAX_YAML_BYTES."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise TasktuneError(f"{path}: {size:,} bytes; a {what} file is expected to be under {MAX_YAML_BYTES:,}")
     try:
-        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise TasktuneError(f"{path}: not valid YAML ({exc})") from exc
+        loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_NoAliasLoader)  # noqa: S506 (safe loader)
+    except yaml.YAMLError as exc:
+        raise TasktuneError(f"{path}: not valid YAML for a {what} ({yaml_error_line(exc)})") from exc
+    except UnicodeDecodeError as exc:
+        raise TasktuneError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     if not isinstance(loaded, dict):
         raise TasktuneError(f"{path}: expected a mapping of {what} keys, got {type(loaded).__name__}")
     return loaded

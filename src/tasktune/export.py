@@ -11,7 +11,8 @@ import yaml
 
 from tasktune.errors import TasktuneError
 from tasktune.report import task_of_run
-from tasktune.rundir import StagingDir, require_finished_run
+from tasktune.ownership import check_outside
+from tasktune.rundir import StagingDir, require_finished_run, write_json
 
 HUB_TASK_TYPES = {"classification": ("text-classification", "Text Classification"),
                   "extractive_qa": ("question-answering", "Question Answering")}
@@ -129,8 +130,9 @@ def export_run(run_dir: Path, out: Path, merge: bool = False, overwrite: bool = 
 
     run_dir = require_finished_run(Path(run_dir), needs=("report.json", "adapter/adapter_config.json"))
     adapter = run_dir / "adapter"
-    staging = StagingDir(Path(out), overwrite=overwrite, kind="export")  # refuse a bad --out before loading
     report = json.loads((run_dir / "report.json").read_text())
+    check_outside(Path(out), {"run": run_dir, "model": report["model"]})
+    staging = StagingDir(Path(out), overwrite=overwrite, kind="export")  # refuse a bad --out before loading
     seqcls = json.loads((adapter / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS"
     # Merging happens in the float weights the run used (GGUF models are dequantized at conversion).
     lm = load_model(report["model"], report["dtype"], head="seqcls" if seqcls else "causal_lm",
@@ -148,7 +150,7 @@ def export_run(run_dir: Path, out: Path, merge: bool = False, overwrite: bool = 
             if getattr(lm.model, "generation_config", None) is not None:
                 lm.model.generation_config.save_pretrained(work)
         lm.tokenizer.save_pretrained(work)
-        (work / "tasktune_report.json").write_text(json.dumps(report, indent=1))
+        write_json(work / "tasktune_report.json", report)
         name = Path(out).name
         model_card(report, name, merge, task_of_run(run_dir, report)).save(work / "README.md")
     return Path(out)

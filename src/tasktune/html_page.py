@@ -57,7 +57,8 @@ document.querySelectorAll('table.sortable').forEach(function(table){
 
 
 def inline(text: str) -> str:
-    text = html.escape(text)
+    # report.md writes data as HTML entities (`&lt;script&gt;`): decode them once, then escape everything.
+    text = html.escape(html.unescape(text))
     text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
     return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
 

@@ -7,6 +7,7 @@ quantizer that refuses `save_pretrained`, and reloading safetensors takes ~1 s i
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from tasktune.cache import cache_dir  # noqa: F401 (also imported from here)
 from tasktune.errors import TasktuneError
 from tasktune.rundir import sha256_file
 
@@ -39,8 +41,6 @@ DTYPES = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp3
           "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("TASKTUNE_CACHE", Path.home() / ".cache" / "tasktune"))
 
 
 def cpu_supports_bf16() -> bool:
@@ -153,9 +153,14 @@ def load_model(name: str, dtype: str = "auto", head: str = "causal_lm", num_labe
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         tokenizer = load_tokenizer(path, trust_remote_code)
     except (OSError, ValueError) as exc:
+        reason = " ".join(str(exc).split())
+        if Path(path).is_dir():  # a local directory whose config or tokenizer transformers cannot use
+            raise TasktuneError(f"cannot load the model directory {path}: {reason[:400]}"
+                                + ("" if trust_remote_code else " (a model with its own code in auto_map needs "
+                                   "trust_remote_code, which runs that code: only for models you trust)")) from exc
         raise TasktuneError(
             f"cannot load model {name!r}: it is not a local directory or .gguf file, and the Hugging "
-            f"Face Hub did not provide it (offline, misspelt, or gated without a token?): {exc}") from exc
+            f"Face Hub did not provide it (offline, misspelt, or gated without a token?): {reason[:400]}") from exc
     config.pad_token_id = tokenizer.pad_token_id
     # Weights only from safetensors (never pickle); remote code only when the user asked for it.
     kwargs = dict(config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
@@ -176,13 +181,22 @@ def load_model(name: str, dtype: str = "auto", head: str = "causal_lm", num_labe
     return LoadedModel(model=model, tokenizer=tokenizer, path=path, dtype=torch_dtype)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+
+
 def model_identity(lm: LoadedModel) -> dict:
     """What a run was made from: the sha256 of a local model's config and weight files, or the hub id and the
     revision transformers resolved. A resumed run must match it."""
     path = Path(lm.path)
     if path.is_dir():
-        files = sorted(path.glob("*.safetensors")) + [path / "config.json"]
-        return {"sha256": {f.name: sha256_file(f) for f in files if f.is_file()}}
+        # The tokenizer and its chat template too: swapping two token ids changes every prompt's meaning.
+        files = sorted(path.glob("*.safetensors")) + [path / name for name in ("config.json", *TOKENIZER_FILES)]
+        identity = {"sha256": {f.name: sha256_file(f) for f in files if f.is_file()}}
+        template = getattr(lm.tokenizer, "chat_template", None)
+        if template:
+            identity["chat_template_sha256"] = hashlib.sha256(str(template).encode()).hexdigest()
+        return identity
     return {"hub_id": lm.path, "revision": getattr(lm.model.config, "_commit_hash", None)}
 
 

@@ -85,13 +85,19 @@ def prepare(recipe: Recipe, training: bool = True) -> Prepared:
         examples["test"], test_source = task.load(recipe.data.test_path)
         split["test"] = [r["id"] for r in examples["test"]]
     overlap = task.overlap(examples["train"] + examples["validation"], examples["test"])
-    examples["train"] = sample(examples["train"], recipe.data.limit_train, recipe.data.seed)
-    examples["test"] = sample(examples["test"], recipe.data.limit_test, recipe.data.seed)
+    for part, key in (("train", "limit_train"), ("test", "limit_test")):
+        limit = getattr(recipe.data, key)
+        if limit is not None and limit > len(examples[part]):
+            print(f"[tasktune] data.{key}={limit} is more than the {len(examples[part])} {part} rows: using all "
+                  f"{len(examples[part])}")
+        examples[part] = sample(examples[part], limit, recipe.data.seed)
     timings["data_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
     lm = load_model(recipe.model, recipe.dtype, trust_remote_code=recipe.trust_remote_code)
     timings["model_load_s"] = time.perf_counter() - start
+    if training:
+        check_target_modules(lm.model, recipe.train.target_modules)
     memory = MemoryLog()
     memory.stage("model loaded")
     builder = PromptBuilder(task, lm.tokenizer, recipe.eval.prompt_format, recipe.eval.shots,
@@ -102,6 +108,17 @@ def prepare(recipe: Recipe, training: bool = True) -> Prepared:
                             f"{task.name!r} are several tokens for this tokenizer: use train.objective=lm")
     return Prepared(recipe, task, source, split, examples, lm, builder, label_ids, overlap, test_source, timings,
                     started, memory, rows)
+
+
+def check_target_modules(model: torch.nn.Module, targets: list[str]) -> None:
+    """Every train.target_modules name must be a linear layer of this model: fail here, before the run
+    directory exists, rather than in peft after the zero-shot evaluation."""
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                     if isinstance(module, torch.nn.Linear)})
+    missing = [t for t in targets if t not in linear]
+    if missing:
+        raise TasktuneError(f"train.target_modules {missing} are not linear layers of this model (expected some "
+                            f"of {linear})")
 
 
 STAGES = ("split", "zeroshot", "train", "params", "finetuned")
@@ -259,6 +276,7 @@ def _run(recipe: Recipe, state: PartialState, log: RunLog | None, overwrite: boo
             raise
         if not run_dir.complete:
             log.attach(run_dir.work / "run.log")
+            run_dir.before_finish = log.close
     state.wait_for_everyone()
     if not main:  # the main process has created or validated the directory; follow it
         run_dir = RunDir(recipe.run_dir, recipe.to_dict(), lock=False)
@@ -353,8 +371,8 @@ def _run_stages(p: Prepared, run_dir: RunDir, state: PartialState, say, train_on
         write_json(work / "memory.json", p.memory.to_dict())
         write_json(work / "run.json", run_facts(p, base_params, versions()))
         write_report(work)
-        run_dir.finish()
         say(f"[tasktune] wrote {recipe.run_dir}")
+        run_dir.finish()  # closes run.log first: the seal lists every file as it stays
     state.wait_for_everyone()
     return recipe.run_dir
 
@@ -367,8 +385,11 @@ def evaluate_run(run_dir: Path, out: Path, data_path: str | None = None, overwri
     from tasktune.config import load_recipe
     from tasktune.rundir import StagingDir, require_finished_run
 
+    from tasktune.ownership import check_outside
+
     run_dir = require_finished_run(Path(run_dir), needs=("report.json", "adapter/adapter_config.json",
                                                          "train/summary.json"))
+    check_outside(Path(out), {"run": run_dir, "data": data_path})
     staging = StagingDir(Path(out), overwrite=overwrite)  # refuse a bad --out before loading anything
     # The task as the run recorded it, wherever the user's spec file is now.
     recipe = load_recipe(str(run_dir / "recipe.yaml"), [f"task={run_dir / 'task.yaml'}"])
@@ -395,8 +416,11 @@ def evaluate_model(recipe: Recipe, out: Path, adapter: str | None = None, rows: 
     `rows="test"`: the test part of the recipe's split (a task with a decision threshold chooses it on the
     validation slice, as `run` does); `rows="all"`: every row of the data file (no validation slice, so the raw
     decision only; in-context examples come from rows not evaluated)."""
+    from tasktune.ownership import check_outside
     from tasktune.rundir import StagingDir
 
+    check_outside(Path(out), {"model": recipe.model, "adapter": adapter, "data": recipe.data.path,
+                              "test data": recipe.data.test_path, "task spec": recipe.task})
     staging = StagingDir(Path(out), overwrite=overwrite)  # refuse a bad --out before loading anything
     head = adapter_head(adapter) if adapter else "causal_lm"
     p = prepare(recipe, training=False)

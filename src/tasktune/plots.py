@@ -14,10 +14,16 @@ MODULE_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Render to memory, then write atomically: a full disk never leaves a truncated PNG in place of a good one."""
+    import io
+
+    from tasktune.atomic import write_bytes
+
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
+    write_bytes(path, buffer.getvalue())
     return path
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tasktune import plots
 from tasktune.html_page import markdown_to_html
-from tasktune.rundir import write_json
+from tasktune.rundir import write_json, write_text
 
 
 def _fmt(value) -> str:
@@ -139,7 +139,11 @@ def task_of_run(run_dir: Path, report: dict):
     run's own verbalizers: a report never depends on where the user's spec file was."""
     from tasktune.tasks import get_task
 
-    return get_task(str(Path(run_dir) / "task.yaml"), report["protocol"].get("verbalizers") or None)
+    from tasktune.config import read_yaml_mapping
+
+    config = report.get("config") or read_yaml_mapping(Path(run_dir) / "recipe.yaml", "recipe")
+    return get_task(str(Path(run_dir) / "task.yaml"), report["protocol"].get("verbalizers") or None,
+                    config["eval"]["max_prompt_tokens"])
 
 
 def data_origin(source: str) -> str:
@@ -199,7 +203,8 @@ def make_plots(run_dir: Path, report: dict, task, params: dict | None, history: 
     return [(title, path) for title, path in made if path is not None]
 
 
-def render(run_dir: Path) -> None:
+def render(run_dir: Path) -> list[Path]:
+    """Rebuild report.md, report.html and the plots from the run directory's files; returns what it wrote."""
     run_dir = Path(run_dir)
     report = json.loads((run_dir / "report.json").read_text())
     params = json.loads((run_dir / "params.json").read_text()) if (run_dir / "params.json").is_file() else None
@@ -209,9 +214,9 @@ def render(run_dir: Path) -> None:
     figures = make_plots(run_dir, report, task, params, history)
     changes = changed_examples(run_dir, task)
     markdown = render_markdown(report, task, params, figures, changes, history, run_dir)
-    (run_dir / "report.md").write_text(markdown, encoding="utf-8")
-    (run_dir / "report.html").write_text(markdown_to_html(markdown, run_dir, headline_html(report, task)),
-                                         encoding="utf-8")
+    write_text(run_dir / "report.md", markdown)
+    write_text(run_dir / "report.html", markdown_to_html(markdown, run_dir, headline_html(report, task)))
+    return [run_dir / "report.md", run_dir / "report.html", *(path for _, path in figures)]
 
 
 def headline(report: dict, task) -> dict | None:
@@ -348,5 +353,9 @@ def _mib(value) -> str:
 
 
 def _cell(value) -> str:
-    text = str(value).replace("|", "\\|").replace("\n", " ")
+    """A data value in a markdown table cell: never markup (a row holding `<script>` shows as text in any
+    markdown viewer, and in report.html)."""
+    import html
+
+    text = html.escape(str(value), quote=False).replace("|", "\\|").replace("\n", " ")
     return text if len(text) <= 120 else text[:117] + "..."

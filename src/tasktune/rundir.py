@@ -1,8 +1,8 @@
-"""Directories tasktune writes: staged under a hidden name, renamed into place when complete, marked as
-tasktune's own, and never replacing anything tasktune did not create.
+"""Directories tasktune writes: staged under a hidden name, renamed into place when complete, signed as
+tasktune's own (`ownership.py`), and never replacing anything tasktune did not create.
 
-- `write_json` / `write_jsonl` / `write_text`: atomic file writes (unique temp name, fsync, rename).
-- `StagingDir`: one-shot outputs (`eval --out`, `score --out`, `export --out`, `compare --out`).
+- `write_json` / `write_jsonl` / `write_text`: atomic file writes (`atomic.py`).
+- `StagingDir`: one-shot outputs (`eval --out`, `score --out`, `export --out`, `compare --out`), locked.
 - `RunDir`: a resumable run directory, locked against a second process.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -19,100 +18,39 @@ from pathlib import Path
 
 import yaml
 
+from tasktune.atomic import fsync_dir as _fsync_dir
+from tasktune.atomic import write_bytes, write_json, write_jsonl, write_text  # noqa: F401 (the writers' home)
 from tasktune.errors import TasktuneError
-
-# Every directory tasktune creates as an output holds this file; only such directories may be replaced.
-MARKER = ".tasktune"
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write atomically: a uniquely named temp file in the same folder, fsync, rename, fsync the folder.
-    A reader never sees half a file, and two writers never share a temp file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)  # our own temp file only
-        raise
-    _fsync_dir(path.parent)
-
-
-def write_json(path: Path, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+from tasktune.ownership import MARKER, check_replaceable, protected, read_marker, seal, sha256_file  # noqa: F401
 
 
 def mark_as_ours(folder: Path, kind: str) -> None:
-    write_json(Path(folder) / MARKER, {"written_by": "tasktune", "kind": kind})
+    """Sign a directory tasktune is still writing (a run in progress, a staged output) as its own."""
+    seal(folder, kind, partial=True)
 
 
 def is_ours(folder: Path) -> bool:
-    return (Path(folder) / MARKER).is_file()
+    return read_marker(folder)[0] is not None
 
 
-def _protected(path: Path) -> str | None:
-    """Why `path` may never be replaced, or None."""
-    resolved = path.resolve()
-    cwd = Path.cwd().resolve()
-    if resolved == Path(resolved.anchor):
-        return "it is the filesystem root"
-    if resolved == Path.home().resolve():
-        return "it is the home directory"
-    if resolved == cwd:
-        return "it is the working directory"
-    if resolved in cwd.parents:
-        return "it contains the working directory"
-    return None
-
-
-def check_replaceable(path: Path) -> None:
-    """Raise unless `path` is a directory tasktune wrote (it holds the marker) in a place that may be replaced."""
-    path = Path(path)
-    reason = _protected(path)
-    if reason:
-        raise TasktuneError(f"{path}: refusing to replace it ({reason}); choose another output directory")
-    if not path.is_dir() or not is_ours(path):
-        raise TasktuneError(f"{path} was not written by tasktune (no {MARKER} marker); refusing to replace it "
-                            "even with --overwrite; choose another output directory")
-
-
-def remove_ours(path: Path) -> None:
-    """Delete a directory, only after checking that tasktune wrote it."""
-    check_replaceable(path)
+def remove_ours(path: Path, allow_partial: bool = False) -> None:
+    """Delete a directory, only after checking (again, here) that tasktune wrote every file in it."""
+    check_replaceable(path, allow_partial=allow_partial)
     shutil.rmtree(path)
 
 
-def _replace_with(work: Path, final: Path) -> None:
-    """Move `work` to `final`; an existing `final` (already checked replaceable) is moved aside first and
-    deleted only after the new directory is in place."""
+def _replace_with(work: Path, final: Path, kind: str) -> None:
+    """Seal `work` (its manifest lists every file now in it) and move it to `final`; an existing `final` is
+    checked again, moved aside, and deleted only after the new directory is in place."""
+    seal(work, kind)
+    if final.is_symlink():
+        raise TasktuneError(f"{final} is a symbolic link; tasktune never replaces a link: choose another directory")
     if final.exists() and any(final.iterdir()):
+        check_replaceable(final)
         aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
         os.replace(final, aside / final.name)
         os.replace(work, final)
-        remove_ours(aside / final.name)
-        aside.rmdir()
+        shutil.rmtree(aside)  # holds only the directory checked just above
     else:
         if final.exists():
             final.rmdir()  # empty
@@ -120,24 +58,48 @@ def _replace_with(work: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
+def _check_output_place(final: Path, what: str) -> None:
+    """One-line refusals for an output path that cannot be a directory of tasktune's."""
+    if final.is_symlink():
+        raise TasktuneError(f"{final} is a symbolic link; tasktune never writes through or replaces a link: "
+                            f"choose another {what}")
+    if final.exists() and not final.is_dir():
+        raise TasktuneError(f"{final} exists and is not a directory; choose another {what}")
+    for parent in final.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise TasktuneError(f"{parent} is a file, so {final} cannot be created; choose another {what}")
+            break
+    reason = protected(final)
+    if reason:
+        raise TasktuneError(f"{final}: refusing to write output there ({reason}); choose a new directory")
+
+
 class StagingDir:
     """`with StagingDir(final) as work:` writes into a hidden sibling; it becomes `final` on success and is
     removed on any error, so a failed command never leaves a half-written directory behind.
 
     An existing non-empty `final` is refused unless `overwrite`, and even then replaced only when tasktune
-    wrote it (marker file) and it is not the working directory, one of its parents, home or the root.
+    wrote every file in it (`ownership.check_replaceable`) and it is not the working directory, one of its
+    parents, home or the root. The output is locked like a run directory from construction to the end, so two
+    commands writing the same `--out` cannot both succeed.
     """
 
     def __init__(self, final: Path, overwrite: bool = False, kind: str = "output"):
         self.final = Path(final)
         self.kind = kind
         self.work: Path | None = None
-        if self.final.exists() and not self.final.is_dir():
-            raise TasktuneError(f"{self.final} exists and is not a directory; choose another output directory")
-        reason = _protected(self.final)
-        if reason:
-            raise TasktuneError(f"{self.final}: refusing to write output there ({reason}); "
-                                "choose a new directory")
+        self._check(overwrite)
+        self.lock = RunLock(self.final)
+        self.lock.acquire()
+        try:
+            self._check(overwrite)  # again, now that no other tasktune process can be writing it
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _check(self, overwrite: bool) -> None:
+        _check_output_place(self.final, "output directory")
         if self.final.is_dir() and any(self.final.iterdir()):
             if not overwrite:
                 raise TasktuneError(f"{self.final} already exists and is not empty; choose another directory "
@@ -145,22 +107,37 @@ class StagingDir:
             check_replaceable(self.final)
 
     def __enter__(self) -> Path:
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.work = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.partial-", dir=self.final.parent))
-        mark_as_ours(self.work, self.kind)
+        try:
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+            self.work = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.partial-", dir=self.final.parent))
+            mark_as_ours(self.work, self.kind)
+        except BaseException:
+            if self.work is not None:
+                shutil.rmtree(self.work, ignore_errors=True)
+            self.lock.release()
+            raise
         return self.work
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.work, ignore_errors=True)  # made by __enter__ with a unique name
+        try:
+            if exc_type is not None:
+                shutil.rmtree(self.work, ignore_errors=True)  # made by __enter__ with a unique name
+                return False
+            try:
+                _replace_with(self.work, self.final, self.kind)
+            except BaseException:
+                shutil.rmtree(self.work, ignore_errors=True)
+                raise
             return False
-        _replace_with(self.work, self.final)
-        return False
+        finally:
+            self.lock.release()
 
 
 class RunLock:
-    """An exclusive lock on a run, held by the process working on it. It is an OS file lock (flock): the
-    kernel releases it when the process exits or is killed, so a stale lock never blocks the next run."""
+    """An exclusive lock on a run (or an output directory), held by the process working on it. It is an OS
+    file lock (flock) on `.NAME.lock` beside it: the kernel releases it when the process exits or is killed, so
+    a stale lock never blocks the next run. The holder deletes the lock file when it releases it; a process
+    that locked a file deleted meanwhile tries again on the new one, so two never hold the lock at once."""
 
     def __init__(self, final: Path):
         self.path = Path(final).parent / f".{Path(final).name}.lock"
@@ -168,22 +145,33 @@ class RunLock:
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise TasktuneError(f"{self.path.parent / self.path.name[1:-5]} is in use by another tasktune "
-                                    f"process (pid {holder}); wait for it to finish or stop it") from None
-            raise
+        for _ in range(100):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise TasktuneError(f"{self.path.parent / self.path.name[1:-5]} is in use by another tasktune "
+                                        f"process (pid {holder}); wait for it to finish or stop it") from None
+                raise
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the previous holder deleted this file after we opened it: lock the new one
+        else:
+            raise TasktuneError(f"{self.path}: could not take the lock")
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd
 
     def release(self) -> None:
         if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # while still holding it: nobody can be mid-acquire on it and win
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
@@ -204,6 +192,7 @@ class RunDir:
         self.final = Path(final)
         self.work = self.final.parent / f".{self.final.name}.partial"
         self.config_text = yaml.safe_dump(config, sort_keys=False)
+        _check_output_place(self.final, "run name or output_dir")
         self.complete = False
         self.resumed = False
         self.lock = RunLock(self.final) if lock else None
@@ -226,12 +215,15 @@ class RunDir:
             check_replaceable(self.final)  # replaced only at finish(), when the new run is complete
         if self.work.exists():
             if self._same_config(self.work) and not overwrite:
+                if read_marker(self.work)[0] is None:
+                    raise TasktuneError(f"{self.work} looks like an unfinished run, but tasktune did not sign it "
+                                        f"({read_marker(self.work)[1]}); refusing to write into it")
                 self.resumed = True
                 return
             if not overwrite:
                 raise TasktuneError(f"{self.work} holds an unfinished run of a different recipe; choose another "
                                     "name or pass --overwrite")
-            remove_ours(self.work)
+            remove_ours(self.work, allow_partial=True)
 
     def _same_config(self, folder: Path) -> bool:
         path = folder / "recipe.yaml"
@@ -253,8 +245,12 @@ class RunDir:
         stages["done"].append(stage)
         write_json(self.work / "stages.json", stages)
 
+    before_finish = None  # called just before the directory is sealed (the pipeline closes run.log there)
+
     def finish(self) -> Path:
-        _replace_with(self.work, self.final)
+        if self.before_finish is not None:
+            self.before_finish()
+        _replace_with(self.work, self.final, "run")
         return self.final
 
     def release(self) -> None:
@@ -275,11 +271,3 @@ def require_finished_run(run_dir: Path, needs: tuple[str, ...] = ("report.json",
     if missing:
         raise TasktuneError(f"{run_dir} is not a finished tasktune run (missing {', '.join(missing)})")
     return run_dir
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -2,9 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from sklearn.model_selection import GroupShuffleSplit, train_test_split
 
 from tasktune.errors import TasktuneError
+
+
+@contextlib.contextmanager
+def split_errors(key: str, n: int):
+    """scikit-learn's refusals (a share that leaves a side with no row, or fewer rows than labels) as one line
+    naming the recipe key."""
+    try:
+        yield
+    except ValueError as exc:
+        raise TasktuneError(f"{key}: cannot split {n} rows with it ({' '.join(str(exc).split())}); expected a "
+                            "share that leaves at least one row of every label on each side") from None
+
+
+def validation_size(requested: int, train_rows: int) -> int:
+    """data.val_size, reduced (and said so) when it would take more than half of the training part."""
+    if train_rows < 4:
+        raise TasktuneError(f"data: the training part has {train_rows} rows; expected at least 4 to hold out a "
+                            "validation slice (more data, or a smaller data.test_size)")
+    used = min(requested, train_rows // 2)
+    if used < requested:
+        print(f"[tasktune] data.val_size={requested} is more than half of the {train_rows} training rows: "
+              f"using {used}")
+    return used
 
 
 def stratified_split(labels: list[int], test_size: float, seed: int) -> tuple[list[int], list[int]]:

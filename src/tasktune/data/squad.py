@@ -23,6 +23,36 @@ def _require(obj, key, kind, where):
     return value
 
 
+def _impossible(obj: dict, default: bool, where: str) -> bool:
+    """`is_impossible` as the official data writes it: a JSON boolean (a string such as "false" is refused,
+    since `bool("false")` would silently make every question unanswerable)."""
+    value = obj.get("is_impossible", default)
+    if not isinstance(value, bool):
+        raise TasktuneError(f"{where}: 'is_impossible' must be a JSON boolean (true or false), got {value!r}")
+    return value
+
+
+def _check_offsets(context: str, answers: list[str], starts: list, where: str) -> None:
+    """Every answer must sit in the context where its `answer_start` says (the official data holds this). An
+    offset of None means the format gave none (JSONL answers written as plain strings)."""
+    if len(starts) != len(answers):
+        raise TasktuneError(f"{where}: {len(answers)} answer text(s) but {len(starts)} answer_start value(s)")
+    for text, start in zip(answers, starts):
+        if not isinstance(text, str):
+            raise TasktuneError(f"{where}: answer text must be a string, got {text!r}")
+        if start is None:
+            continue
+        if isinstance(start, bool) or not isinstance(start, int):
+            raise TasktuneError(f"{where}: answer_start must be an integer, got {start!r}")
+        if not 0 <= start <= len(context) - len(text):
+            raise TasktuneError(f"{where}: answer_start {start} puts {text!r} outside the context "
+                                f"({len(context)} characters)")
+        found = context[start:start + len(text)]
+        if found != text:
+            raise TasktuneError(f"{where}: the context at answer_start {start} reads {found!r}, not the answer "
+                                f"text {text!r}")
+
+
 def _question(qid, title, context, question, answers, starts, impossible, where) -> dict:
     if not question.strip():
         raise TasktuneError(f"{where}: empty question")
@@ -30,6 +60,10 @@ def _question(qid, title, context, question, answers, starts, impossible, where)
         raise TasktuneError(f"{where}: empty context")
     if not impossible and not answers:
         raise TasktuneError(f"{where}: answerable question (is_impossible false) has no answers")
+    if impossible and answers:
+        raise TasktuneError(f"{where}: is_impossible is true but the question has {len(answers)} answer(s); "
+                            "unanswerable questions keep their candidates in plausible_answers")
+    _check_offsets(context, answers, starts, where)
     return {"id": qid, "title": title, "context": context, "question": question.strip(),
             "answers": [] if impossible else answers, "answer_starts": [] if impossible else starts,
             "is_impossible": impossible}
@@ -50,13 +84,13 @@ def load_official(path: Path) -> list[dict]:
                 where_q = f"{where_p}.qas[{q}]"
                 qid = _require(qa, "id", str, where_q)
                 question = _require(qa, "question", str, where_q)
-                impossible = bool(qa.get("is_impossible", False))
+                impossible = _impossible(qa, False, f"{where_q} (id {qid})")
                 answers = qa.get("answers", [])
                 if not isinstance(answers, list) or not all(isinstance(x, dict) and isinstance(x.get("text"), str)
-                                                            for x in answers):
+                                                            and "answer_start" in x for x in answers):
                     raise TasktuneError(f"{where_q} (id {qid}): 'answers' must be a list of {{text, answer_start}}")
                 rows.append(_question(qid, title, context, question, [x["text"] for x in answers],
-                                      [x.get("answer_start", -1) for x in answers], impossible,
+                                      [x["answer_start"] for x in answers], impossible,
                                       f"{where_q} (id {qid})"))
     return rows
 
@@ -65,12 +99,15 @@ def _jsonl_answers(obj, where) -> tuple[list[str], list[int]]:
     answers = obj.get("answers", [])
     if isinstance(answers, dict):  # the hub layout: {"text": [...], "answer_start": [...]}
         texts = answers.get("text", [])
-        return list(texts), list(answers.get("answer_start", [-1] * len(texts)))
+        starts = answers.get("answer_start", [None] * len(texts) if isinstance(texts, list) else None)
+        if not isinstance(texts, list) or not isinstance(starts, list):
+            raise TasktuneError(f"{where}: 'answers' must be {{text: [...], answer_start: [...]}} (lists)")
+        return list(texts), list(starts)
     if isinstance(answers, list):
-        texts = [a["text"] if isinstance(a, dict) else a for a in answers]
+        texts = [a.get("text") if isinstance(a, dict) else a for a in answers]
         if not all(isinstance(t, str) for t in texts):
-            raise TasktuneError(f"{where}: 'answers' must hold strings or {{text}} objects")
-        return texts, [a.get("answer_start", -1) if isinstance(a, dict) else -1 for a in answers]
+            raise TasktuneError(f"{where}: 'answers' must hold strings or {{text, answer_start}} objects")
+        return texts, [a.get("answer_start") if isinstance(a, dict) else None for a in answers]
     raise TasktuneError(f"{where}: 'answers' must be a list or {{text: [...]}}")
 
 
@@ -87,7 +124,7 @@ def load_jsonl(path: Path) -> list[dict]:
         for key in ("id", "question", "context"):
             _require(obj, key, str, where)
         texts, starts = _jsonl_answers(obj, where)
-        impossible = bool(obj.get("is_impossible", not texts))
+        impossible = _impossible(obj, not texts, f"{where} (id {obj['id']})")
         rows.append(_question(obj["id"], str(obj.get("title", "")), obj["context"], obj["question"], texts,
                               starts, impossible, f"{where} (id {obj['id']})"))
     return rows
@@ -104,7 +141,7 @@ def load_hub(hub_id: str, config: str | None = None, split: str = "train") -> li
     except Exception as exc:  # the hub raises many types; all mean "not available"
         raise TasktuneError(f"cannot load {hub_id!r} from the Hugging Face Hub (offline?): {exc}") from exc
     return [_question(r["id"], r["title"], r["context"], r["question"], list(r["answers"]["text"]),
-                      list(r["answers"]["answer_start"]), not r["answers"]["text"], f"{hub_id}[{i}]")
+                      list(r["answers"]["answer_start"]), not r["answers"]["text"], f"{hub_id}[{i}] (id {r['id']})")
             for i, r in enumerate(ds)]
 
 

@@ -32,7 +32,7 @@ def wordnet_available() -> bool:
     """Make nltk find WordNet without its downloader; True when WordNet loads."""
     import nltk
 
-    from tasktune.models import cache_dir
+    from tasktune.cache import cache_dir
 
     root = cache_dir() / "nltk_data"
     target = root / "corpora" / "wordnet"

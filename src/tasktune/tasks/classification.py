@@ -12,7 +12,7 @@ import re
 
 from tasktune import runner
 from tasktune.data import table
-from tasktune.data.split import containment_split, stratified_split, text_overlap
+from tasktune.data.split import containment_split, split_errors, stratified_split, text_overlap, validation_size
 from tasktune.errors import TasktuneError
 from tasktune.metrics.classification import classification_metrics
 from tasktune.metrics.intervals import bootstrap_weights, classification_intervals, mcnemar_exact, paired_difference
@@ -65,11 +65,11 @@ class ClassificationTask:
             full = builder.encode(context + verbalizer)
             if full[: len(base)] != base or len(full) == len(base):
                 pieces = builder.tokenizer.convert_ids_to_tokens(full[max(len(base) - 1, 0):])
-                raise TasktuneError(f"verbalizer {verbalizer!r} does not extend the prompt's tokens for this tokenizer "
+                raise TasktuneError(f"{self.spec.source}: verbalizer {verbalizer!r} does not extend the prompt's tokens for this tokenizer "
                                     f"(the prompt's last token merges with it: {pieces}); start it with a space")
             sequences.append(full[len(base):])
         if len({tuple(s) for s in sequences}) != len(sequences):
-            raise TasktuneError(f"verbalizers {list(self.verbalizers)} tokenize to the same tokens {sequences}: the "
+            raise TasktuneError(f"{self.spec.source}: verbalizers {list(self.verbalizers)} tokenize to the same tokens {sequences}: the "
                                 "labels cannot be told apart")
         return sequences
 
@@ -93,16 +93,17 @@ class ClassificationTask:
         texts = [r["text"] for r in rows]
         by_sentence = self.split_policy(data_cfg) == "sentence"
 
-        def two_way(positions: list[int], fraction: float) -> tuple[list[int], list[int]]:
+        def two_way(positions: list[int], fraction: float, key: str) -> tuple[list[int], list[int]]:
             part_labels = [labels[i] for i in positions]
-            if by_sentence:
-                a, b = containment_split([texts[i] for i in positions], part_labels, fraction, data_cfg.seed)
-            else:
-                a, b = stratified_split(part_labels, fraction, data_cfg.seed)
+            with split_errors(key, len(positions)):
+                if by_sentence:
+                    a, b = containment_split([texts[i] for i in positions], part_labels, fraction, data_cfg.seed)
+                else:
+                    a, b = stratified_split(part_labels, fraction, data_cfg.seed)
             return [positions[i] for i in a], [positions[i] for i in b]
 
-        train, test = two_way(list(range(len(rows))), data_cfg.test_size)
-        fit, val = two_way(train, min(data_cfg.val_size, len(train) // 2) / len(train))
+        train, test = two_way(list(range(len(rows))), data_cfg.test_size, "data.test_size")
+        fit, val = two_way(train, validation_size(data_cfg.val_size, len(train)) / len(train), "data.val_size")
         ids = [r["id"] for r in rows]  # positions → row ids, which is what the run directory records
         return {"train": [ids[i] for i in fit], "validation": [ids[i] for i in val], "test": [ids[i] for i in test]}
 
@@ -117,6 +118,10 @@ class ClassificationTask:
     def train_features(self, builder, examples: list[dict], objective: str, max_length: int,
                        label_token_ids: list[int] | None) -> list[dict]:
         targets = self.verbalizer_tokens(builder, examples[0]) if objective == "lm" else None
+        longest = max(len(t) for t in targets) if targets else 1
+        if max_length < longest + 8:  # a slice of [-0:] or less would keep the whole prompt, not cut it
+            raise TasktuneError(f"train.max_length={max_length} leaves no room for a prompt before the "
+                                f"{longest}-token answer: expected at least {longest + 8}")
         features = []
         for ex in examples:
             if objective == "lm":  # causal-LM loss on the verbalizer's tokens

@@ -16,7 +16,7 @@ import random
 
 from tasktune import runner
 from tasktune.data import squad as squad_data
-from tasktune.data.split import grouped_split, random_split
+from tasktune.data.split import grouped_split, random_split, split_errors, validation_size
 from tasktune.errors import TasktuneError
 from tasktune.metrics.intervals import bootstrap_weights, paired_difference
 from tasktune.metrics.squad_v2 import (best_threshold, has_answer_map, normalize_answer, raw_scores, squad_intervals,
@@ -73,12 +73,14 @@ class ExtractiveQATask:
                 a, b = random_split(len(positions), fraction, data_cfg.seed)
             return [positions[i] for i in a], [positions[i] for i in b]
 
-        train, test = two_way(list(range(len(rows))), data_cfg.test_size)
-        val_n = min(data_cfg.val_size, len(train) // 2)
+        with split_errors("data.test_size", len(rows)):
+            train, test = two_way(list(range(len(rows))), data_cfg.test_size)
+        val_n = validation_size(data_cfg.val_size, len(train))
         if by_article:
             fit, val = self._validation_articles(rows, train, val_n, data_cfg.seed)
         else:
-            fit, val = two_way(train, val_n / len(train))
+            with split_errors("data.val_size", len(train)):
+                fit, val = two_way(train, val_n / len(train))
         return {"train": [ids[i] for i in fit], "validation": [ids[i] for i in val], "test": [ids[i] for i in test]}
 
     @staticmethod
