@@ -412,10 +412,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tasktune: error: {file_system_message(exc, args)}", file=sys.stderr)
         return 3 if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else 2
     except Exception as exc:
+        wrapped = wrapped_os_error(exc)
+        if wrapped is not None:  # safetensors reports I/O errors as its own type, naming no file
+            print(f"tasktune: error: {file_system_message(wrapped, args)}", file=sys.stderr)
+            return 3 if wrapped.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else 2
         if not is_out_of_memory(exc):
             raise
         print(f"tasktune: error: {out_of_memory_message(args)}", file=sys.stderr)
         return 3
+
+
+def wrapped_os_error(exc: Exception) -> OSError | None:
+    """An OSError hidden in a library's own exception (safetensors: "I/O error: ... (os error 27)")."""
+    import os
+    import re
+
+    found = re.search(r"\(os error (\d+)\)", str(exc))
+    if type(exc).__name__ != "SafetensorError" or not found:
+        return None
+    number = int(found.group(1))
+    return OSError(number, os.strerror(number), "a safetensors file (weights or a checkpoint)")
 
 
 def file_system_message(exc: OSError, args) -> str:
