@@ -127,6 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--push", metavar="REPO_ID", help="upload to the Hugging Face Hub after exporting")
     x.add_argument("--private", action="store_true", help="with --push: create the repository as private")
     x.add_argument("--overwrite", action="store_true", help="replace --out if tasktune wrote it")
+    w = sub.add_parser("sweep", help="search adaptations within a budget: chosen on validation, proven on test once",
+                       description="Run (or continue) the Optuna search a sweep file declares over one recipe: "
+                                   "trials ranked on the validation slice, then the test set evaluated once each for "
+                                   "zero-shot, the winner and the base recipe; writes sweeps/NAME/.",
+                       epilog="tasktune sweeps lists the shipped sweep files; tasktune sweeps cp NAME my.yaml copies "
+                              "one. More processes or machines: storage: postgresql://... in the file, then "
+                              "`tasktune sweep --worker sweeps/NAME` on each.")
+    w.add_argument("sweep_file", nargs="?", help="a sweep YAML file or a shipped sweep's name")
+    w.add_argument("overrides", nargs="*", metavar="key=value", help="sweep keys, e.g. trials=3 timeout=600")
+    w.add_argument("--worker", metavar="SWEEP_DIR", help="join a started sweep's study and run trials")
+    w.add_argument("--overwrite", action="store_true", help="replace a sweep directory made by another sweep file")
+    ws = sub.add_parser("sweeps", help="list the shipped sweep files, or copy one to edit: sweeps cp NAME DEST")
+    ws.add_argument("action", nargs="*", metavar="cp NAME DEST")
     t = sub.add_parser("tasks", help="list the shipped tasks, or print one's spec: tasks show NAME",
                        description="Without arguments: list the tasks that ship with tasktune. `tasktune tasks show "
                                    "NAME` prints a task's spec YAML (copy it to declare your own task; a recipe's "
@@ -168,6 +181,34 @@ def cmd_recipes(args) -> int:
         raise TasktuneError(f"expected `tasktune recipes` or `tasktune recipes cp NAME DEST`, got "
                             f"`tasktune recipes {' '.join(args.action)}`")
     print(f"[tasktune] copied to {recipes.copy(args.action[1], args.action[2])}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from tasktune.sweep import sweep, worker
+
+    if args.worker:
+        if args.sweep_file:
+            raise TasktuneError("--worker SWEEP_DIR joins a started sweep: give no sweep file with it")
+        worker(args.worker)
+        return 0
+    if not args.sweep_file:
+        raise TasktuneError("name a sweep file (`tasktune sweeps` lists the shipped ones), or --worker SWEEP_DIR")
+    sweep(args.sweep_file, args.overrides, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_sweeps(args) -> int:
+    from tasktune import recipes
+
+    if not args.action:
+        for name, path in recipes.shipped_sweeps().items():
+            print(f"{name:<28} {recipes.describe(path)}")
+        return 0
+    if len(args.action) != 3 or args.action[0] != "cp":
+        raise TasktuneError(f"expected `tasktune sweeps` or `tasktune sweeps cp NAME DEST`, got "
+                            f"`tasktune sweeps {' '.join(args.action)}`")
+    print(f"[tasktune] copied to {recipes.copy_sweep(args.action[1], args.action[2])}")
     return 0
 
 
@@ -388,7 +429,8 @@ def cmd_compare(args) -> int:
 
 COMMANDS = {"run": cmd_run, "train": lambda args: cmd_run(args, train_only=True), "eval": cmd_eval, "recipe-reference": cmd_recipe_reference,
             "score": cmd_score, "params": cmd_params, "report": cmd_report, "compare": cmd_compare,
-            "export": cmd_export, "recipes": cmd_recipes, "tasks": cmd_tasks}
+            "export": cmd_export, "recipes": cmd_recipes, "tasks": cmd_tasks, "sweep": cmd_sweep,
+            "sweeps": cmd_sweeps}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -159,19 +159,35 @@ def logged_figures(task, metrics: dict | None) -> dict:
             for row in task.report_rows if isinstance(values.get(row), (int, float))}
 
 
-def train_stage(p: Prepared, work: Path, logs=None) -> tuple[torch.nn.Module, dict, str]:
-    """LoRA fine-tuning (resuming from a checkpoint when one exists); writes adapter/ and train/summary.json."""
-    from tasktune.train import add_lora, fit
+def train_stage(p: Prepared, work: Path, logs=None, features: list[dict] | None = None,
+                callbacks: tuple = ()) -> tuple[torch.nn.Module, dict, str]:
+    """LoRA fine-tuning (resuming from a checkpoint when one exists); writes adapter/ and train/summary.json.
+    `features`: the tokenized training rows when the caller has them (a sweep caches them across trials)."""
+    from tasktune.train import add_lora
 
     cfg = p.recipe.train
     head = "seqcls" if cfg.objective == "seqcls" else "causal_lm"
     base = base_for_training(p, head)
     base_count = count_parameters(base)["total"]
+    if features is None:
+        features = p.task.train_features(p.builder, p.examples["train"], cfg.objective, cfg.max_length,
+                                         p.label_token_ids)
     torch.manual_seed(cfg.seed)  # LoRA initialisation
     model = add_lora(base, cfg, cfg.objective)
+    try:
+        return _train_adapted(p, work, logs, features, callbacks, model, head, base_count)
+    except BaseException:
+        if base is p.lm.model:
+            model.unload()  # the loaded base comes back without adapters (a sweep trains on it again)
+        raise
+
+
+def _train_adapted(p: Prepared, work: Path, logs, features: list[dict], callbacks: tuple, model, head: str,
+                   base_count: int) -> tuple[torch.nn.Module, dict, str]:
+    from tasktune.train import fit
+
+    cfg = p.recipe.train
     params = count_parameters(model)
-    features = p.task.train_features(p.builder, p.examples["train"], cfg.objective, cfg.max_length,
-                                     p.label_token_ids)
     val_features = features[:1]  # the Trainer wants an eval set; validation runs through `validate`
 
     def validate(m):  # each process runs the whole validation slice (the Trainer evaluates on every process)
@@ -182,7 +198,8 @@ def train_stage(p: Prepared, work: Path, logs=None) -> tuple[torch.nn.Module, di
         return evaluation.validation_metrics(p.task, runner, p.builder, p.examples["validation"], head)
 
     summary = fit(model, p.lm.tokenizer, features, val_features, cfg, work / "train", cfg.objective, validate,
-                  p.task.metric_for_best, p.label_token_ids, logs=logs, callbacks=[StepMemory(p.memory)])
+                  p.task.metric_for_best, p.label_token_ids, logs=logs,
+                  callbacks=[StepMemory(p.memory), *callbacks])
     summary.pop("log_history")
     summary.update(parameters=params, base_parameters_before_lora=base_count, head=head)
     state = process_state()

@@ -4,7 +4,6 @@ launcher configs are under `accelerate/`."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from tasktune.errors import TasktuneError
@@ -66,8 +65,38 @@ def copy(name: str, dest: str) -> Path:
     target = Path(dest)
     if target.is_dir():
         target = target / source.name
-    if target.exists():
+    if target.exists() or target.is_symlink():
         raise TasktuneError(f"{target} already exists; choose another destination")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, target)
+    from tasktune.atomic import write_bytes
+
+    write_bytes(target, source.read_bytes())  # atomic, mode 0644
+    return target
+
+
+SWEEPS_DIR = RECIPES_DIR.parent / "sweeps"
+
+
+def shipped_sweeps() -> dict[str, Path]:
+    """{name: file} of every shipped sweep (`tasktune sweeps`)."""
+    return {p.stem: p for p in sorted(SWEEPS_DIR.glob("*.yaml"))}
+
+
+def find_sweep(name: str) -> Path | None:
+    return shipped_sweeps().get(name.removesuffix(".yaml"))
+
+
+def copy_sweep(name: str, dest: str) -> Path:
+    """Copy a shipped sweep to `dest` to edit it; never replaces a file."""
+    from tasktune.atomic import write_bytes
+
+    source = find_sweep(name)
+    if source is None:
+        raise TasktuneError(f"no shipped sweep {name!r} (expected one of {sorted(shipped_sweeps())}; see "
+                            "`tasktune sweeps`)")
+    target = Path(dest)
+    if target.is_dir():
+        target = target / source.name
+    if target.exists() or target.is_symlink():
+        raise TasktuneError(f"{target} already exists; choose another destination")
+    write_bytes(target, source.read_bytes())
     return target

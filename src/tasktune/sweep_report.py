@@ -1,0 +1,156 @@
+"""A sweep's report.md and self-contained report.html: the headline (winner vs base recipe vs zero-shot, on test),
+the selection rule, the leaderboard, the validation figure per trial, a parallel-coordinates plot, Optuna's
+parameter importances and, when the space varies `data.limit_train`, the learning curve."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from tasktune.atomic import write_bytes, write_text  # noqa: E402
+from tasktune.html_page import markdown_to_html  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    write_bytes(path, buffer.getvalue())
+    return path
+
+
+def _figure(f: dict | None) -> str:
+    if not f or f.get("value") is None:
+        return "—"
+    interval = f.get("interval")
+    return f"{f['value']:.4f}" + (f" [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "") + \
+        (f" (n = {f['n']:,})" if f.get("n") else "")
+
+
+def trials_plot(board: list[dict], metric: str, path: Path) -> Path | None:
+    rows = sorted((r for r in board if r["validation"]["value"] is not None), key=lambda r: r["trial"])
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for pruned, colour, label in ((False, "tab:blue", "finished"), (True, "tab:grey", "pruned")):
+        part = [r for r in rows if r["pruned"] == pruned]
+        if not part:
+            continue
+        x = [r["trial"] for r in part]
+        y = [r["validation"]["value"] for r in part]
+        low = [v - (r["validation"]["interval"] or (v, v))[0] for v, r in zip(y, part)]
+        high = [(r["validation"]["interval"] or (v, v))[1] - v for v, r in zip(y, part)]
+        ax.errorbar(x, y, yerr=[low, high], fmt="o", color=colour, label=label, capsize=3)
+    ax.set_xlabel("trial")
+    ax.set_ylabel(f"validation {metric} (95% interval)")
+    ax.legend()
+    return _save(fig, path)
+
+
+def parallel_plot(study, path: Path) -> Path | None:
+    from optuna.trial import TrialState
+
+    try:
+        from optuna.visualization.matplotlib import plot_parallel_coordinate
+
+        if len(study.get_trials(states=(TrialState.COMPLETE,))) < 2:
+            return None
+        ax = plot_parallel_coordinate(study)
+    except Exception:  # noqa: BLE001 (optuna refuses some spaces, e.g. a single categorical value)
+        return None
+    return _save(ax.figure, path)
+
+
+def importances(study) -> dict:
+    import optuna
+    from optuna.trial import TrialState
+
+    if len(study.get_trials(states=(TrialState.COMPLETE,))) < 3:
+        return {}
+    try:
+        return optuna.importance.get_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(
+            seed=0))
+    except Exception:  # noqa: BLE001 (too few distinct values: no importance can be estimated)
+        return {}
+
+
+def learning_curve(board: list[dict], metric: str, path: Path) -> tuple[Path | None, list[dict]]:
+    """Validation figure against the number of training rows (trials that vary `data.limit_train`)."""
+    points = [r for r in board if "data.limit_train" in r["params"] and r["validation"]["value"] is not None
+              and not r["pruned"]]
+    if len({r["params"]["data.limit_train"] for r in points}) < 2:
+        return None, []
+    by_size: dict = {}
+    for r in points:
+        by_size.setdefault(r["params"]["data.limit_train"], []).append(r)
+    curve = []
+    for size in sorted(by_size):
+        best = max(by_size[size], key=lambda r: r["validation"]["value"])
+        curve.append({"rows": size, "trials": len(by_size[size]), **best["validation"]})
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    x = [c["rows"] for c in curve]
+    y = [c["value"] for c in curve]
+    err = [[v - (c["interval"] or (v, v))[0] for v, c in zip(y, curve)],
+           [(c["interval"] or (v, v))[1] - v for v, c in zip(y, curve)]]
+    ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("training rows (data.limit_train)")
+    ax.set_ylabel(f"best validation {metric} (95%)")
+    return _save(fig, path), curve
+
+
+def write_sweep_report(sweep_dir: Path, spec, study, result: dict, board: list[dict]) -> None:
+    from tasktune.report import paired_lines
+    from tasktune.sweep import leaderboard_markdown
+
+    metric = result["winner"]["validation"].get("metric") or "metric"
+    plots = sweep_dir / "plots"
+    test = result["test"]
+    winner, base = result["winner"], result["base"]
+    lines = [f"# Sweep {spec.name}: base recipe `{spec.recipe}`", "",
+             "## Headline (test set, evaluated once each)", "",
+             "| | test " + metric + " [95%] | validation " + metric + " [95%] |", "|---|---:|---:|",
+             f"| winner (trial {winner['trial']}) | {_figure(test.get('winner'))} | {_figure(winner['validation'])} |",
+             f"| base recipe (trial {base['trial'] if base else '—'}) | {_figure(test.get('base'))} | "
+             f"{_figure(base['validation']) if base else '—'} |",
+             f"| zero-shot | {_figure(test.get('zeroshot'))} | — |", ""]
+    for name, paired in result["paired"].items():
+        lines.append(f"Paired, {name.replace('_', ' ')}:")
+        lines += paired_lines(paired)
+        lines.append("")
+    optimism = (winner["validation"]["value"] - test["winner"]["value"]
+                if test.get("winner", {}).get("value") is not None else None)
+    lines += [f"Selection rule: {result['selection']}.",
+              (f"Optimism of choosing: the winner's validation figure exceeds its test figure by {optimism:+.4f}."
+               if optimism is not None else ""), "",
+              f"Winner's parameters: " + ", ".join(f"`{k}={v}`" for k, v in winner["params"].items()), "",
+              f"## Leaderboard ({result['trials']} trials, {result['pruned']} pruned; ranked on validation)", "",
+              leaderboard_markdown(board, metric)]
+    made = [("Validation figure per trial", trials_plot(board, metric, plots / "trials.png")),
+            ("Parallel coordinates", parallel_plot(study, plots / "parallel.png"))]
+    curve_path, curve = learning_curve(board, metric, plots / "learning_curve.png")
+    if curve_path:
+        made.append(("Learning curve (validation, no test data)", curve_path))
+        lines += ["## How many labels", "", "| training rows | trials | best validation [95%] |", "|---:|---:|---:|"]
+        lines += [f"| {c['rows']:,} | {c['trials']} | {_figure(c)} |" for c in curve]
+        lines.append("")
+    weights = importances(study)
+    if weights:
+        lines += ["## Parameter importances (Optuna, fANOVA)", "", "| parameter | importance |", "|---|---:|"]
+        lines += [f"| `{k}` | {v:.3f} |" for k, v in weights.items()]
+        lines.append("")
+    figures = [(title, path) for title, path in made if path is not None]
+    if figures:
+        lines += ["## Plots", ""] + [f"![{title}]({path.relative_to(sweep_dir)})" for title, path in figures]
+    markdown = "\n".join(lines) + "\n"
+    write_text(sweep_dir / "report.md", markdown)
+    headline = (f"<div class='big'>{metric} {test['winner']['value']:.4g} (winner, test)</div>"
+                f"<div>base recipe {test.get('base', {}).get('value', float('nan')):.4g}, zero-shot "
+                f"{test['zeroshot']['value']:.4g}; n = {result['test_rows']:,} test examples</div>")
+    write_text(sweep_dir / "report.html", markdown_to_html(markdown, sweep_dir, headline))

@@ -1,0 +1,203 @@
+"""`tasktune sweep`: a tiny-model search that chooses on validation, reads the test set once per reported model,
+resumes after a kill to the same leaderboard, and shares one study between worker processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasktune.cli import main
+
+ROOT = Path(__file__).parents[1]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+
+
+def write_sweep(folder: Path, model: Path, data: Path, **extra) -> Path:
+    spec = {
+        "name": "tiny", "recipe": "sst2-gemma3-270m-cpu", "output_dir": str(folder / "sweeps"),
+        "overrides": {"model": str(model), "data.path": str(data), "dtype": "fp32", "data.val_size": 16,
+                      "data.limit_train": None, "data.limit_test": None, "eval.limit_generate": None,
+                      "eval.protocols": ["score"], "train.max_steps": 12, "train.eval_steps": 4,
+                      "train.batch_size": 4, "train.lora_dropout": 0.1},
+        "space": {"train.learning_rate": {"type": "float", "low": 1e-4, "high": 3e-3, "log": True},
+                  "train.lora_r": {"type": "categorical", "choices": [4, 8]}},
+        "sampler": "tpe", "trials": 6, "pruner": "median", "seed": 0, **extra}
+    path = folder / "tiny-sweep.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def sweep_inputs(tiny_llama, tmp_path):
+    from tiny import write_sst2_tsv
+
+    return tiny_llama, write_sst2_tsv(tmp_path / "train.tsv", n=120)
+
+
+def rows_of(sweep_dir: Path) -> list[tuple]:
+    """The leaderboard as what was tried and what it scored (trial numbers and wall times aside)."""
+    board = json.loads((sweep_dir / "leaderboard.json").read_text())
+    return sorted((json.dumps(r["params"], sort_keys=True), r["validation"]["value"], r["pruned"], r["steps"])
+                  for r in board)
+
+
+def test_a_sweep_chooses_on_validation_and_reads_the_test_set_once_per_reported_model(sweep_inputs, tmp_path,
+                                                                                       monkeypatch):
+    from tasktune import sweep as sweep_module
+
+    model, data = sweep_inputs
+    reads = []
+    real = sweep_module.evaluate_test
+
+    def counted(p, m, out_dir, head="causal_lm"):
+        reads.append(out_dir.name)
+        return real(p, m, out_dir, head)
+
+    monkeypatch.setattr(sweep_module, "evaluate_test", counted)
+    assert main(["sweep", str(write_sweep(tmp_path, model, data))]) == 0
+    folder = tmp_path / "sweeps" / "tiny"
+    result = json.loads((folder / "sweep.json").read_text())
+    board = json.loads((folder / "leaderboard.json").read_text())
+    assert len(board) == 6 and result["trials"] == 6
+    assert sorted(reads) == sorted(["zeroshot", "winner"] + (["base"] if result["base"]["trial"] !=
+                                                            result["winner"]["trial"] else []))
+    assert reads.count("winner") == 1 and reads.count("base") <= 1  # fine-tuned models on test: winner and base
+    assert board[0]["trial"] == result["winner"]["trial"]
+    finished = [r for r in board if not r["pruned"]]
+    assert result["winner"]["validation"]["value"] == max(r["validation"]["value"] for r in finished)
+    assert result["base"]["base"] and result["base"]["params"]["train.lora_r"] == 16  # the base recipe itself
+    assert (folder / "trials" / "0" / "adapter" / "adapter_config.json").is_file()
+    assert not (folder / "trials" / "0" / "finetuned").exists()  # trials have no test stage
+    assert result["test"]["winner"]["n"] == result["test_rows"] > 0
+    assert "winner_vs_zeroshot" in result["paired"]
+    report = (folder / "report.md").read_text()
+    assert "Selection rule" in report and "Leaderboard" in report and (folder / "report.html").stat().st_size > 1000
+    assert main(["sweep", str(write_sweep(tmp_path, model, data))]) == 0  # finished: nothing redone
+    assert json.loads((folder / "sweep.json").read_text()) == result
+
+
+def test_the_trained_base_model_is_left_clean_between_trials(sweep_inputs, tmp_path):
+    """Every trial wraps the one loaded model; a fresh adapter each time, and the base weights unchanged."""
+    from safetensors.torch import load_file
+
+    model, data = sweep_inputs
+    assert main(["sweep", str(write_sweep(tmp_path, model, data, trials=2, pruner="none",
+                                          space={"train.lora_r": {"type": "categorical", "choices": [4, 8]}}))]) == 0
+    folder = tmp_path / "sweeps" / "tiny"
+    board = json.loads((folder / "leaderboard.json").read_text())
+    by_r = {r["params"]["train.lora_r"]: r for r in board}
+    # Trial 0 is the base recipe (r=16); trial 1 drew r=4 or 8 and trained on the same base.
+    assert 16 in by_r and len(by_r) == 2
+    zero = load_file(folder / "trials" / "0" / "adapter" / "adapter_model.safetensors")
+    assert any(v.shape[0] == 16 or v.shape[1] == 16 for v in zero.values())
+
+
+def test_a_killed_sweep_resumes_to_the_same_leaderboard(sweep_inputs, tmp_path):
+    model, data = sweep_inputs
+    reference = tmp_path / "ref"
+    reference.mkdir()
+    assert main(["sweep", str(write_sweep(reference, model, data))]) == 0
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    spec = write_sweep(killed, model, data)
+    proc = subprocess.Popen([sys.executable, "-m", "tasktune", "sweep", str(spec)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = killed / "sweeps" / "tiny" / "trials" / "3" / "train" / "checkpoints" / "checkpoint-4"
+    deadline = time.time() + 240
+    while not (checkpoint / "tasktune_complete.json").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if proc.returncode == 0:
+        pytest.skip("the sweep finished before the kill")
+    assert not (killed / "sweeps" / "tiny" / "sweep.json").exists()
+    assert main(["sweep", str(spec)]) == 0  # the same command continues it
+    assert rows_of(killed / "sweeps" / "tiny") == rows_of(reference / "sweeps" / "tiny")
+    board = json.loads((killed / "sweeps" / "tiny" / "leaderboard.json").read_text())
+    assert any(r["retry_of"] == 3 for r in board), "the interrupted trial is retried, not lost"
+
+
+def test_two_workers_share_one_study_without_running_a_trial_twice(sweep_inputs, tmp_path):
+    model, data = sweep_inputs
+    spec = write_sweep(tmp_path, model, data, pruner="none", trials=8)
+    overrides = yaml.safe_load(spec.read_text())
+    overrides["overrides"]["train.max_steps"] = 60  # trials long enough for the second process to join
+    spec.write_text(yaml.safe_dump(overrides, sort_keys=False))
+    folder = tmp_path / "sweeps" / "tiny"
+    main_proc = subprocess.Popen([sys.executable, "-m", "tasktune", "sweep", str(spec)], env=ENV,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (folder / "study.db").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # the study exists once the file does and the main process has created it
+    worker = subprocess.run([sys.executable, "-m", "tasktune", "sweep", "--worker", str(folder)], env=ENV,
+                            capture_output=True, text=True, timeout=600)
+    _, err = main_proc.communicate(timeout=600)
+    assert worker.returncode == 0, worker.stderr[-2000:]
+    assert main_proc.returncode == 0, err[-2000:]
+    import optuna
+
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{folder / 'study.db'}")
+    done = [t for t in study.trials if t.state.is_finished() and t.state.name in ("COMPLETE", "PRUNED")]
+    # Optuna's trial budget is checked as each trial ends: with two processes it can overshoot by one.
+    assert 8 <= len(done) <= 9
+    pids = {t.user_attrs["pid"] for t in done}
+    assert len(pids) == 2, "both processes ran trials"
+    dirs = [t.user_attrs["trial_dir"] for t in done]
+    assert len(set(dirs)) == len(dirs)  # no trial ran twice
+    assert all(json.loads((Path(d) / "trial.json").read_text())["trial"] == int(Path(d).name) for d in dirs)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"space": {"data.seed": {"type": "int", "low": 1, "high": 3}}}, "data.seed cannot vary between trials"),
+    ({"space": {"train.learning_rate": {"type": "float", "low": 1e-3, "high": 1e-4}}}, "expected low < high"),
+    ({"space": {"train.lora_r": {"type": "categorical", "choices": []}}}, "choices must be a non-empty list"),
+    ({"space": {"train.nonsense": {"type": "int", "low": 1, "high": 3}}}, "unknown key(s) ['train.nonsense']"),
+    ({"space": {"train.lora_r": {"type": "int", "low": 0, "high": 8}}}, "lora_r must be > 0"),
+    ({"sampler": "bayes"}, "sampler 'bayes' is not one of"),
+    ({"trials": 0}, "trials must be >= 1"),
+    ({"budget": 3}, "unknown key(s) ['budget']"),
+])
+def test_bad_sweep_files_are_one_line_before_anything_loads(sweep_inputs, tmp_path, capsys, edit, message):
+    model, data = sweep_inputs
+    spec = write_sweep(tmp_path, model, data, **edit)
+    assert main(["sweep", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(spec) in err and err.count("\n") == 1, err
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_shipped_sweeps_are_valid_and_copy_like_recipes(tmp_path, capsys):
+    from tasktune import recipes
+    from tasktune.sweep import load_sweep
+
+    names = recipes.shipped_sweeps()
+    assert {"sst2-gemma3-270m-cpu", "squad2-gemma3-270m-cpu"} <= set(names)
+    for name in names:
+        spec = load_sweep(name)
+        assert spec.space and spec.trials >= 1
+    assert main(["sweeps", "cp", "sst2-gemma3-270m-cpu", str(tmp_path / "mine.yaml")]) == 0
+    assert main(["sweeps", "cp", "sst2-gemma3-270m-cpu", str(tmp_path / "mine.yaml")]) == 2  # never replaces
+
+
+POSTGRES = os.environ.get("TASKTUNE_TEST_POSTGRES")
+
+
+@pytest.mark.skipif(not POSTGRES, reason="no PostgreSQL server: .ci/run starts one from Debian's packages and sets "
+                                         "TASKTUNE_TEST_POSTGRES")
+def test_a_sweep_on_a_real_postgresql_server(sweep_inputs, tmp_path):
+    import optuna
+
+    model, data = sweep_inputs
+    name = f"tiny-pg-{os.getpid()}-{int(time.time())}"
+    spec = write_sweep(tmp_path, model, data, name=name, trials=3, storage=POSTGRES, pruner="none")
+    assert main(["sweep", str(spec)]) == 0
+    study = optuna.load_study(study_name=name, storage=POSTGRES)
+    assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 3
+    assert not (tmp_path / "sweeps" / name / "study.db").exists()  # the study lives in the server
