@@ -20,9 +20,10 @@ def headline(report: dict) -> dict:
         m = report.get(stage) or {}
         if report["task_type"] == "classification":
             protocol = "score" if "score" in m else "classifier"
-            for key in ("accuracy", "f1", "f1_macro"):
-                if key in m.get(protocol, {}):
-                    out[f"{stage}_{key}"] = m[protocol][key]
+            for column, suffix in ((f"{protocol}_sentences", "_sentences"), (protocol, "")):
+                for key in ("accuracy", "f1", "f1_macro"):
+                    if key in m.get(column, {}):
+                        out[f"{stage}_{key}{suffix}"] = m[column][key]
         else:
             for key in ("exact", "f1", "HasAns_f1", "NoAns_f1"):
                 if key in m:

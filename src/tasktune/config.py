@@ -36,7 +36,9 @@ class DataConfig:
                                      "inside a training row) or `row`; extractive QA: `article` or `question`")
     test_path: str | None = opt(None, "evaluate on this file instead of a split of `path` (e.g. GLUE validation)")
     limit_train: int | None = opt(None, "train on a seeded random sample of this many training rows")
-    limit_test: int | None = opt(None, "evaluate on a seeded random sample of this many test rows")
+    limit_test: int | None = opt(None, "evaluate on a seeded random sample of this many test rows (a classification "
+                                       "test split of whole sentences and phrases takes every whole sentence first: "
+                                       "they are the headline)")
 
 
 @dataclass

@@ -54,10 +54,13 @@ def eval_results(report: dict, task) -> list:
     rows = []
     if task.type == "classification":
         protocol = "score" if "score" in ft else "classifier"
-        for key in ("accuracy", "f1", "precision", "recall"):
-            if key in ft.get(protocol, {}):
-                kind = "test split" if key == "accuracy" else "weighted"
-                rows.append((key, round(ft[protocol][key], 4), f"{key} ({protocol} protocol, {kind})"))
+        for column in (f"{protocol}_sentences", protocol, f"{protocol}_phrases"):
+            rows_of = {f"{protocol}_sentences": "whole sentences of the test split",
+                       f"{protocol}_phrases": "phrase rows of the test split"}.get(column, "test split")
+            for key in ("accuracy", "f1", "precision", "recall"):
+                if key in ft.get(column, {}):
+                    kind = rows_of if key == "accuracy" else f"weighted, {rows_of}"
+                    rows.append((key, round(ft[column][key], 4), f"{key} ({protocol} protocol, {kind})"))
     else:
         for key in ("exact", "f1", "HasAns_f1", "NoAns_f1"):
             if key in ft:

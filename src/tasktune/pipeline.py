@@ -40,12 +40,18 @@ def versions() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def sample(items: list, limit: int | None, seed: int) -> list:
-    """A seeded random subset in the original order, or all items."""
+def sample(items: list, limit: int | None, seed: int, keep=None) -> list:
+    """A seeded random subset in the original order, or all items. `keep(item)`: items taken before any other
+    (the whole sentences of an SST-2 test split), then a seeded sample of the rest up to `limit`."""
     if limit is None or limit >= len(items):
         return list(items)
-    keep = set(random.Random(seed).sample(range(len(items)), limit))
-    return [x for i, x in enumerate(items) if i in keep]
+    first = {i for i, x in enumerate(items) if keep is not None and keep(x)}
+    if len(first) >= limit:
+        chosen = set(random.Random(seed).sample(sorted(first), limit))
+    else:
+        rest = [i for i in range(len(items)) if i not in first]
+        chosen = first | set(random.Random(seed).sample(rest, limit - len(first)))
+    return [x for i, x in enumerate(items) if i in chosen]
 
 
 @dataclass
@@ -90,7 +96,8 @@ def prepare(recipe: Recipe, training: bool = True) -> Prepared:
         if limit is not None and limit > len(examples[part]):
             print(f"[tasktune] data.{key}={limit} is more than the {len(examples[part])} {part} rows: using all "
                   f"{len(examples[part])}")
-        examples[part] = sample(examples[part], limit, recipe.data.seed)
+        examples[part] = sample(examples[part], limit, recipe.data.seed,
+                                keep=(lambda ex: ex.get("sentence") is True) if part == "test" else None)
     timings["data_s"] = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -440,16 +440,20 @@ def validation_figure(p, model, head: str) -> dict:
     from tasktune.runner import Runner
 
     runner = Runner(model.eval(), p.lm.tokenizer, p.recipe.eval.batch_size, shard=False)
-    records, _ = evaluation.predict(p.task, runner, p.builder, p.examples["validation"],
-                                    [p.task.validation_protocol(head)], head)
-    return figure_of(p.task, p.task.score(records))
+    protocol = p.task.validation_protocol(head)
+    records, _ = evaluation.predict(p.task, runner, p.builder, p.examples["validation"], [protocol], head)
+    return figure_of(p.task, p.task.score(records), column=protocol)
 
 
-def figure_of(task, metrics: dict) -> dict:
-    columns = task.report_columns(metrics)
+def figure_of(task, metrics: dict, column: str | None = None) -> dict:
+    """The task's metric with its interval and n: in `column`, or in the report's headline column (for SST-2,
+    the whole sentences). Trials are ranked on the validation protocol over every validation row, the metric
+    early stopping reads (SST-2's validation slice holds too few whole sentences to rank on them alone)."""
+    columns = dict(task.report_columns(metrics))
     if not columns:
         return {"value": None, "interval": None, "n": 0}
-    column, values = columns[0]
+    column = column if column in columns else next(iter(columns))
+    values = columns[column]
     metric = task.metric_for_best
     interval = (values.get("ci95") or {}).get(metric)
     return {"metric": metric, "protocol": column, "value": values.get(metric), "interval": interval,
@@ -612,10 +616,12 @@ def finish(spec: SweepSpec, sweep_dir: Path, study, prepared) -> dict:
         if row is None:
             continue
         if role == "base" and row["trial"] == winner["trial"]:
-            results["base"] = dict(results["winner"])
+            results["base"], results["base_as_validated"] = dict(results["winner"]), dict(
+                results["winner_as_validated"])
             continue
         metrics = _test_trial(trials, spec, row, test / role, pristine)
         results[role] = figure_of(prepared.task, metrics)
+        results[f"{role}_as_validated"] = figure_of(prepared.task, metrics, row["validation"].get("protocol"))
     paired = {}
     for role in ("base", "zeroshot"):
         if role in results and not (role == "base" and base_row and base_row["trial"] == winner["trial"]):

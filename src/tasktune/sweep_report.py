@@ -115,17 +115,21 @@ def write_sweep_report(sweep_dir: Path, spec, study, result: dict, board: list[d
     winner, base = result["winner"], result["base"]
     lines = [f"# Sweep {spec.name}: base recipe `{spec.recipe}`", "",
              "## Headline (test set, evaluated once each)", "",
-             "| | test " + metric + " [95%] | validation " + metric + " [95%] |", "|---|---:|---:|",
-             f"| winner (trial {winner['trial']}) | {_figure(test.get('winner'))} | {_figure(winner['validation'])} |",
+             f"Test figures in the task's headline column (`{(test.get('winner') or {}).get('protocol')}`), and in the "
+             f"column trials were ranked on (`{winner['validation'].get('protocol')}`, every row) beside the "
+             "validation figure that chose them.", "",
+             f"| | test {metric} [95%] (headline) | test, as ranked [95%] | validation [95%] |", "|---|---:|---:|---:|",
+             f"| winner (trial {winner['trial']}) | {_figure(test.get('winner'))} | "
+             f"{_figure(test.get('winner_as_validated'))} | {_figure(winner['validation'])} |",
              f"| base recipe (trial {base['trial'] if base else '—'}) | {_figure(test.get('base'))} | "
-             f"{_figure(base['validation']) if base else '—'} |",
-             f"| zero-shot | {_figure(test.get('zeroshot'))} | — |", ""]
+             f"{_figure(test.get('base_as_validated'))} | {_figure(base['validation']) if base else '—'} |",
+             f"| zero-shot | {_figure(test.get('zeroshot'))} | — | — |", ""]
     for name, paired in result["paired"].items():
         lines.append(f"Paired, {name.replace('_', ' ')}:")
         lines += paired_lines(paired)
         lines.append("")
-    optimism = (winner["validation"]["value"] - test["winner"]["value"]
-                if test.get("winner", {}).get("value") is not None else None)
+    as_ranked = test.get("winner_as_validated") or {}
+    optimism = (winner["validation"]["value"] - as_ranked["value"] if as_ranked.get("value") is not None else None)
     lines += [f"Selection rule: {result['selection']}.",
               (f"Optimism of choosing: the winner's validation figure exceeds its test figure by {optimism:+.4f}."
                if optimism is not None else ""), "",

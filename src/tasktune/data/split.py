@@ -109,6 +109,15 @@ def containment_split(texts: list[str], labels: list[int], test_size: float, see
     return train, test
 
 
+def whole_sentences(texts: list[str]) -> list[bool]:
+    """For each text, whether it is a whole sentence: no other text of the file contains it. GLUE's SST-2 file
+    holds every phrase of a review's parse tree as a row; what users mean by SST-2 accuracy is the sentences."""
+    unique = list(dict.fromkeys(normalize_text(t) for t in texts))
+    index = ContainmentIndex(unique)
+    whole = {u for u in unique if index.occurrences(u) == 1}
+    return [normalize_text(t) in whole for t in texts]
+
+
 def text_overlap(test_texts: list[str], train_texts: list[str]) -> dict:
     """How much of the test set the training part has seen: exact duplicates, and test rows that occur as a
     whole-token substring of some training row (duplicates included)."""

@@ -12,7 +12,8 @@ import re
 
 from tasktune import runner
 from tasktune.data import table
-from tasktune.data.split import containment_split, split_errors, stratified_split, text_overlap, validation_size
+from tasktune.data.split import (containment_split, split_errors, stratified_split, text_overlap,
+                                 validation_size, whole_sentences)
 from tasktune.errors import TasktuneError
 from tasktune.metrics.classification import classification_metrics
 from tasktune.metrics.intervals import bootstrap_weights, classification_intervals, mcnemar_exact, paired_difference
@@ -102,6 +103,9 @@ class ClassificationTask:
                     a, b = stratified_split(part_labels, fraction, data_cfg.seed)
             return [positions[i] for i in a], [positions[i] for i in b]
 
+        if by_sentence:  # which rows are whole sentences (the headline) and which are phrases of one
+            for row, whole in zip(rows, whole_sentences(texts)):
+                row["sentence"] = whole
         train, test = two_way(list(range(len(rows))), data_cfg.test_size, "data.test_size")
         fit, val = two_way(train, validation_size(data_cfg.val_size, len(train)) / len(train), "data.val_size")
         ids = [r["id"] for r in rows]  # positions → row ids, which is what the run directory records
@@ -145,7 +149,8 @@ class ClassificationTask:
         return "classifier" if head == "seqcls" else "score"
 
     def new_records(self, examples: list[dict]) -> list[dict]:
-        return [{"id": ex["id"], "text": ex["text"], "label": ex["label"]} for ex in examples]
+        return [{"id": ex["id"], "text": ex["text"], "label": ex["label"],
+                 **({"sentence": ex["sentence"]} if "sentence" in ex else {})} for ex in examples]
 
     def requests(self, builder, examples: list[dict], protocol: str) -> tuple[list, list[dict]]:
         """One request per example for `protocol`, and nothing extra to record."""
@@ -188,6 +193,19 @@ class ClassificationTask:
             if seconds and protocol in seconds:
                 metrics[protocol]["seconds"] = round(seconds[protocol], 3)
                 metrics[protocol]["examples_per_second"] = round(len(scored) / seconds[protocol], 2)
+        # Whole sentences apart from phrases (a sentence-split classification test set): the sentences are the
+        # headline, since they are what users mean by the task; the phrases are reported beside them.
+        flags = {r.get("sentence") for r in records}
+        if flags == {True, False}:
+            for protocol in [p for p in ("classifier", "score", "generate") if p in metrics]:
+                for part, keep in (("sentences", True), ("phrases", False)):
+                    subset = [r for r in records if f"{protocol}_pred" in r and r["sentence"] is keep]
+                    if subset:
+                        golds, preds = [r["label"] for r in subset], [r[f"{protocol}_pred"] for r in subset]
+                        values = classification_metrics(golds, preds, self.label_names)
+                        values["ci95"] = classification_intervals(golds, preds, len(self.verbalizers),
+                                                                  bootstrap_weights(len(subset)))
+                        metrics[f"{protocol}_{part}"] = values
         return metrics
 
     def paired(self, before: list[dict], after: list[dict]) -> dict:
@@ -195,25 +213,32 @@ class ClassificationTask:
         bootstrap interval, and the exact McNemar test on the per-example outcomes."""
         out = {}
         after_by_id = {r["id"]: r for r in after}
-        for protocol in ("score", "generate", "classifier"):
-            key_after = "classifier_pred" if protocol == "classifier" else f"{protocol}_pred"
-            key_before = "score_pred" if protocol == "classifier" else key_after  # seqcls: vs zero-shot score
-            pairs = [(b, after_by_id[b["id"]]) for b in before
-                     if key_before in b and b["id"] in after_by_id and key_after in after_by_id[b["id"]]]
-            if not pairs:
-                continue
-            was = [b[key_before] == b["label"] for b, _ in pairs]
-            now = [a[key_after] == a["label"] for _, a in pairs]
-            out[protocol] = {"n": len(pairs), "metric": "accuracy", "mcnemar": mcnemar_exact(was, now),
-                             "gain": paired_difference(was, now, bootstrap_weights(len(pairs)))}
+        parts = [("", None)] + ([("_sentences", True), ("_phrases", False)]
+                                if {r.get("sentence") for r in before} == {True, False} else [])
+        for part, keep in parts:
+            for protocol in ("score", "generate", "classifier"):
+                key_after = "classifier_pred" if protocol == "classifier" else f"{protocol}_pred"
+                key_before = "score_pred" if protocol == "classifier" else key_after  # seqcls: vs zero-shot score
+                pairs = [(b, after_by_id[b["id"]]) for b in before
+                         if key_before in b and b["id"] in after_by_id and key_after in after_by_id[b["id"]]
+                         and (keep is None or b.get("sentence") is keep)]
+                if not pairs:
+                    continue
+                was = [b[key_before] == b["label"] for b, _ in pairs]
+                now = [a[key_after] == a["label"] for _, a in pairs]
+                out[protocol + part] = {"n": len(pairs), "metric": "accuracy", "mcnemar": mcnemar_exact(was, now),
+                                        "gain": paired_difference(was, now, bootstrap_weights(len(pairs)))}
         return out
 
     # --- reporting --------------------------------------------------------------------------------
     report_rows = ("accuracy", "precision", "recall", "f1", "f1_macro", "none_rate", "n")
 
     def report_columns(self, metrics: dict) -> list[tuple[str, dict]]:
-        return [(protocol, values) for protocol, values in metrics.items()
-                if isinstance(values, dict) and "accuracy" in values]
+        """Whole sentences first (the headline), then every test row per protocol, then the phrases."""
+        columns = [(name, values) for name, values in metrics.items()
+                   if isinstance(values, dict) and "accuracy" in values]
+        rank = {"sentences": 0, "phrases": 2}
+        return sorted(columns, key=lambda c: rank.get(c[0].rsplit("_", 1)[-1], 1))
 
     def protocol_notes(self, proto: dict) -> list[str]:
         pairs = ", ".join(f"{name} → {v!r}" for name, v in zip(self.label_names, self.verbalizers))
