@@ -25,16 +25,7 @@ import common  # noqa: E402
 from flops import lora_training_flops  # noqa: E402
 
 # The published configs, written out so nothing is downloaded.
-CONFIGS = {
-    "llama-3.2-1b": ("LlamaConfig", dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
-                                          num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                                          max_position_embeddings=131072, rope_theta=500000.0,
-                                          tie_word_embeddings=True)),
-    "gemma-2-2b": ("Gemma2Config", dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216,
-                                         num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
-                                         head_dim=256, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
-                                         sliding_window=4096, query_pre_attn_scalar=256)),
-}
+from model_shapes import CONFIGS, RECIPES  # noqa: E402 (shared with gpu_memory.py)
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512, head_dim=16)
 ANSWER_TOKENS = 8  # as bench/gpu_memory.py: the answer loss covers the last tokens of the row
@@ -174,7 +165,6 @@ def main() -> None:
               "LoRA r16 on the attention and MLP projections. `lm`: the usual script (full-vocabulary LM loss "
               "through the model's forward, peft's fp32 adapter); the others: tasktune's training step. MFU counts "
               "the FLOPs of bench/flops.py (LoRA-aware: no base weight gradients).")
-    from gpu_memory import RECIPES
 
     memory_rows = [recipe_memory(recipe, model_name, checkpointing, args, device)
                    for recipe, model_name in RECIPES.items() for checkpointing in (False, True)]

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from gpu_check import CONFIGS  # noqa: E402
+from model_shapes import CONFIGS, RECIPES  # noqa: E402,F401
 
 GIB = 2**30
 CUDA_OVERHEAD_GIB = 2.0  # CUDA context + caching-allocator slack, added before deciding what fits
@@ -33,8 +33,6 @@ CARDS_GIB = {"24 GB": 24e9 / GIB, "80 GB": 80e9 / GIB}
 ANSWER_TOKENS = 8  # SQuAD rows: the loss covers the answer tokens at the end of the row
 
 # The GPU recipes and the model config (in gpu_check.py) each one trains.
-RECIPES = {"sst2-llama3.2-1b.yaml": "llama-3.2-1b", "squad2-llama3.2-1b.yaml": "llama-3.2-1b",
-           "sst2-gemma2-2b.yaml": "gemma-2-2b", "squad2-gemma2-2b.yaml": "gemma-2-2b"}
 
 
 def recipe_train_config(name: str):

@@ -35,7 +35,7 @@ def test_parse_overrides_nests():
     ("train.lora_dropout=1.5", "lora_dropout must be in"),
     ("data.test_size=0", "test_size must be in"),
     ("train.batch_size=abc", "batch_size must be int"),
-    ("train.objective=magic", "objective 'magic' is not one of"),
+    ("train.objective=magic", "objective 'magic' does not apply to task 'sst2'"),
     ("eval.protocols=vibes", "eval.protocols"),
     ("train.lora_rank=8", "unknown key"),
     ("name=../escape", "plain directory name"),
@@ -91,8 +91,9 @@ def test_verbalizers_must_match_the_tasks_labels(tmp_path):
     with pytest.raises(TasktuneError, match="must give one word per label of task 'sst2'"):
         load_recipe(recipe, ["eval.verbalizers=[' bad']"])
     assert load_recipe(recipe, ["eval.verbalizers=[' awful', ' great']"]).eval.verbalizers == [" awful", " great"]
-    assert load_recipe(recipe).train.objective == "verbalizer"  # the task type's default objective
+    # Unset: chosen once the tokenizer shows what the verbalizers allow (pipeline.resolve_objective).
+    assert load_recipe(recipe).train.objective is None
     squad = write(tmp_path, "name: x\ntask: squad_v2\n")
     with pytest.raises(TasktuneError, match="must give one word per label"):
         load_recipe(squad, ["eval.verbalizers=[' a', ' b']"])
-    assert load_recipe(squad).train.objective == "answer"
+    assert load_recipe(squad).train.objective is None

@@ -4,7 +4,7 @@
 package loads neither torch nor transformers (the command line's `--help` stays instant).
 """
 
-__version__ = "0.1.0"
+from tasktune._version import __version__  # noqa: F401
 
 
 def run(recipe: str, **kwargs):
@@ -19,3 +19,10 @@ def evaluate(model: str, task: str, data: str | None = None, **kwargs):
     from tasktune.api import evaluate as _evaluate
 
     return _evaluate(model, task, data, **kwargs)
+
+
+def sweep(sweep_file: str, *overrides: str, overwrite: bool = False):
+    """See `tasktune.api.sweep`."""
+    from tasktune.api import sweep as _sweep
+
+    return _sweep(sweep_file, *overrides, overwrite=overwrite)

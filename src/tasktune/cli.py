@@ -265,8 +265,10 @@ def cmd_score(args) -> int:
     from tasktune.tasks.spec import load_spec
 
     check_outside(Path(args.out), {"data": args.data, "predictions": args.predictions, "na-probs": args.na_probs})
+    from tasktune.tasks.base import task_type
+
     spec = load_spec(args.task)
-    if spec.type != "extractive_qa":
+    if not task_type(spec.type).official_predictions:
         raise TasktuneError(f"score reads SQuAD-format predictions: task {spec.name!r} is {spec.type}")
     rows, source = squad_data.load(spec, args.data)
     golds = {r["id"]: r["answers"] for r in rows}

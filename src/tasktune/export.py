@@ -14,9 +14,6 @@ from tasktune.report import task_of_run
 from tasktune.ownership import check_outside
 from tasktune.rundir import StagingDir, require_finished_run, write_json
 
-HUB_TASK_TYPES = {"classification": ("text-classification", "Text Classification"),
-                  "extractive_qa": ("question-answering", "Question Answering")}
-
 
 def dataset_of(report: dict, task) -> tuple[str, str]:
     """(type, name) of the model-index dataset: the hub id when the data came from the hub or is the embedded copy
@@ -47,24 +44,10 @@ def eval_results(report: dict, task) -> list:
     """The fine-tuned test figures as `EvalResult`s (huggingface_hub writes and validates the model-index)."""
     from huggingface_hub import EvalResult
 
-    task_type, task_name = HUB_TASK_TYPES[task.type]
+    task_type, task_name = task.hub_task
     dataset_type, dataset_name = dataset_of(report, task)
     split = f"test (tasktune split, seed {report['config']['data']['seed']}, n={_test_n(report)})"
-    ft = report.get("finetuned") or {}
-    rows = []
-    if task.type == "classification":
-        protocol = "score" if "score" in ft else "classifier"
-        for column in (f"{protocol}_sentences", protocol, f"{protocol}_phrases"):
-            rows_of = {f"{protocol}_sentences": "whole sentences of the test split",
-                       f"{protocol}_phrases": "phrase rows of the test split"}.get(column, "test split")
-            for key in ("accuracy", "f1", "precision", "recall"):
-                if key in ft.get(column, {}):
-                    kind = rows_of if key == "accuracy" else f"weighted, {rows_of}"
-                    rows.append((key, round(ft[column][key], 4), f"{key} ({protocol} protocol, {kind})"))
-    else:
-        for key in ("exact", "f1", "HasAns_f1", "NoAns_f1"):
-            if key in ft:
-                rows.append((key, round(ft[key], 2), f"{task.name} {key} (greedy, raw decision)"))
+    rows = task.hub_eval_rows(report.get("finetuned") or {})
     return [EvalResult(task_type=task_type, task_name=task_name, dataset_type=dataset_type, dataset_name=dataset_name,
                        dataset_split=split, metric_type=key, metric_value=value, metric_name=label)
             for key, value, label in rows]

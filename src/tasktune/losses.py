@@ -17,6 +17,8 @@ what dtype the loss is computed in.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -76,13 +78,72 @@ def model_loss(model, batch: dict, label_token_ids=None) -> torch.Tensor:
                  position_ids=batch["position_ids"], labels=batch["labels"], use_cache=False).loss
 
 
-LOSSES = {"verbalizer": verbalizer_loss, "label_lm": label_lm_loss, "answer": answer_loss, "lm": model_loss,
-          "seqcls": model_loss}
+@dataclass(frozen=True)
+class Objective:
+    """A training objective (`train.objective`): everything the rest of tasktune needs to know about it.
+    Which task types it applies to is theirs to declare (`TaskType.objectives`).
+
+    `single_token_verbalizers`: it reads one LM-head row per label, so every verbalizer must be one token.
+    `head`: `causal_lm`, or `seqcls` for a fresh classification head trained and saved with the adapter.
+    `labels`: what a training feature carries, one class id per row (`class_id`) or the target tokens with
+    -100 elsewhere (`tokens`)."""
+
+    name: str
+    loss: Callable
+    single_token_verbalizers: bool = False
+    head: str = "causal_lm"
+    labels: str = "class_id"
+    description: str = ""
+
+
+OBJECTIVES: dict[str, Objective] = {}
+
+
+def register_objective(objective: Objective, task_types: tuple[str, ...] = ()) -> Objective:
+    """Add an objective, and offer it to these task types (a plug-in registers its own the same way): one
+    entry, read by config, the task types, the pipeline and the Trainer."""
+    from tasktune.tasks.base import task_type
+
+    OBJECTIVES[objective.name] = objective
+    for name in task_types:
+        kind = task_type(name)
+        if objective.name not in kind.objectives:
+            kind.objectives = (*kind.objectives, objective.name)
+    return objective
+
+
+def get_objective(name: str) -> Objective:
+    from tasktune.errors import TasktuneError
+
+    if name not in OBJECTIVES:
+        raise TasktuneError(f"train.objective {name!r} is not one of {sorted(OBJECTIVES)}")
+    return OBJECTIVES[name]
+
+
+def objectives_for(task_type_name: str) -> list[str]:
+    from tasktune.tasks.base import task_type
+
+    return [name for name in task_type(task_type_name).objectives if name in OBJECTIVES]
+
+
+for _objective in (
+    Objective("verbalizer", verbalizer_loss, single_token_verbalizers=True,
+              description="last prompt token x the labels' LM-head rows, cross-entropy over the labels"),
+    Objective("label_lm", label_lm_loss, single_token_verbalizers=True,
+              description="full-vocabulary cross-entropy on the label token, LM head at the last position only"),
+    Objective("lm", model_loss, labels="tokens",
+              description="causal-LM loss on the verbalizer's tokens (multi-token verbalizers)"),
+    Objective("seqcls", model_loss, head="seqcls",
+              description="a sequence-classification head trained with the adapter"),
+    Objective("answer", answer_loss, labels="tokens",
+              description="LM loss on the answer tokens, LM head at those positions only"),
+):
+    OBJECTIVES[_objective.name] = _objective
 
 
 def objective_loss(model, batch: dict, objective: str, label_token_ids: list[int] | None = None) -> torch.Tensor:
     """The training loss of `objective` for one collated batch (see the module docstring)."""
-    return LOSSES[objective](model, batch, label_token_ids)
+    return OBJECTIVES[objective].loss(model, batch, label_token_ids)
 
 
 def _data_parallel(model) -> bool:

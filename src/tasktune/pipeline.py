@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from tasktune import __version__
+from tasktune._version import __version__
 from tasktune.config import Recipe
 from tasktune.infer import merge_for_inference
 from tasktune.data.split import overlap_warning
@@ -110,11 +110,21 @@ def prepare(recipe: Recipe, training: bool = True) -> Prepared:
     builder = PromptBuilder(task, lm.tokenizer, recipe.eval.prompt_format, recipe.eval.shots,
                             shot_pool=examples["train"], seed=recipe.data.seed)
     label_ids = task.label_token_ids(builder, examples["test"][0])
-    if training and label_ids is None and recipe.train.objective in ("verbalizer", "label_lm"):
-        raise TasktuneError(f"train.objective={recipe.train.objective} needs single-token verbalizers; those of "
-                            f"{task.name!r} are several tokens for this tokenizer: use train.objective=lm")
+    resolve_objective(recipe, task, label_ids, training)
     return Prepared(recipe, task, source, split, examples, lm, builder, label_ids, overlap, test_source, timings,
                     started, memory, rows)
+
+
+def resolve_objective(recipe: Recipe, task, label_ids: list[int] | None, training: bool) -> None:
+    """An unset train.objective becomes the task type's choice for these verbalizers (single tokens: the fast
+    `verbalizer`; several: `lm`); a set one that needs single tokens is refused when they are not."""
+    from tasktune.losses import get_objective
+
+    if recipe.train.objective is None:
+        recipe.train.objective = task.default_objective(label_ids is not None)
+    if training and label_ids is None and get_objective(recipe.train.objective).single_token_verbalizers:
+        raise TasktuneError(f"train.objective={recipe.train.objective} needs single-token verbalizers; those of "
+                            f"{task.name!r} are several tokens for this tokenizer: use train.objective=lm")
 
 
 def check_target_modules(model: torch.nn.Module, targets: list[str]) -> None:
@@ -173,7 +183,7 @@ def train_stage(p: Prepared, work: Path, logs=None, features: list[dict] | None 
     from tasktune.train import add_lora
 
     cfg = p.recipe.train
-    head = "seqcls" if cfg.objective == "seqcls" else "causal_lm"
+    head = objective_head(cfg.objective)
     base = base_for_training(p, head)
     base_count = count_parameters(base)["total"]
     if features is None:
@@ -215,6 +225,12 @@ def _train_adapted(p: Prepared, work: Path, logs, features: list[dict], callback
         write_json(work / "train" / "summary.json", summary)
     state.wait_for_everyone()
     return model, summary, head
+
+
+def objective_head(objective: str) -> str:
+    from tasktune.losses import get_objective
+
+    return get_objective(objective).head
 
 
 def base_for_training(p: Prepared, head: str) -> torch.nn.Module:

@@ -166,18 +166,10 @@ def changed_examples(run_dir: Path, task, limit: int = 200) -> dict[str, list[di
         old = before.get(qid)
         if old is None:
             continue
-        if task.type == "classification":
-            key = "score_pred" if "score_pred" in new else "classifier_pred"
-            if "score_pred" not in old or key not in new:
-                continue
-            was, now = old["score_pred"] == old["label"], new[key] == new["label"]
-            names = task.label_names
-            row = {"text": new["text"], "gold": names[new["label"]], "zero-shot": names[old["score_pred"]],
-                   "fine-tuned": names[new[key]]}
-        else:
-            was, now = old["f1"] >= 0.5, new["f1"] >= 0.5
-            row = {"text": new["question"], "gold": " | ".join(new["golds"]) or "(unanswerable)",
-                   "zero-shot": old["prediction"] or "(abstains)", "fine-tuned": new["prediction"] or "(abstains)"}
+        change = task.changed_example(old, new)
+        if change is None:
+            continue
+        was, now, row = change
         if was != now:
             (fixed if now else broken).append(row)
     return {"fixed": fixed[:limit], "broken": broken[:limit], "n_fixed": len(fixed), "n_broken": len(broken)}
@@ -187,17 +179,7 @@ def make_plots(run_dir: Path, report: dict, task, params: dict | None, history: 
     out = run_dir / "plots"
     made = [("Training", plots.training_curves(history, task.metric_for_best, out / "training.png"))]
     zs, ft = report.get("zeroshot"), report.get("finetuned")
-    if task.type == "classification":
-        made.append(("Confusion matrices", plots.confusion_matrices(zs, ft, "score", task.label_names,
-                                                                    out / "confusion_score.png")))
-        made.append(("Zero-shot vs fine-tuned", plots.metric_bars(
-            [(n.replace("`", ""), v) for n, v in columns_of(task, zs, ft)],
-            ["accuracy", "f1", "f1_macro", "none_rate"], f"{task.name} test metrics", out / "metrics.png")))
-    else:
-        made.append(("Zero-shot vs fine-tuned", plots.metric_bars(
-            [(n.replace("`", ""), v) for n, v in columns_of(task, zs, ft)],
-            ["exact", "f1", "HasAns_f1", "NoAns_f1"], f"{task.name} test metrics (HasAns / NoAns)",
-            out / "metrics.png")))
+    made += task.report_plots(zs, ft, [(n.replace("`", ""), v) for n, v in columns_of(task, zs, ft)], out)
     if params:
         made.append(("LoRA update per layer", plots.delta_heatmap(params["analysis"]["modules"], out / "delta_heatmap.png")))
     return [(title, path) for title, path in made if path is not None]

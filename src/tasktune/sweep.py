@@ -359,9 +359,10 @@ class Trials:
         train = sample(self.train_all, recipe.data.limit_train, recipe.data.seed)
         builder = PromptBuilder(task, base.lm.tokenizer, recipe.eval.prompt_format, recipe.eval.shots,
                                 shot_pool=train, seed=recipe.data.seed)
+        from tasktune.pipeline import resolve_objective
+
         label_ids = task.label_token_ids(builder, base.examples["test"][0])  # as `run` decides it
-        if label_ids is None and recipe.train.objective in ("verbalizer", "label_lm"):
-            raise TasktuneError(f"train.objective={recipe.train.objective} needs single-token verbalizers")
+        resolve_objective(recipe, task, label_ids, training=True)
         return dataclasses.replace(base, recipe=recipe, task=task, builder=builder, label_token_ids=label_ids,
                                    examples={**base.examples, "train": train})
 
@@ -635,8 +636,9 @@ def finish(spec: SweepSpec, sweep_dir: Path, study, prepared) -> dict:
               "trials": len(board), "pruned": sum(r["pruned"] for r in board),
               "test_rows": len(prepared.examples["test"]), "validation_rows": len(prepared.examples["validation"])}
     write_json(sweep_dir / "leaderboard.json", board)
+    from tasktune.sweep_report import leaderboard_markdown, write_sweep_report
+
     write_text(sweep_dir / "leaderboard.md", leaderboard_markdown(board, prepared.task.metric_for_best))
-    from tasktune.sweep_report import write_sweep_report
 
     write_sweep_report(sweep_dir, spec, study, result, board)
     return result
@@ -661,33 +663,6 @@ def _test_trial(trials: Trials, spec: SweepSpec, row: dict, out_dir: Path, prist
         return evaluate_test(p, model, out_dir)
     finally:
         p.lm.model.load_state_dict(pristine)  # merged in place: back to the base weights
-
-
-def _fmt_figure(figure: dict) -> str:
-    value = figure.get("value")
-    if value is None:
-        return "—"
-    interval = figure.get("interval")
-    return f"{value:.4f}" + (f" [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "")
-
-
-def leaderboard_markdown(board: list[dict], metric: str) -> str:
-    keys = list(dict.fromkeys(k for r in board for k in r["params"]))
-    lines = [f"| rank | trial | {' | '.join(f'`{k}`' for k in keys)} | validation {metric} [95%] | n | steps | "
-             "wall s | pruned |", "|---:|---:|" + "---|" * len(keys) + "---:|---:|---:|---:|---|"]
-    for rank, r in enumerate(board, 1):
-        cells = [_param_text(r["params"].get(k)) for k in keys]
-        tag = " (base)" if r["base"] else (f" (retry of {r['retry_of']})" if r["retry_of"] is not None else "")
-        lines.append(f"| {rank} | {r['trial']}{tag} | {' | '.join(cells)} | {_fmt_figure(r['validation'])} | "
-                     f"{r['validation'].get('n') or '—'} | {r['steps'] if r['steps'] is not None else '—'} | "
-                     f"{r['wall_s'] if r['wall_s'] is not None else '—'} | {'yes' if r['pruned'] else 'no'} |")
-    return "\n".join(lines) + "\n"
-
-
-def _param_text(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "—" if value is None else str(value)
 
 
 def copy_spec(spec: SweepSpec) -> SweepSpec:

@@ -107,7 +107,6 @@ def learning_curve(board: list[dict], metric: str, path: Path) -> tuple[Path | N
 
 def write_sweep_report(sweep_dir: Path, spec, study, result: dict, board: list[dict]) -> None:
     from tasktune.report import paired_lines
-    from tasktune.sweep import leaderboard_markdown
 
     metric = result["winner"]["validation"].get("metric") or "metric"
     plots = sweep_dir / "plots"
@@ -158,3 +157,30 @@ def write_sweep_report(sweep_dir: Path, spec, study, result: dict, board: list[d
                 f"<div>base recipe {test.get('base', {}).get('value', float('nan')):.4g}, zero-shot "
                 f"{test['zeroshot']['value']:.4g}; n = {result['test_rows']:,} test examples</div>")
     write_text(sweep_dir / "report.html", markdown_to_html(markdown, sweep_dir, headline))
+
+
+def _fmt_figure(figure: dict) -> str:
+    value = figure.get("value")
+    if value is None:
+        return "—"
+    interval = figure.get("interval")
+    return f"{value:.4f}" + (f" [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "")
+
+
+def leaderboard_markdown(board: list[dict], metric: str) -> str:
+    keys = list(dict.fromkeys(k for r in board for k in r["params"]))
+    lines = [f"| rank | trial | {' | '.join(f'`{k}`' for k in keys)} | validation {metric} [95%] | n | steps | "
+             "wall s | pruned |", "|---:|---:|" + "---|" * len(keys) + "---:|---:|---:|---:|---|"]
+    for rank, r in enumerate(board, 1):
+        cells = [_param_text(r["params"].get(k)) for k in keys]
+        tag = " (base)" if r["base"] else (f" (retry of {r['retry_of']})" if r["retry_of"] is not None else "")
+        lines.append(f"| {rank} | {r['trial']}{tag} | {' | '.join(cells)} | {_fmt_figure(r['validation'])} | "
+                     f"{r['validation'].get('n') or '—'} | {r['steps'] if r['steps'] is not None else '—'} | "
+                     f"{r['wall_s'] if r['wall_s'] is not None else '—'} | {'yes' if r['pruned'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _param_text(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "—" if value is None else str(value)

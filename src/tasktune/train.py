@@ -18,7 +18,7 @@ from tasktune.atomic import write_json
 from tasktune.checkpoints import SealCheckpoints, StopOnSignal, last_complete_checkpoint
 from tasktune.errors import TrainingInterrupted
 from tasktune.infer import left_pad, position_ids_from_mask
-from tasktune.losses import adapter_autocast, adapter_input_casting_off, objective_loss
+from tasktune.losses import adapter_autocast, adapter_input_casting_off, get_objective, objective_loss
 
 def add_lora(model, train_cfg, objective: str):
     from peft import LoraConfig, TaskType, get_peft_model
@@ -27,7 +27,7 @@ def add_lora(model, train_cfg, objective: str):
         r=train_cfg.lora_r, lora_alpha=train_cfg.lora_alpha, lora_dropout=train_cfg.lora_dropout,
         target_modules=list(train_cfg.target_modules), bias="none",
         # SEQ_CLS makes peft train and save the fresh `score` head with the adapter (modules_to_save).
-        task_type=TaskType.SEQ_CLS if objective == "seqcls" else TaskType.CAUSAL_LM,
+        task_type=TaskType.SEQ_CLS if get_objective(objective).head == "seqcls" else TaskType.CAUSAL_LM,
     )
     return get_peft_model(model, config)
 

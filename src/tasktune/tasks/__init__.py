@@ -57,15 +57,13 @@ class PromptBuilder:
 def get_task(name_or_path: str, verbalizers: list[str] | None = None, max_prompt_tokens: int = 384):
     """The task a recipe names: a shipped spec (`sst2`, `squad_v2`) or a path to a user's spec YAML, built by
     its type's module. Task types are the only code; tasks themselves are data."""
+    from tasktune.tasks.base import task_type
     from tasktune.tasks.spec import load_spec
 
     spec = load_spec(name_or_path)
-    if spec.type == "classification":
-        from tasktune.tasks.classification import ClassificationTask
-
-        return ClassificationTask(spec, verbalizers)
-    from tasktune.tasks.extractive_qa import ExtractiveQATask
-
+    kind = task_type(spec.type, spec.source)
+    if kind.takes_verbalizers:
+        return kind(spec, verbalizers)
     if verbalizers:
-        raise TasktuneError(f"eval.verbalizers applies to classification tasks, not to {spec.name!r} ({spec.type})")
-    return ExtractiveQATask(spec, max_prompt_tokens)
+        raise TasktuneError(f"eval.verbalizers applies to tasks with labels, not to {spec.name!r} ({spec.type})")
+    return kind(spec, max_prompt_tokens)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import re
 
-from tasktune import runner
+from tasktune import inference_requests as req
 from tasktune.data import table
 from tasktune.data.split import (containment_split, split_errors, stratified_split, text_overlap,
                                  validation_size, whole_sentences)
 from tasktune.errors import TasktuneError
 from tasktune.metrics.classification import classification_metrics
 from tasktune.metrics.intervals import bootstrap_weights, classification_intervals, mcnemar_exact, paired_difference
+from tasktune.tasks.base import TaskType, register_task_type
 from tasktune.tasks.spec import TaskSpec, check_verbalizers
 
 
@@ -24,8 +25,37 @@ def words(text: str) -> list[str]:
     return re.findall(r"\w+", text.lower())
 
 
-class ClassificationTask:
-    type = "classification"
+@register_task_type
+class ClassificationTask(TaskType):
+    type_name = type = "classification"
+    split_policies = ("sentence", "row")
+    objectives = ("verbalizer", "label_lm", "lm", "seqcls")
+    hub_task = ("text-classification", "Text Classification")
+    takes_verbalizers = True
+
+    @classmethod
+    def check_spec(cls, spec) -> None:
+        where = spec.source
+        if len(spec.labels) < 2:
+            raise TasktuneError(f"{where}: a classification task needs at least 2 labels, got {len(spec.labels)}")
+        check_verbalizers([label.verbalizer for label in spec.labels], where)
+        names = [label.name for label in spec.labels]
+        if len(set(names)) != len(names):
+            raise TasktuneError(f"{where}: label names {names} are not unique")
+        seen: dict[str, str] = {}
+        for label in spec.labels:
+            for value in label.values or [label.name]:
+                key = value.strip().lower()
+                if key in seen and seen[key] != label.name:
+                    raise TasktuneError(f"{where}: data value {value!r} stands for both {seen[key]!r} and "
+                                        f"{label.name!r}")
+                seen[key] = label.name
+
+    @classmethod
+    def default_objective(cls, single_token_verbalizers: bool) -> str:
+        """`verbalizer` when every verbalizer is one token (the fast objectives read one LM-head row per label),
+        else `lm`, the objective multi-token verbalizers allow."""
+        return "verbalizer" if single_token_verbalizers else "lm"
 
     def __init__(self, spec: TaskSpec, verbalizers: list[str] | None = None):
         """`verbalizers` (from a recipe's eval.verbalizers) replaces the spec's, one per label in order."""
@@ -111,8 +141,6 @@ class ClassificationTask:
         ids = [r["id"] for r in rows]  # positions → row ids, which is what the run directory records
         return {"train": [ids[i] for i in fit], "validation": [ids[i] for i in val], "test": [ids[i] for i in test]}
 
-    def split_policy(self, data_cfg) -> str:
-        return data_cfg.split_by or self.spec.split_by or "sentence"
 
     def overlap(self, train: list[dict], test: list[dict]) -> dict:
         """How much of the test set the training part (training and validation rows) has seen."""
@@ -121,14 +149,17 @@ class ClassificationTask:
     # --- training ---------------------------------------------------------------------------------
     def train_features(self, builder, examples: list[dict], objective: str, max_length: int,
                        label_token_ids: list[int] | None) -> list[dict]:
-        targets = self.verbalizer_tokens(builder, examples[0]) if objective == "lm" else None
+        from tasktune.losses import get_objective
+
+        tokens = get_objective(objective).labels == "tokens"
+        targets = self.verbalizer_tokens(builder, examples[0]) if tokens else None
         longest = max(len(t) for t in targets) if targets else 1
         if max_length < longest + 8:  # a slice of [-0:] or less would keep the whole prompt, not cut it
             raise TasktuneError(f"train.max_length={max_length} leaves no room for a prompt before the "
                                 f"{longest}-token answer: expected at least {longest + 8}")
         features = []
         for ex in examples:
-            if objective == "lm":  # causal-LM loss on the verbalizer's tokens
+            if tokens:  # causal-LM loss on the verbalizer's tokens
                 target = targets[ex["label"]]
                 ids = builder.encode(builder.render(ex))[-(max_length - len(target)):]  # keep the prompt's end
                 features.append({"input_ids": ids + target, "labels": [-100] * len(ids) + target})
@@ -156,13 +187,13 @@ class ClassificationTask:
         """One request per example for `protocol`, and nothing extra to record."""
         encoded = [tuple(builder.encode(builder.render(ex))) for ex in examples]
         if protocol == "classifier":
-            requests = [runner.Classify(ids) for ids in encoded]
+            requests = [req.Classify(ids) for ids in encoded]
         elif protocol == "score":
             continuations = tuple(tuple(s) for s in self.verbalizer_tokens(builder, examples[0]))
-            requests = [runner.Score(ids, continuations) for ids in encoded]
+            requests = [req.Score(ids, continuations) for ids in encoded]
         else:
             new_tokens = self.generation_tokens(builder, examples[0])
-            requests = [runner.Generate(ids, new_tokens) for ids in encoded]
+            requests = [req.Generate(ids, new_tokens) for ids in encoded]
         return requests, [{} for _ in examples]
 
     def read_results(self, records: list[dict], protocol: str, results: list) -> None:
@@ -248,6 +279,44 @@ class ClassificationTask:
                 "- `score`: log-likelihood of each verbalizer after the prompt (summed over its tokens), argmax "
                 "(never None).",
                 "- `generate`: greedy generation; the label whose verbalizer opens the first line, else None (wrong)."]
+
+    def changed_example(self, old: dict, new: dict):
+        key = "score_pred" if "score_pred" in new else "classifier_pred"
+        if "score_pred" not in old or key not in new:
+            return None
+        names = self.label_names
+        return (old["score_pred"] == old["label"], new[key] == new["label"],
+                {"text": new["text"], "gold": names[new["label"]], "zero-shot": names[old["score_pred"]],
+                 "fine-tuned": names[new[key]]})
+
+    def report_plots(self, zeroshot, finetuned, columns, out):
+        from tasktune import plots
+
+        return [("Confusion matrices", plots.confusion_matrices(zeroshot, finetuned, "score", self.label_names,
+                                                                out / "confusion_score.png")),
+                ("Zero-shot vs fine-tuned", plots.metric_bars(columns, ["accuracy", "f1", "f1_macro", "none_rate"],
+                                                             f"{self.name} test metrics", out / "metrics.png"))]
+
+    def hub_eval_rows(self, finetuned: dict) -> list[tuple[str, float, str]]:
+        protocol = "score" if "score" in finetuned else "classifier"
+        rows = []
+        for column in (f"{protocol}_sentences", protocol, f"{protocol}_phrases"):
+            rows_of = {f"{protocol}_sentences": "whole sentences of the test split",
+                       f"{protocol}_phrases": "phrase rows of the test split"}.get(column, "test split")
+            for key in ("accuracy", "f1", "precision", "recall"):
+                if key in finetuned.get(column, {}):
+                    kind = rows_of if key == "accuracy" else f"weighted, {rows_of}"
+                    rows.append((key, round(finetuned[column][key], 4), f"{key} ({protocol} protocol, {kind})"))
+        return rows
+
+    def compare_figures(self, metrics: dict) -> dict:
+        protocol = "score" if "score" in metrics else "classifier"
+        out = {}
+        for column, suffix in ((f"{protocol}_sentences", "_sentences"), (protocol, "")):
+            for key in ("accuracy", "f1", "f1_macro"):
+                if key in metrics.get(column, {}):
+                    out[f"{key}{suffix}"] = metrics[column][key]
+        return out
 
     def summary(self, metrics: dict) -> str:
         return " | ".join(f"{name} accuracy {m['accuracy']:.4f} f1 {m['f1']:.4f} none {m['none_rate']:.3f} "

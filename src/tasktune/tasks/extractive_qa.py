@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 
-from tasktune import runner
+from tasktune import inference_requests as req
 from tasktune.data import squad as squad_data
 from tasktune.data.split import grouped_split, random_split, split_errors, validation_size
 from tasktune.errors import TasktuneError
@@ -22,11 +22,27 @@ from tasktune.metrics.intervals import bootstrap_weights, paired_difference
 from tasktune.metrics.squad_v2 import (best_threshold, has_answer_map, normalize_answer, raw_scores, squad_intervals,
                                         squad_v2_metrics)
 from tasktune.metrics.text_overlap import text_overlap_metrics
+from tasktune.tasks.base import TaskType, register_task_type
 
 
 
-class ExtractiveQATask:
-    type = "extractive_qa"
+@register_task_type
+class ExtractiveQATask(TaskType):
+    type_name = type = "extractive_qa"
+    split_policies = ("article", "question")
+    objectives = ("answer",)
+    hub_task = ("question-answering", "Question Answering")
+    official_predictions = True
+    template_fields = ("title", "context", "question")
+
+    @classmethod
+    def check_spec(cls, spec) -> None:
+        from tasktune.tasks.spec import template_fields
+
+        extra = sorted(set(template_fields(spec.template, spec.source)) - set(cls.template_fields))
+        if extra:
+            raise TasktuneError(f"{spec.source}: template fields {extra} are not SQuAD fields (expected title, "
+                                "context, question)")
     label_names: tuple = ()  # no labels: answers are free text
     verbalizers: tuple = ()
 
@@ -99,8 +115,6 @@ class ExtractiveQATask:
         val = sorted(random.Random(seed).sample(held, min(n, len(held))))
         return [i for i in train if rows[i]["title"] not in chosen], val
 
-    def split_policy(self, data_cfg) -> str:
-        return data_cfg.split_by or self.spec.split_by or "article"
 
     def overlap(self, train: list[dict], test: list[dict]) -> dict:
         """Test questions whose context, or whose exact question on the same context, the training part has."""
@@ -163,7 +177,7 @@ class ExtractiveQATask:
         token, so the text is the best non-abstaining answer); records note whether the context was cut."""
         fitted = [self.fit_prompt(builder, ex, self.max_prompt_tokens, keep_answer=False) for ex in examples]
         abstain_id = self.label_token_ids(builder, examples[0])[0]
-        requests = [runner.Generate(tuple(ids), self.max_new_tokens, stop_at_newline=True, watch_token=abstain_id,
+        requests = [req.Generate(tuple(ids), self.max_new_tokens, stop_at_newline=True, watch_token=abstain_id,
                                     suppress_watch_token=True) for ids, _ in fitted]
         return requests, [{"truncated": truncated} for _, truncated in fitted]
 
@@ -259,6 +273,25 @@ class ExtractiveQATask:
                 "- `best_*`: the official script's oracle threshold search on the test set (for reference)",
                 "- `bleu`: corpus BLEU-4, no smoothing; `bleu_smoothed`: mean sentence BLEU, exp smoothing "
                 "(sacrebleu); ROUGE F-measure with stemming (best reference); METEOR (nltk, WordNet)"]
+
+    def changed_example(self, old: dict, new: dict):
+        return (old["f1"] >= 0.5, new["f1"] >= 0.5,
+                {"text": new["question"], "gold": " | ".join(new["golds"]) or "(unanswerable)",
+                 "zero-shot": old["prediction"] or "(abstains)", "fine-tuned": new["prediction"] or "(abstains)"})
+
+    def report_plots(self, zeroshot, finetuned, columns, out):
+        from tasktune import plots
+
+        return [("Zero-shot vs fine-tuned", plots.metric_bars(columns, ["exact", "f1", "HasAns_f1", "NoAns_f1"],
+                                                             f"{self.name} test metrics (HasAns / NoAns)",
+                                                             out / "metrics.png"))]
+
+    def hub_eval_rows(self, finetuned: dict) -> list[tuple[str, float, str]]:
+        return [(key, round(finetuned[key], 2), f"{self.name} {key} (greedy, raw decision)")
+                for key in ("exact", "f1", "HasAns_f1", "NoAns_f1") if key in finetuned]
+
+    def compare_figures(self, metrics: dict) -> dict:
+        return {key: metrics[key] for key in ("exact", "f1", "HasAns_f1", "NoAns_f1") if key in metrics}
 
     def summary(self, metrics: dict) -> str:
         return " | ".join(f"{name} EM {m['exact']:.2f} F1 {m['f1']:.2f} HasAns F1 {m.get('HasAns_f1', 0):.2f} "

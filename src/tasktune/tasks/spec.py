@@ -14,9 +14,6 @@ from pathlib import Path
 from tasktune.errors import TasktuneError
 
 TASKS_DIR = Path(__file__).parent
-TYPES = ("classification", "extractive_qa")
-SPLITS = {"classification": ("sentence", "row"), "extractive_qa": ("article", "question")}
-OBJECTIVES = {"classification": ("verbalizer", "label_lm", "lm", "seqcls"), "extractive_qa": ("answer",)}
 
 
 @dataclass
@@ -71,9 +68,10 @@ def template_fields(template: str, where: str) -> list[str]:
 
 
 def validate(spec: TaskSpec) -> TaskSpec:
+    from tasktune.tasks.base import task_type
+
     where = spec.source
-    if spec.type not in TYPES:
-        raise TasktuneError(f"{where}: type {spec.type!r} is not one of {list(TYPES)}")
+    kind = task_type(spec.type, where)  # the registry of task types (tasks/base.py)
     if not spec.name.replace("-", "_").isidentifier():
         raise TasktuneError(f"{where}: name {spec.name!r} must be letters, digits, '_' or '-'")
     if not spec.template.strip():
@@ -81,27 +79,10 @@ def validate(spec: TaskSpec) -> TaskSpec:
     fields = template_fields(spec.template, where)
     if not fields:
         raise TasktuneError(f"{where}: template has no field, so every prompt would be the same")
-    if spec.split_by is not None and spec.split_by not in SPLITS[spec.type]:
+    if spec.split_by is not None and spec.split_by not in kind.split_policies:
         raise TasktuneError(f"{where}: split_by {spec.split_by!r} does not apply to type {spec.type!r} "
-                            f"(expected one of {list(SPLITS[spec.type])})")
-    if spec.type == "classification":
-        if len(spec.labels) < 2:
-            raise TasktuneError(f"{where}: a classification task needs at least 2 labels, got {len(spec.labels)}")
-        check_verbalizers([label.verbalizer for label in spec.labels], where)
-        names = [label.name for label in spec.labels]
-        if len(set(names)) != len(names):
-            raise TasktuneError(f"{where}: label names {names} are not unique")
-        seen: dict[str, str] = {}
-        for label in spec.labels:
-            for value in label.values or [label.name]:
-                key = value.strip().lower()
-                if key in seen and seen[key] != label.name:
-                    raise TasktuneError(f"{where}: data value {value!r} stands for both {seen[key]!r} and "
-                                        f"{label.name!r}")
-                seen[key] = label.name
-    elif set(fields) - {"title", "context", "question"}:
-        raise TasktuneError(f"{where}: template fields {sorted(set(fields) - {'title', 'context', 'question'})} "
-                            "are not SQuAD fields (expected title, context, question)")
+                            f"(expected one of {list(kind.split_policies)})")
+    kind.check_spec(spec)
     return spec
 
 
@@ -124,7 +105,7 @@ def shipped() -> dict[str, Path]:
 
 def load_spec(name_or_path: str) -> TaskSpec:
     """A shipped task by name, or a spec file by path."""
-    from tasktune.config import build_dataclass, read_yaml_mapping
+    from tasktune.typed_yaml import build_dataclass, read_yaml_mapping
 
     path = shipped().get(name_or_path) or Path(name_or_path).expanduser()
     if not path.is_file():

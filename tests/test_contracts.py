@@ -1,0 +1,175 @@
+"""The contracts between parts: no import cycles, no task-type names outside tasks/, and an objective and a task
+type added from outside src/ (this file) without editing tasktune."""
+
+import ast
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tasktune.cli import main
+
+ROOT = Path(__file__).parents[1]
+
+
+def import_graph(folder: Path, package: str | None) -> dict[str, set[str]]:
+    """Module -> the modules of `folder` it imports anywhere in its code (lazy imports included: a cycle through
+    a function-level import still ties two modules together)."""
+    modules = {}
+    for file in folder.rglob("*.py"):
+        rel = file.relative_to(folder.parent if package else folder).with_suffix("")
+        parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+        modules[".".join(parts)] = file
+    graph = {}
+    for name, file in modules.items():
+        deps = set()
+        here = name if file.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = here.split(".")[: len(here.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([base] if base else []))
+                subs = {f"{base}.{a.name}" for a in node.names}
+                deps |= subs & set(modules)
+                if not subs <= set(modules):
+                    deps.add(base)
+        graph[name] = {d for d in deps if d in modules and d != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    found, state, stack = [], {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for dep in sorted(graph[node]):
+            if state.get(dep) == "open":
+                found.append(stack[stack.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    return found
+
+
+@pytest.mark.parametrize("folder, package", [(ROOT / "src" / "tasktune", "tasktune"), (ROOT / "bench", None)])
+def test_no_import_cycles(folder, package):
+    assert cycles(import_graph(folder, package)) == []
+
+
+def test_the_cycle_check_can_fail():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+
+
+def test_no_task_type_name_outside_tasks():
+    pattern = re.compile(r"\"classification\"|\"extractive_qa\"")
+    hits = [f"{path}:{n}" for path in (ROOT / "src" / "tasktune").rglob("*.py")
+            if "tasks" not in path.relative_to(ROOT / "src" / "tasktune").parts
+            for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert hits == []
+
+
+def test_importing_metrics_and_tasks_loads_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; import tasktune.metrics.text_overlap, tasktune.tasks.classification, "
+            "tasktune.tasks.extractive_qa, tasktune.tasks.spec; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def tiny_run(model, data, out, name, *extra):
+    return ["run", "sst2-gemma3-270m-cpu", f"model={model}", f"data.path={data}", f"output_dir={out}", f"name={name}",
+            "dtype=fp32", "data.val_size=16", "data.limit_train=null", "eval.limit_generate=null",
+            "eval.protocols=score", "train.max_steps=4", "train.eval_steps=2", "train.batch_size=4", *extra]
+
+
+@pytest.fixture
+def toy_objective():
+    """A label-smoothed verbalizer loss, registered from here, for classification tasks."""
+    import torch.nn.functional as F
+
+    from tasktune import losses
+    from tasktune.tasks.base import task_type
+
+    calls = []
+
+    def smoothed(model, batch, label_token_ids):
+        calls.append(len(batch["labels"]))
+        logits = losses._last_position_logits(model, batch, label_token_ids)
+        return F.cross_entropy(logits.float(), batch["labels"], label_smoothing=0.1)
+
+    kind = task_type("classification")
+    before = kind.objectives
+    losses.register_objective(losses.Objective("smoothed", smoothed, single_token_verbalizers=True),
+                              task_types=("classification",))
+    yield calls
+    kind.objectives = before
+    losses.OBJECTIVES.pop("smoothed")
+
+
+def test_an_objective_registered_from_outside_trains(tiny_llama, sst2_tsv, tmp_path, toy_objective):
+    assert main(tiny_run(tiny_llama, sst2_tsv, tmp_path, "toy", "train.objective=smoothed")) == 0
+    report = json.loads((tmp_path / "toy" / "report.json").read_text())
+    assert report["config"]["train"]["objective"] == "smoothed"
+    assert len(toy_objective) >= 4  # one call per training step at least
+
+
+def test_an_unregistered_objective_is_refused(tiny_llama, sst2_tsv, tmp_path, capsys):
+    assert main(tiny_run(tiny_llama, sst2_tsv, tmp_path, "toy", "train.objective=smoothed")) == 2
+    assert "objective 'smoothed' does not apply" in capsys.readouterr().err
+
+
+@pytest.fixture
+def toy_task_type(tmp_path):
+    """A task type from outside src/: sentiment scored by the classification machinery, under its own name."""
+    from tasktune.tasks import base
+    from tasktune.tasks.classification import ClassificationTask
+    from tasktune.tasks.spec import shipped
+
+    class ToySentiment(ClassificationTask):
+        type_name = type = "toy_sentiment"
+        split_policies = ("row", "sentence")
+
+    base.register_task_type(ToySentiment)
+    spec = tmp_path / "toy.yaml"
+    text = shipped()["sst2"].read_text()
+    spec.write_text(re.sub(r"(?m)^type: .*$", "type: toy_sentiment", text).replace("name: sst2", "name: toy"))
+    yield spec
+    base.TASK_TYPES.pop("toy_sentiment")
+
+
+def test_a_task_type_registered_from_outside_runs_end_to_end(tiny_llama, sst2_tsv, tmp_path, toy_task_type):
+    assert main(tiny_run(tiny_llama, sst2_tsv, tmp_path, "toytask", f"task={toy_task_type}",
+                         "train.objective=verbalizer", "data.split_by=row")) == 0
+    report = json.loads((tmp_path / "toytask" / "report.json").read_text())
+    assert report["task_type"] == "toy_sentiment" and report["split"]["split_by"] == "row"
+    assert report["finetuned"]["score"]["n"] > 0
+
+
+def test_the_default_objective_follows_the_verbalizers(tiny_llama, sst2_tsv, tmp_path):
+    """No train.objective and multi-token verbalizers: `lm`, the objective they allow, not a failure after
+    loading the model; single-token ones get the fast `verbalizer`."""
+    from tasktune.tasks.spec import shipped
+
+    single = tmp_path / "single.yaml"
+    single.write_text(shipped()["sst2"].read_text())
+    multi = tmp_path / "multi.yaml"
+    multi.write_text(shipped()["sst2"].read_text().replace('" positive"', '" very positive"'))
+    for spec, expected in ((multi, "lm"), (single, "verbalizer")):
+        args = ["run", "--task", str(spec), "--model", str(tiny_llama), f"data.path={sst2_tsv}",
+                f"output_dir={tmp_path / 'runs'}", f"name={spec.stem}", "dtype=fp32", "data.val_size=16",
+                "eval.protocols=score", "train.max_steps=2", "train.eval_steps=2", "train.batch_size=4"]
+        assert main(args) == 0
+        report = json.loads((tmp_path / "runs" / spec.stem / "report.json").read_text())
+        assert report["config"]["train"]["objective"] == expected
