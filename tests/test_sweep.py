@@ -201,3 +201,12 @@ def test_a_sweep_on_a_real_postgresql_server(sweep_inputs, tmp_path):
     study = optuna.load_study(study_name=name, storage=POSTGRES)
     assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 3
     assert not (tmp_path / "sweeps" / name / "study.db").exists()  # the study lives in the server
+
+
+def test_the_python_api_runs_a_sweep(sweep_inputs, tmp_path):
+    import tasktune
+
+    model, data = sweep_inputs
+    result = tasktune.sweep(str(write_sweep(tmp_path, model, data, trials=2, pruner="none")))
+    assert result["trials"] == 2 and result.leaderboard[0]["trial"] == result["winner"]["trial"]
+    assert result.path == tmp_path / "sweeps" / "tiny"

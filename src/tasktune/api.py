@@ -80,3 +80,18 @@ def evaluate(model: str, task: str, data: str | None = None, *, adapter: str | N
     evaluate_model(recipe, out_dir, adapter, rows, overwrite=overwrite)
     return _loaded(Metrics, out_dir, "metrics.json")
 
+
+
+class SweepResult(_Mapping):
+    """sweep.json of a finished sweep (winner, base, test figures, paired tests), with its directory."""
+
+    @property
+    def leaderboard(self) -> list[dict]:
+        return json.loads((self.path / "leaderboard.json").read_text())
+
+
+def sweep(sweep_file: str, *overrides: str, overwrite: bool = False) -> SweepResult:
+    """`tasktune sweep FILE [k=v ...]`: run or continue the sweep; returns sweep.json (the leaderboard beside)."""
+    from tasktune.sweep import sweep as run_sweep
+
+    return _loaded(SweepResult, Path(run_sweep(sweep_file, list(overrides), overwrite=overwrite)), "sweep.json")

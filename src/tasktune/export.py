@@ -112,22 +112,21 @@ def model_card(report: dict, name: str, merged: bool, task):
 
 
 def export_run(run_dir: Path, out: Path, merge: bool = False, overwrite: bool = False) -> Path:
-    from tasktune.models import load_model
+    from tasktune.run_layout import RunLayout, load_adapted_model
 
     run_dir = require_finished_run(Path(run_dir), needs=("report.json", "adapter/adapter_config.json"))
-    adapter = run_dir / "adapter"
-    report = json.loads((run_dir / "report.json").read_text())
+    layout = RunLayout(run_dir)
+    adapter = layout.adapter
+    report = json.loads(layout.report.read_text())
     check_outside(Path(out), {"run": run_dir, "model": report["model"]})
     staging = StagingDir(Path(out), overwrite=overwrite, kind="export")  # refuse a bad --out before loading
-    seqcls = json.loads((adapter / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS"
     # Merging happens in the float weights the run used (GGUF models are dequantized at conversion).
-    lm = load_model(report["model"], report["dtype"], head="seqcls" if seqcls else "causal_lm",
-                    num_labels=len(report["protocol"].get("labels") or [0, 1]))
+    adapted = load_adapted_model(adapter, report["model"], report["dtype"],
+                                 num_labels=len(report["protocol"].get("labels") or [0, 1]))
+    lm = adapted.lm
     with staging as work:
         if merge:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(lm.model, adapter).merge_and_unload()
+            model = adapted.model.merge_and_unload()
             model.save_pretrained(work, safe_serialization=True)
         else:
             for file in adapter.iterdir():

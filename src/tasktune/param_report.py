@@ -28,21 +28,16 @@ def parameter_report(base_path: str, adapter_dir: Path, base_count: int, merged_
 
 def params_for_run(run_dir: Path) -> dict:
     """Recompute params.json for an existing run directory (`tasktune params RUN_DIR`)."""
-    from peft import PeftModel
-
     from tasktune.infer import merge_for_inference
-    from tasktune.models import load_model
+    from tasktune.run_layout import RunLayout, load_adapted_model
 
-    run_dir = Path(run_dir)
-    report_path, adapter = run_dir / "report.json", run_dir / "adapter"
-    if not report_path.is_file() or not (adapter / "adapter_config.json").is_file():
+    layout = RunLayout(run_dir)
+    if not layout.report.is_file() or not layout.adapter_config.is_file():
         raise TasktuneError(f"{run_dir} is not a finished tasktune run (needs report.json and adapter/)")
-    report = json.loads(report_path.read_text())
-    seqcls = json.loads((adapter / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS"
-    lm = load_model(report["model"], report["config"].get("dtype", "auto"), head="seqcls" if seqcls else "causal_lm",
-                    num_labels=len(report["protocol"].get("labels") or [0, 1]))
-    base_count = count_parameters(lm.model)["total"]
-    merged = merge_for_inference(PeftModel.from_pretrained(lm.model, adapter))
-    params = parameter_report(lm.path, adapter, base_count, merged)
-    write_json(run_dir / "params.json", params)
+    report = json.loads(layout.report.read_text())
+    adapted = load_adapted_model(layout.adapter, report["model"], report["config"].get("dtype", "auto"),
+                                 num_labels=len(report["protocol"].get("labels") or [0, 1]))
+    merged = merge_for_inference(adapted.model)
+    params = parameter_report(adapted.lm.path, layout.adapter, adapted.base_parameters, merged)
+    write_json(layout.params, params)
     return params

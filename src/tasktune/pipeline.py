@@ -25,6 +25,7 @@ from tasktune.errors import TasktuneError
 from tasktune.memory import MemoryLog, StepMemory
 from tasktune.models import LoadedModel, count_parameters, load_model, model_identity
 from tasktune.param_report import parameter_report
+from tasktune.run_layout import RunLayout, adapter_head, load_adapted_model
 from tasktune.runlog import RunLog
 from tasktune.rundir import RunDir, sha256_file, write_json, write_jsonl, write_text
 from tasktune.tasks import PromptBuilder, get_task
@@ -165,8 +166,8 @@ def evaluate_stage(p: Prepared, model, out_dir: Path, head: str = "causal_lm", p
     metrics["seconds"] = round(time.perf_counter() - start, 3)
     metrics["processes"] = state.num_processes
     if state.is_main_process:
-        write_json(out_dir / "metrics.json", {**metrics, **({"protocol": protocol} if protocol else {})})
-        write_jsonl(out_dir / "predictions.jsonl", records)
+        write_json(RunLayout.metrics(out_dir), {**metrics, **({"protocol": protocol} if protocol else {})})
+        write_jsonl(RunLayout.predictions(out_dir), records)
     return metrics
 
 
@@ -221,8 +222,8 @@ def _train_adapted(p: Prepared, work: Path, logs, features: list[dict], callback
     summary.update(parameters=params, base_parameters_before_lora=base_count, head=head)
     state = process_state()
     if state.is_main_process:
-        model.save_pretrained(work / "adapter")  # safetensors
-        write_json(work / "train" / "summary.json", summary)
+        model.save_pretrained(RunLayout(work).adapter)  # safetensors
+        write_json(RunLayout(work).summary, summary)
     state.wait_for_everyone()
     return model, summary, head
 
@@ -242,11 +243,12 @@ def base_for_training(p: Prepared, head: str) -> torch.nn.Module:
 
 def load_trained(p: Prepared, work: Path) -> tuple[torch.nn.Module, dict, str]:
     """The train stage's results when it already finished in an earlier (interrupted) invocation."""
-    from peft import PeftModel
-
-    summary = json.loads((work / "train" / "summary.json").read_text())
-    model = PeftModel.from_pretrained(base_for_training(p, summary["head"]), work / "adapter")
-    return model, summary, summary["head"]
+    layout = RunLayout(work)
+    summary = json.loads(layout.summary.read_text())
+    adapted = load_adapted_model(layout.adapter, p.recipe.model, p.recipe.dtype,
+                                 num_labels=len(getattr(p.task, "label_names", ()) or (0, 1)),
+                                 base=p.lm.model, trust_remote_code=p.recipe.trust_remote_code)
+    return adapted.model, summary, adapted.head
 
 
 def data_fingerprint(source: str) -> dict:
@@ -265,7 +267,7 @@ def run_fingerprint(p: Prepared) -> dict:
 
 def check_fingerprint(folder: Path, fingerprint: dict, what: str) -> None:
     """Refuse to continue (or call complete) a run made from other data or another model than this one's."""
-    path = folder / "fingerprint.json"
+    path = RunLayout(folder).fingerprint
     if not path.is_file():
         return
     saved = json.loads(path.read_text())
@@ -308,14 +310,14 @@ def _run(recipe: Recipe, state: PartialState, log: RunLog | None, overwrite: boo
                                     f"({run_dir.work} does not exist); drop --resume to start one")
             if not run_dir.complete:
                 run_dir.start()
-                write_json(run_dir.work / "fingerprint.json", fingerprint)
+                write_json(RunLayout(run_dir.work).fingerprint, fingerprint)
                 # The task as declared: the report and model card read it from here, never from the user's path.
-                write_text(run_dir.work / "task.yaml", Path(p.task.spec.source).read_text(encoding="utf-8"))
+                write_text(RunLayout(run_dir.work).task_spec, Path(p.task.spec.source).read_text(encoding="utf-8"))
         except BaseException:
             run_dir.release()
             raise
         if not run_dir.complete:
-            log.attach(run_dir.work / "run.log")
+            log.attach(RunLayout(run_dir.work).log)
             run_dir.before_finish = log.close
     state.wait_for_everyone()
     if not main:  # the main process has created or validated the directory; follow it
@@ -326,95 +328,117 @@ def _run(recipe: Recipe, state: PartialState, log: RunLog | None, overwrite: boo
         run_dir.release()
 
 
-def _run_stages(p: Prepared, run_dir: RunDir, state: PartialState, say, train_only: bool) -> Path:
-    recipe = p.recipe
-    main = state.is_main_process
-    if run_dir.complete:
-        say(f"[tasktune] {recipe.run_dir} is already complete for this recipe; nothing to do")
-        return recipe.run_dir
-    work = run_dir.work
-    # Every process decides from the same snapshot: the main process marks stages as it goes.
-    finished = {stage for stage in STAGES if run_dir.done(stage)}
-    state.wait_for_everyone()
-    if run_dir.resumed:
-        say(f"[tasktune] resuming {run_dir.work} (finished stages are kept: {sorted(finished) or 'none'})")
+class Stages:
+    """Runs each stage once across invocations: a stage finished earlier (stages.json) is loaded instead of
+    redone; after each one the memory snapshot is written and the stage marked, by the main process only,
+    with every process of a launch waiting for it. Resume, process gating and memory live here, so that
+    `_run_stages` reads as the list of stages."""
 
-    if (work / "memory.json").is_file():  # a resumed run keeps the earlier invocation's record
-        p.memory = MemoryLog(json.loads((work / "memory.json").read_text()), p.memory.stages)
-
-    def mark(stage: str) -> None:
-        p.memory.stage(f"after {stage}")
-        if main:
-            write_json(work / "memory.json", p.memory.to_dict())
-            run_dir.mark(stage)
+    def __init__(self, p: Prepared, run_dir: RunDir, state: PartialState, say):
+        self.p, self.run_dir, self.state, self.say = p, run_dir, state, say
+        self.layout = RunLayout(run_dir.work)
+        self.main = state.is_main_process
+        # Every process decides from the same snapshot: the main process marks stages as it goes.
+        self.finished = {stage for stage in STAGES if run_dir.done(stage)}
         state.wait_for_everyone()
+        if run_dir.resumed:
+            say(f"[tasktune] resuming {run_dir.work} (finished stages are kept: {sorted(self.finished) or 'none'})")
+        if self.layout.memory.is_file():  # a resumed run keeps the earlier invocation's record
+            p.memory = MemoryLog(json.loads(self.layout.memory.read_text()), p.memory.stages)
 
-    if "split" not in finished:
-        if main:
-            fingerprint = json.loads((work / "fingerprint.json").read_text())
-            write_json(work / "split.json", {"source": p.source, "test_source": p.test_source,
-                                             "data_sha256": fingerprint["data_sha256"], "seed": recipe.data.seed,
-                                             "split_by": p.task.split_policy(recipe.data), "overlap": p.overlap,
-                                             **p.split,
-                                             "limited": {k: [e["id"] for e in v] for k, v in p.examples.items()}})
-        mark("split")
+    def _mark(self, stage: str) -> None:
+        self.p.memory.stage(f"after {stage}")
+        if self.main:
+            write_json(self.layout.memory, self.p.memory.to_dict())
+            self.run_dir.mark(stage)
+        self.state.wait_for_everyone()
+
+    def run(self, stage: str, compute, load=lambda: None, main_only: bool = False):
+        """`load()` when the stage finished earlier, else `compute()` (on the main process only when
+        `main_only`), then mark it."""
+        if stage in self.finished:
+            return load()
+        start = time.perf_counter()
+        value = compute() if self.main or not main_only else None
+        self.p.timings[f"{stage}_s"] = round(time.perf_counter() - start, 3)
+        self._mark(stage)
+        return value
+
+    def evaluation(self, stage: str, model, head: str = "causal_lm") -> dict:
+        folder, shown = self.layout.stage(stage), {"zeroshot": "zero-shot", "finetuned": "fine-tuned"}[stage]
+
+        def compute() -> dict:
+            self.say(f"[tasktune] {shown} evaluation on {len(self.p.examples['test'])} test examples")
+            return evaluate_stage(self.p, model, folder, head=head)
+
+        metrics = self.run(stage, compute, load=lambda: json.loads(RunLayout.metrics(folder).read_text()))
+        self.say(f"[tasktune] {shown:<10} {self.p.task.summary(metrics)}")
+        return metrics
+
+
+def _run_stages(p: Prepared, run_dir: RunDir, state: PartialState, say, train_only: bool) -> Path:
+    """split → zero-shot → train → params → fine-tuned → report."""
+    if run_dir.complete:
+        say(f"[tasktune] {p.recipe.run_dir} is already complete for this recipe; nothing to do")
+        return p.recipe.run_dir
+    work, stages = run_dir.work, Stages(p, run_dir, state, say)
+    base_params = count_parameters(p.lm.model)
+
+    stages.run("split", lambda: write_split(p, stages.layout), main_only=True)
+    report_overlap(p, say)
+    zeroshot = None if train_only else stages.evaluation("zeroshot", p.lm.model)
+    logs = experiment_logs(p, zeroshot)
+    model, training, head = stages.run("train", lambda: train_stage(p, work, logs), load=lambda: load_trained(p, work))
+    p.timings["train_s"] = training.get("train_runtime_s") or p.timings.get("train_s")
+    merged = merge_for_inference(model)
+    stages.run("params", lambda: write_json(stages.layout.params, parameter_report(
+        p.lm.path, stages.layout.adapter, training["base_parameters_before_lora"], merged)), main_only=True)
+    finetuned = None if train_only else stages.evaluation("finetuned", merged, head)
+    if logs is not None and finetuned is not None:
+        logs.log_finetuned(logged_figures(p.task, finetuned))
+
+    if state.is_main_process:
+        finish_run(p, run_dir, base_params, say)
+    state.wait_for_everyone()
+    return p.recipe.run_dir
+
+
+def write_split(p: Prepared, layout: RunLayout) -> None:
+    fingerprint = json.loads(layout.fingerprint.read_text())
+    write_json(layout.split, {"source": p.source, "test_source": p.test_source,
+                              "data_sha256": fingerprint["data_sha256"], "seed": p.recipe.data.seed,
+                              "split_by": p.task.split_policy(p.recipe.data), "overlap": p.overlap, **p.split,
+                              "limited": {k: [e["id"] for e in v] for k, v in p.examples.items()}})
+
+
+def report_overlap(p: Prepared, say) -> None:
     say(f"[tasktune] test set seen in training: {json.dumps(p.overlap)}")
     warning = overlap_warning(p.overlap)
     if warning:
         say(f"[tasktune] {warning}")
-    base_params = count_parameters(p.lm.model)
-    zeroshot = None
-    if not train_only:
-        if "zeroshot" in finished:
-            zeroshot = json.loads((work / "zeroshot" / "metrics.json").read_text())
-        else:
-            say(f"[tasktune] zero-shot evaluation on {len(p.examples['test'])} test examples")
-            zeroshot = evaluate_stage(p, p.lm.model, work / "zeroshot")
-            mark("zeroshot")
-        say(f"[tasktune] zero-shot  {p.task.summary(zeroshot)}")
-    logs = None
-    if recipe.train.report_to != ["none"]:
-        from tasktune.train import TestMetricLogs
 
-        logs = TestMetricLogs(logged_figures(p.task, zeroshot))
-    start = time.perf_counter()
-    if "train" in finished:
-        model, training, head = load_trained(p, work)
-    else:
-        model, training, head = train_stage(p, work, logs)
-        mark("train")
-    p.timings["train_s"] = training.get("train_runtime_s") or time.perf_counter() - start
-    merged = merge_for_inference(model)
-    if "params" not in finished:
-        if main:
-            start = time.perf_counter()
-            write_json(work / "params.json", parameter_report(p.lm.path, work / "adapter",
-                                                              training["base_parameters_before_lora"], merged))
-            p.timings["params_s"] = time.perf_counter() - start
-        mark("params")
-    finetuned = None
-    if not train_only:
-        if "finetuned" in finished:
-            finetuned = json.loads((work / "finetuned" / "metrics.json").read_text())
-        else:
-            say(f"[tasktune] fine-tuned evaluation on {len(p.examples['test'])} test examples")
-            finetuned = evaluate_stage(p, merged, work / "finetuned", head=head)
-            if logs is not None:
-                logs.log_finetuned(logged_figures(p.task, finetuned))
-            mark("finetuned")
-        say(f"[tasktune] fine-tuned {p.task.summary(finetuned)}")
-    if main:
-        from tasktune.report import run_facts, write_report
 
-        p.timings["wall_s"] = time.perf_counter() - p.started
-        p.memory.stage("before report")
-        write_json(work / "memory.json", p.memory.to_dict())
-        write_json(work / "run.json", run_facts(p, base_params, versions()))
-        write_report(work)
-        say(f"[tasktune] wrote {recipe.run_dir}")
-        run_dir.finish()  # closes run.log first: the seal lists every file as it stays
-    state.wait_for_everyone()
-    return recipe.run_dir
+def experiment_logs(p: Prepared, zeroshot: dict | None):
+    """The experiment loggers' hook for test figures (None when train.report_to is `none`)."""
+    if p.recipe.train.report_to == ["none"]:
+        return None
+    from tasktune.train import TestMetricLogs
+
+    return TestMetricLogs(logged_figures(p.task, zeroshot))
+
+
+def finish_run(p: Prepared, run_dir: RunDir, base_params: dict, say) -> None:
+    """run.json, memory.json and the report; then the directory is sealed and renamed into place."""
+    from tasktune.report import run_facts, write_report
+
+    layout = RunLayout(run_dir.work)
+    p.timings["wall_s"] = time.perf_counter() - p.started
+    p.memory.stage("before report")
+    write_json(layout.memory, p.memory.to_dict())
+    write_json(layout.facts, run_facts(p, base_params, versions()))
+    write_report(run_dir.work)
+    say(f"[tasktune] wrote {p.recipe.run_dir}")
+    run_dir.finish()  # closes run.log first: the seal lists every file as it stays
 
 
 def evaluate_run(run_dir: Path, out: Path, data_path: str | None = None, overwrite: bool = False) -> tuple[dict, str]:
@@ -432,7 +456,7 @@ def evaluate_run(run_dir: Path, out: Path, data_path: str | None = None, overwri
     check_outside(Path(out), {"run": run_dir, "data": data_path})
     staging = StagingDir(Path(out), overwrite=overwrite)  # refuse a bad --out before loading anything
     # The task as the run recorded it, wherever the user's spec file is now.
-    recipe = load_recipe(str(run_dir / "recipe.yaml"), [f"task={run_dir / 'task.yaml'}"])
+    recipe = load_recipe(str(RunLayout(run_dir).recipe), [f"task={run_dir / 'task.yaml'}"])
     p = prepare(recipe)
     check_fingerprint(run_dir, run_fingerprint(p),
                       "the run's test split cannot be rebuilt from it; evaluate the run where it was made")
@@ -462,7 +486,7 @@ def evaluate_model(recipe: Recipe, out: Path, adapter: str | None = None, rows: 
     check_outside(Path(out), {"model": recipe.model, "adapter": adapter, "data": recipe.data.path,
                               "test data": recipe.data.test_path, "task spec": recipe.task})
     staging = StagingDir(Path(out), overwrite=overwrite)  # refuse a bad --out before loading anything
-    head = adapter_head(adapter) if adapter else "causal_lm"
+    head = adapter_head(Path(adapter)) if adapter else "causal_lm"
     p = prepare(recipe, training=False)
     if rows == "all":
         everything = p.rows
@@ -474,18 +498,11 @@ def evaluate_model(recipe: Recipe, out: Path, adapter: str | None = None, rows: 
                                   seed=recipe.data.seed)
     model = p.lm.model
     if adapter:
-        from peft import PeftModel
-
-        model = merge_for_inference(PeftModel.from_pretrained(base_for_training(p, head), adapter))
+        adapted = load_adapted_model(Path(adapter), recipe.model, recipe.dtype,
+                                     num_labels=len(getattr(p.task, "label_names", ()) or (0, 1)),
+                                     base=p.lm.model, trust_remote_code=recipe.trust_remote_code)
+        model = merge_for_inference(adapted.model)
     protocol = {**p.builder.describe(), "data": p.source, "rows": rows, "model": recipe.model, "adapter": adapter}
     with staging as work:
         metrics = evaluate_stage(p, model, work, head=head, protocol=protocol)
     return metrics, p.task.summary(metrics)
-
-
-def adapter_head(adapter: str) -> str:
-    """`seqcls` for an adapter saved with a classification head, else `causal_lm`."""
-    config = Path(adapter) / "adapter_config.json"
-    if not config.is_file():
-        raise TasktuneError(f"{adapter} is not a LoRA adapter directory (no adapter_config.json)")
-    return "seqcls" if json.loads(config.read_text()).get("task_type") == "SEQ_CLS" else "causal_lm"

@@ -13,6 +13,7 @@ from pathlib import Path
 from tasktune import plots
 from tasktune.html_page import markdown_to_html
 from tasktune.rundir import write_json, write_text
+from tasktune.run_layout import RunLayout
 
 
 def _fmt(value) -> str:
@@ -77,11 +78,11 @@ def write_report(run_dir: Path) -> dict:
     from tasktune.config import read_yaml_mapping
 
     run_dir = Path(run_dir)
-    facts = json.loads((run_dir / "run.json").read_text())
-    config = read_yaml_mapping(run_dir / "recipe.yaml", "recipe")  # the resolved recipe the run wrote
-    zeroshot, finetuned = _read_json(run_dir / "zeroshot" / "metrics.json"), _read_json(run_dir / "finetuned" / "metrics.json")
-    training = _read_json(run_dir / "train" / "summary.json") or {}
-    data = {**facts["data"], "sha256": json.loads((run_dir / "fingerprint.json").read_text())["data_sha256"]}
+    facts = json.loads(RunLayout(run_dir).facts.read_text())
+    config = read_yaml_mapping(RunLayout(run_dir).recipe, "recipe")  # the resolved recipe the run wrote
+    zeroshot, finetuned = _read_json(RunLayout(run_dir).stage_metrics("zeroshot")), _read_json(RunLayout(run_dir).stage_metrics("finetuned"))
+    training = _read_json(RunLayout(run_dir).summary) or {}
+    data = {**facts["data"], "sha256": json.loads(RunLayout(run_dir).fingerprint.read_text())["data_sha256"]}
     report = {
         "name": config["name"], "task": facts["task"], "model": config["model"], "model_path": facts["model_path"],
         "dtype": facts["dtype"], "data": data, "task_type": facts["task_type"], "protocol": facts["protocol"],
@@ -90,18 +91,18 @@ def write_report(run_dir: Path) -> dict:
         "training": training,
         "parameters": {"base": facts["base_parameters"], "adapted": training.get("parameters")},
         "timings_s": facts["timings_s"], "config": config,
-        "memory": (_read_json(run_dir / "memory.json") or {}).get("summary"),
+        "memory": (_read_json(RunLayout(run_dir).memory) or {}).get("summary"),
         "versions": facts["versions"],
     }
-    write_json(run_dir / "report.json", report)
+    write_json(RunLayout(run_dir).report, report)
     render(run_dir)
     return report
 
 
 def paired_comparison(run_dir: Path, task) -> dict:
     """Zero-shot vs fine-tuned on the same test examples (the task's paired tests), from the run's files."""
-    return task.paired(_read_jsonl(run_dir / "zeroshot" / "predictions.jsonl"),
-                       _read_jsonl(run_dir / "finetuned" / "predictions.jsonl"))
+    return task.paired(_read_jsonl(RunLayout(run_dir).stage_predictions("zeroshot")),
+                       _read_jsonl(RunLayout(run_dir).stage_predictions("finetuned")))
 
 
 def paired_lines(paired: dict | None) -> list[str]:
@@ -141,8 +142,8 @@ def task_of_run(run_dir: Path, report: dict):
 
     from tasktune.config import read_yaml_mapping
 
-    config = report.get("config") or read_yaml_mapping(Path(run_dir) / "recipe.yaml", "recipe")
-    return get_task(str(Path(run_dir) / "task.yaml"), report["protocol"].get("verbalizers") or None,
+    config = report.get("config") or read_yaml_mapping(RunLayout(run_dir).recipe, "recipe")
+    return get_task(str(RunLayout(run_dir).task_spec), report["protocol"].get("verbalizers") or None,
                     config["eval"]["max_prompt_tokens"])
 
 
@@ -159,8 +160,8 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def changed_examples(run_dir: Path, task, limit: int = 200) -> dict[str, list[dict]]:
     """Test examples whose outcome changed between zero-shot and fine-tuned, in both directions."""
-    before = {r["id"]: r for r in _read_jsonl(run_dir / "zeroshot" / "predictions.jsonl")}
-    after = {r["id"]: r for r in _read_jsonl(run_dir / "finetuned" / "predictions.jsonl")}
+    before = {r["id"]: r for r in _read_jsonl(RunLayout(run_dir).stage_predictions("zeroshot"))}
+    after = {r["id"]: r for r in _read_jsonl(RunLayout(run_dir).stage_predictions("finetuned"))}
     fixed, broken = [], []
     for qid, new in after.items():
         old = before.get(qid)
@@ -188,17 +189,17 @@ def make_plots(run_dir: Path, report: dict, task, params: dict | None, history: 
 def render(run_dir: Path) -> list[Path]:
     """Rebuild report.md, report.html and the plots from the run directory's files; returns what it wrote."""
     run_dir = Path(run_dir)
-    report = json.loads((run_dir / "report.json").read_text())
-    params = json.loads((run_dir / "params.json").read_text()) if (run_dir / "params.json").is_file() else None
+    report = json.loads((RunLayout(run_dir).report).read_text())
+    params = json.loads((RunLayout(run_dir).params).read_text()) if (RunLayout(run_dir).params).is_file() else None
     task = task_of_run(run_dir, report)
-    history_path = run_dir / "train" / "log_history.json"
+    history_path = RunLayout(run_dir).log_history
     history = json.loads(history_path.read_text()) if history_path.is_file() else []
     figures = make_plots(run_dir, report, task, params, history)
     changes = changed_examples(run_dir, task)
     markdown = render_markdown(report, task, params, figures, changes, history, run_dir)
-    write_text(run_dir / "report.md", markdown)
-    write_text(run_dir / "report.html", markdown_to_html(markdown, run_dir, headline_html(report, task)))
-    return [run_dir / "report.md", run_dir / "report.html", *(path for _, path in figures)]
+    write_text(RunLayout(run_dir).report_md, markdown)
+    write_text(RunLayout(run_dir).report_html, markdown_to_html(markdown, run_dir, headline_html(report, task)))
+    return [RunLayout(run_dir).report_md, RunLayout(run_dir).report_html, *(path for _, path in figures)]
 
 
 def headline(report: dict, task) -> dict | None:
@@ -312,7 +313,7 @@ def render_markdown(report, task, params, figures, changes, history: list[dict],
 
 def memory_lines(run_dir: Path, summary: dict | None) -> list[str]:
     """Peak RSS, what the run added to the loaded model, and RSS at each stage (memory.json)."""
-    record = _read_json(Path(run_dir) / "memory.json")
+    record = _read_json(RunLayout(run_dir).memory)
     if not summary or not record:
         return []
     lines = ["", "## Memory", "",
