@@ -173,3 +173,47 @@ def test_the_default_objective_follows_the_verbalizers(tiny_llama, sst2_tsv, tmp
         assert main(args) == 0
         report = json.loads((tmp_path / "runs" / spec.stem / "report.json").read_text())
         assert report["config"]["train"]["objective"] == expected
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "rslora"])
+def test_every_method_trains_resumes_evaluates_exports_and_is_counted(tiny_llama, sst2_tsv, tmp_path, method):
+    """Each method end to end on the tiny model: train, params (its own count formula), eval --run, export
+    --merge, and a resume of a run whose train stage is redone."""
+    from tasktune.methods import get_method
+
+    run = tmp_path / method
+    assert main(tiny_run(tiny_llama, sst2_tsv, tmp_path, method, f"train.method={method}",
+                         "train.lora_r=4")) == 0
+    params = json.loads((run / "params.json").read_text())
+    lora = params["analysis"]["lora"]
+    assert lora["method"] == method and lora["rank_formula_matches"]
+    shapes = [tuple(m["shape"]) for m in params["analysis"]["modules"]]
+    assert lora["parameters"] == get_method(method).expected_parameters(4, shapes)
+    assert params["counts"]["merged_equals_base"] and not params["frozen"]["unexpected_changes"]
+    assert (lora["magnitude_parameters"] > 0) == (method == "dora")
+    assert main(["eval", "--run", str(run), "--out", str(tmp_path / f"{method}-eval")]) == 0
+    again = json.loads((tmp_path / f"{method}-eval" / "metrics.json").read_text())
+    first = json.loads((run / "finetuned" / "metrics.json").read_text())
+    assert again["score"]["accuracy"] == first["score"]["accuracy"]
+    assert main(["export", str(run), "--out", str(tmp_path / f"{method}-export"), "--merge"]) == 0
+    assert f"method `{method}`" in (tmp_path / f"{method}-export" / "README.md").read_text()
+    # Resume: drop the stages after zero-shot, as a kill during training leaves them; same weights again.
+    from safetensors.torch import load_file
+
+    before = load_file(run / "adapter" / "adapter_model.safetensors")
+    partial = tmp_path / f".{method}.partial"
+    run.rename(partial)
+    stages = json.loads((partial / "stages.json").read_text())
+    stages["done"] = [s for s in stages["done"] if s in ("split", "zeroshot")]
+    (partial / "stages.json").write_text(json.dumps(stages))
+    import shutil
+
+    shutil.rmtree(partial / "adapter")
+    assert main(tiny_run(tiny_llama, sst2_tsv, tmp_path, method, f"train.method={method}", "train.lora_r=4")) == 0
+    after = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert before.keys() == after.keys() and all(before[k].equal(after[k]) for k in before)
+
+
+def test_an_unknown_method_is_one_line(tiny_llama, sst2_tsv, tmp_path, capsys):
+    assert main(tiny_run(tiny_llama, sst2_tsv, tmp_path, "m", "train.method=qlora")) == 2
+    assert "train.method 'qlora' is not one of ['dora', 'lora', 'rslora']" in capsys.readouterr().err

@@ -61,6 +61,8 @@ class EvalConfig:
 class TrainConfig:
     objective: str | None = opt(None, "the loss (README: Training objectives); unset: the task type's default "
                                       "(classification `verbalizer`, extractive QA `answer`)")
+    method: str = opt("lora", "adaptation method: `lora`, `dora` (weight-decomposed LoRA) or `rslora` (rank-stabilised "
+                              "scaling); see tasktune/methods.py")
     lora_r: int = opt(16, "LoRA rank r of each adapter")
     lora_alpha: int = opt(32, "LoRA alpha (the update is scaled by alpha / r)")
     lora_dropout: float = opt(0.05, "dropout on the LoRA input")
@@ -156,6 +158,10 @@ def validate(recipe: Recipe, source: str) -> Recipe:
         raise TasktuneError(f"{source}: eval.protocols {recipe.eval.protocols} must be a non-empty subset "
                             f"of {list(PROTOCOLS)}")
     check_loggers(recipe.train.report_to, source)
+    from tasktune.methods import METHODS
+
+    if recipe.train.method not in METHODS:
+        raise TasktuneError(f"{source}: train.method {recipe.train.method!r} is not one of {sorted(METHODS)}")
     out = Path(recipe.output_dir)
     if out.exists() and not out.is_dir():
         raise TasktuneError(f"{source}: output_dir {recipe.output_dir!r} is a file; expected a directory for runs")

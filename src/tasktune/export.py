@@ -95,7 +95,7 @@ def model_card(report: dict, name: str, merged: bool, task):
         "## Training", "",
         f"- data: `{report['data']['source']}` ({report['data'].get('train')} training examples, split seed "
         f"{cfg['data']['seed']})",
-        f"- objective `{cfg['train']['objective']}`, LoRA r={cfg['train']['lora_r']} alpha={cfg['train']['lora_alpha']} "
+        f"- objective `{cfg['train']['objective']}`, method `{cfg['train'].get('method', 'lora')}`, r={cfg['train']['lora_r']} alpha={cfg['train']['lora_alpha']} "
         f"dropout={cfg['train']['lora_dropout']} on {', '.join(cfg['train']['target_modules'])}",
         f"- AdamW lr {cfg['train']['learning_rate']} ({cfg['train']['lr_scheduler']}), batch {cfg['train']['batch_size']}"
         f" × {cfg['train']['grad_accum']}, {report['training'].get('global_step')} steps, dtype {report['dtype']}",

@@ -136,14 +136,22 @@ def analyse(base_path: str, adapter_dir: Path, rank_tol: float = 1e-6) -> dict:
         del W
     if formula != counted:
         raise TasktuneError(f"LoRA parameter count {counted} differs from r×(in+out) = {formula}")
-    extra = sum(meta["other_tensors"].values())
+    # DoRA: one magnitude vector per target, as long as its output features.
+    magnitudes = sum(n for key, n in meta["other_tensors"].items() if "lora_magnitude_vector" in key)
+    expected_magnitudes = sum(m["shape"][0] for m in modules) if cfg.get("use_dora") else 0
+    if magnitudes != expected_magnitudes:
+        raise TasktuneError(f"DoRA magnitude parameters {magnitudes} differ from the sum of output features "
+                            f"{expected_magnitudes}")
+    extra = sum(meta["other_tensors"].values()) - magnitudes
     by_type: dict = defaultdict(list)
     for m in modules:
         by_type[m["type"]].append(m["relative"])
     return {
-        "lora": {"r": r, "alpha": alpha, "scale": scale, "target_modules": sorted({m["type"] for m in modules}),
-                 "modules": len(modules), "parameters": counted, "rank_formula": formula,
-                 "rank_formula_matches": formula == counted, "other_trainable": extra},
+        "lora": {"method": "dora" if cfg.get("use_dora") else "rslora" if cfg.get("use_rslora") else "lora",
+                 "r": r, "alpha": alpha, "scale": scale, "target_modules": sorted({m["type"] for m in modules}),
+                 "modules": len(modules), "parameters": counted + magnitudes, "rank_formula": formula + magnitudes,
+                 "rank_formula_matches": formula == counted and magnitudes == expected_magnitudes,
+                 "magnitude_parameters": magnitudes, "other_trainable": extra},
         "by_type": {t: {"mean_relative": sum(v) / len(v), "max_relative": max(v), "modules": len(v)}
                     for t, v in sorted(by_type.items())},
         "modules": modules,

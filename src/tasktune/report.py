@@ -269,8 +269,10 @@ def render_markdown(report, task, params, figures, changes, history: list[dict],
     if params:
         lora = params["analysis"]["lora"]
         lines += [f"| merged model | {_fmt(params['counts']['merged'])} (equals base: {params['counts']['merged_equals_base']}) |",
-                  "", f"LoRA r={lora['r']}, alpha={lora['alpha']} (scale {lora['scale']:.3g}) on {lora['modules']} modules "
-                  f"({', '.join(lora['target_modules'])}); r×(in+out) = {_fmt(lora['rank_formula'])} = counted "
+                  "", f"Method `{lora.get('method', 'lora')}`: r={lora['r']}, alpha={lora['alpha']} (scale "
+                  f"{lora['scale']:.3g}) on {lora['modules']} modules ({', '.join(lora['target_modules'])}); r×(in+out)"
+                  f"{' + out per target (DoRA magnitudes)' if lora.get('magnitude_parameters') else ''} = "
+                  f"{_fmt(lora['rank_formula'])} = counted "
                   f"{_fmt(lora['parameters'])}: {lora['rank_formula_matches']}.",
                   f"Frozen weights bit-identical after merging: {params['frozen']['identical']} tensors; changed: "
                   f"{params['frozen']['changed']} (all LoRA targets); unexpected changes: "

@@ -21,14 +21,12 @@ from tasktune.infer import left_pad, position_ids_from_mask
 from tasktune.losses import adapter_autocast, adapter_input_casting_off, get_objective, objective_loss
 
 def add_lora(model, train_cfg, objective: str):
-    from peft import LoraConfig, TaskType, get_peft_model
+    """Wrap `model` for training with the recipe's method (methods.py: LoRA, DoRA, rsLoRA through peft)."""
+    from peft import get_peft_model
 
-    config = LoraConfig(
-        r=train_cfg.lora_r, lora_alpha=train_cfg.lora_alpha, lora_dropout=train_cfg.lora_dropout,
-        target_modules=list(train_cfg.target_modules), bias="none",
-        # SEQ_CLS makes peft train and save the fresh `score` head with the adapter (modules_to_save).
-        task_type=TaskType.SEQ_CLS if get_objective(objective).head == "seqcls" else TaskType.CAUSAL_LM,
-    )
+    from tasktune.methods import get_method
+
+    config = get_method(train_cfg.method).peft_config(train_cfg, seqcls=get_objective(objective).head == "seqcls")
     return get_peft_model(model, config)
 
 
