@@ -210,3 +210,25 @@ def test_the_python_api_runs_a_sweep(sweep_inputs, tmp_path):
     result = tasktune.sweep(str(write_sweep(tmp_path, model, data, trials=2, pruner="none")))
     assert result["trials"] == 2 and result.leaderboard[0]["trial"] == result["winner"]["trial"]
     assert result.path == tmp_path / "sweeps" / "tiny"
+
+
+def test_prompting_competes_with_fine_tuning_in_one_table(sweep_inputs, tmp_path):
+    """train.method=none: the base model with eval.shots examples, ranked on the same validation slice."""
+    model, data = sweep_inputs
+    spec = write_sweep(tmp_path, model, data, trials=4, pruner="none", sampler="grid",
+                       space={"train.method": {"type": "categorical", "choices": ["lora", "none"]},
+                              "eval.shots": {"type": "categorical", "choices": [0, 2]}})
+    assert main(["sweep", str(spec)]) == 0
+    board = json.loads((tmp_path / "sweeps" / "tiny" / "leaderboard.json").read_text())
+    prompting = [r for r in board if r["params"].get("train.method") == "none"]
+    assert prompting and all(r["steps"] == 0 and r["validation"]["value"] is not None for r in prompting)
+    assert not any((tmp_path / "sweeps" / "tiny" / "trials" / str(r["trial"]) / "adapter").exists()
+                   for r in prompting)
+
+
+def test_method_none_is_refused_outside_a_sweep(sweep_inputs, tmp_path, capsys):
+    model, data = sweep_inputs
+    args = ["run", "sst2-gemma3-270m-cpu", f"model={model}", f"data.path={data}", f"output_dir={tmp_path}",
+            "train.method=none", "dtype=fp32"]
+    assert main(args) == 2
+    assert "trains nothing: it is for sweeps" in capsys.readouterr().err

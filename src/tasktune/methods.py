@@ -6,6 +6,8 @@ Built in, all through peft's LoRA family (an adapter saved beside the frozen bas
 - `dora`: weight-decomposed LoRA: the LoRA update gives the direction, plus one trainable magnitude per output
   row of each target (peft `use_dora`).
 - `rslora`: rank-stabilised scaling alpha / sqrt(r) (peft `use_rslora`), for larger ranks.
+- `none`: no training, in a sweep only: the base model with `eval.shots` examples in the prompt, ranked on the
+  same validation slice, so "does fine-tuning beat prompting" is answered in the same table.
 
 Not built in yet (the analysis and the sweep's reuse of one base assume a frozen base and an A·B adapter):
 full fine-tuning, IA3, PiSSA (which rewrites the base weights at initialisation) and QLoRA.
@@ -23,6 +25,7 @@ class Method:
     name: str
     lora_options: dict = field(default_factory=dict)   # extra peft LoraConfig arguments
     magnitude_vectors: bool = False                      # DoRA: one trainable vector of out-features per target
+    trains: bool = True                                  # False: `none`, prompting only (sweeps)
     description: str = ""
 
     def peft_config(self, train_cfg, seqcls: bool):
@@ -58,5 +61,7 @@ for _method in (
     Method("dora", {"use_dora": True}, magnitude_vectors=True,
            description="weight-decomposed LoRA: LoRA direction plus a trainable magnitude per output row"),
     Method("rslora", {"use_rslora": True}, description="LoRA with rank-stabilised scaling alpha/sqrt(r)"),
+    Method("none", trains=False, description="no training: the base model prompted with eval.shots examples, so "
+                                             "k-shot prompting competes with fine-tuning in a sweep"),
 ):
     register_method(_method)

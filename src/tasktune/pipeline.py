@@ -292,6 +292,11 @@ def run(recipe: Recipe, overwrite: bool = False, train_only: bool = False, resum
 
 def _run(recipe: Recipe, state: PartialState, log: RunLog | None, overwrite: bool, train_only: bool,
          resume: bool) -> Path:
+    from tasktune.methods import get_method
+
+    if not get_method(recipe.train.method).trains:
+        raise TasktuneError(f"train.method={recipe.train.method} trains nothing: it is for sweeps, where prompting "
+                            "competes with fine-tuning; to evaluate prompting alone use `tasktune eval --shots K`")
     main = state.is_main_process
     say = print if main else (lambda *_: None)
     p = prepare(recipe)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasktune.errors import TasktuneError
+from tasktune.methods import get_method
 
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
@@ -399,12 +400,16 @@ class Trials:
             mark_as_ours(folder, "trial")
         write_json(folder / "recipe.json", recipe.to_dict())
         start = time.perf_counter()
-        model, summary, head = train_stage(p, folder, features=self.train_features(p),
-                                           callbacks=(PruneOnValidation(trial, p.task.metric_for_best),))
-        try:
-            figure = validation_figure(p, model, head)
-        finally:
-            model.unload() if head == "causal_lm" else None  # the shared base, clean for the next trial
+        if not get_method(recipe.train.method).trains:  # prompting: the base model with eval.shots examples
+            figure = validation_figure(p, p.lm.model, "causal_lm")
+            summary = {"global_step": 0, "train_runtime_s": 0.0}
+        else:
+            model, summary, head = train_stage(p, folder, features=self.train_features(p),
+                                               callbacks=(PruneOnValidation(trial, p.task.metric_for_best),))
+            try:
+                figure = validation_figure(p, model, head)
+            finally:
+                model.unload() if head == "causal_lm" else None  # the shared base, clean for the next trial
         record = {"trial": trial.number, "params": params, "validation": figure, "steps": summary["global_step"],
                   "wall_s": round(time.perf_counter() - start, 2), "train_s": summary.get("train_runtime_s"),
                   "pruned": False}
@@ -651,6 +656,8 @@ def _test_trial(trials: Trials, spec: SweepSpec, row: dict, out_dir: Path, prist
 
     recipe = trial_recipe(spec, row["params"], row["trial"])
     p = trials.prepared_for(recipe)
+    if not get_method(recipe.train.method).trains:
+        return evaluate_test(p, p.lm.model, out_dir)  # prompting: the base model with the trial's shots
     folder = Path(trials.dir / "trials" / str(row["trial"]))
     summary = json.loads((folder / "train" / "summary.json").read_text())
     if summary["head"] != "causal_lm":
