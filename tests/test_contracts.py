@@ -217,3 +217,45 @@ def test_every_method_trains_resumes_evaluates_exports_and_is_counted(tiny_llama
 def test_an_unknown_method_is_one_line(tiny_llama, sst2_tsv, tmp_path, capsys):
     assert main(tiny_run(tiny_llama, sst2_tsv, tmp_path, "m", "train.method=qlora")) == 2
     assert "train.method 'qlora' is not one of ['dora', 'lora', 'rslora']" in capsys.readouterr().err
+
+
+def test_controls_and_perplexity_show_what_an_adaptation_cost(tiny_llama, tmp_path, monkeypatch):
+    """A control whose labels are the task's flipped (an adapter that learns the task must break it) shows a
+    significant cost, and so does perplexity on general text after an aggressive fine-tune; a run at a tiny
+    learning rate shows none on the control (its interval covers 0) and a negligible perplexity change."""
+    from tiny import write_sst2_tsv
+
+    from tasktune.tasks.spec import shipped
+
+    data = write_sst2_tsv(tmp_path / "train.tsv", n=200)
+    text = tmp_path / "general.txt"
+    text.write_text("\n\n".join(f"the film {w} is a story of the city and the river" for w in
+                                ("good", "bad", "dull", "fun", "moving", "tedious", "brilliant", "weak") * 5))
+    flipped = tmp_path / "flipped.yaml"
+    spec = shipped()["sst2"].read_text().replace("name: sst2", "name: sst2_flipped")
+    spec = spec.replace('verbalizer: " negative"', 'verbalizer: " @@"').replace(
+        'verbalizer: " positive"', 'verbalizer: " negative"').replace('verbalizer: " @@"', 'verbalizer: " positive"')
+    flipped.write_text(spec)
+    monkeypatch.setenv("TASKTUNE_DATA_DIR", str(tmp_path / "datadir"))
+    (tmp_path / "datadir" / "sst2_flipped").mkdir(parents=True)
+    write_sst2_tsv(tmp_path / "datadir" / "sst2_flipped" / "train.tsv", n=200, seed=7)
+    common = [f"eval.perplexity={text}", "eval.perplexity_docs=40", f"eval.controls=[{flipped}]",
+              "eval.control_rows=60", "train.max_steps=300", "train.eval_steps=300", "train.batch_size=8", "train.lora_dropout=0.0",
+              "train.objective=verbalizer", "data.val_size=16"]
+    assert main(tiny_run(tiny_llama, data, tmp_path, "learned", *common, "train.learning_rate=3e-3")) == 0
+    assert main(tiny_run(tiny_llama, data, tmp_path, "gentle", *common, "train.learning_rate=1e-7")) == 0
+    learned = json.loads((tmp_path / "learned" / "report.json").read_text())
+    gentle = json.loads((tmp_path / "gentle" / "report.json").read_text())
+    gain = learned["paired"]["score"]["gain"]
+    assert gain["difference"] > 0 and gain["p_value"] < 0.05, "the task itself was learned"
+    cost = learned["costs"]["controls"]["sst2_flipped"]["gain"]
+    assert cost["difference"] < 0 and cost["interval"][1] < 0 and cost["p_value"] < 0.05
+    assert learned["costs"]["perplexity"]["interval"][0] > 0  # general text got less likely
+    quiet = gentle["costs"]["controls"]["sst2_flipped"]["gain"]
+    assert quiet["interval"][0] <= 0 <= quiet["interval"][1]
+    assert abs(gentle["costs"]["perplexity"]["relative_change"]) < 1e-3
+    report = (tmp_path / "learned" / "report.md").read_text()
+    assert "## Bought and cost" in report and "perplexity on held-out general text" in report
+    assert "control `sst2_flipped`" in report
+    controls = learned["finetuned"]["cost"]["controls"]["sst2_flipped"]
+    assert controls["excluded_as_training_rows"] >= 0 and controls["rows"] == 60

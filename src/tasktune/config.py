@@ -53,6 +53,14 @@ class EvalConfig:
     shots: int = opt(0, "in-context examples from the training part, drawn once with the seed")
     max_prompt_tokens: int = opt(512, "extractive QA: longer contexts are cut around the answer region (counted "
                                       "in `truncated_prompts`)")
+    perplexity: str | None = opt(None, "what the adaptation cost on general text: `embedded` (held-out Wikipedia "
+                                       "paragraphs the run does not read) or a text file (documents separated by "
+                                       "blank lines); perplexity of base and adapted model, paired")
+    perplexity_docs: int = opt(200, "documents for eval.perplexity (a seeded sample)")
+    controls: list[str] = opt(help="other tasks (shipped names or spec paths) evaluated on the base and the adapted "
+                                   "model with their own protocol: what the adaptation cost there",
+                              factory=list)
+    control_rows: int = opt(200, "rows per control task (a seeded sample, never the run's training rows)")
     verbalizers: list[str] | None = opt(None, "classification: one word per label, replacing the task spec's "
                                               "(e.g. `[\" bad\", \" good\"]`)")
 
@@ -117,7 +125,7 @@ class Recipe:
         return Path(self.output_dir) / self.name
 
 
-POSITIVE = {"keep_checkpoints", "val_size", "batch_size", "lora_r", "lora_alpha", "grad_accum", "eval_steps", "logging_steps",
+POSITIVE = {"keep_checkpoints", "perplexity_docs", "control_rows", "val_size", "batch_size", "lora_r", "lora_alpha", "grad_accum", "eval_steps", "logging_steps",
             "max_length", "max_prompt_tokens", "pad_to_multiple_of", "limit_train", "limit_test", "limit_generate", "max_steps",
             "learning_rate", "epochs"}
 NON_NEGATIVE = {"patience", "shots", "weight_decay", "seed"}
@@ -185,6 +193,11 @@ def validate(recipe: Recipe, source: str) -> Recipe:
     if recipe.data.split_by is not None and recipe.data.split_by not in kind.split_policies:
         raise TasktuneError(f"{source}: data.split_by {recipe.data.split_by!r} does not apply to task "
                             f"{spec.name!r} (expected one of {list(kind.split_policies)})")
+    for control in recipe.eval.controls:  # a malformed control spec fails now, too
+        load_spec(control)
+    ppl = recipe.eval.perplexity
+    if ppl is not None and ppl != "embedded" and not Path(ppl).is_file():
+        raise TasktuneError(f"{source}: eval.perplexity {ppl!r} is neither `embedded` nor an existing text file")
     # An unset objective is chosen once the tokenizer shows what the verbalizers allow (pipeline.prepare).
     allowed = objectives_for(spec.type)
     if recipe.train.objective is not None and recipe.train.objective not in allowed:

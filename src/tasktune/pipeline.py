@@ -166,6 +166,12 @@ def evaluate_stage(p: Prepared, model, out_dir: Path, head: str = "causal_lm", p
     metrics["seconds"] = round(time.perf_counter() - start, 3)
     metrics["processes"] = state.num_processes
     if state.is_main_process:
+        from tasktune.costs import measure
+
+        start = time.perf_counter()
+        cost = measure(p, model, out_dir, head)  # perplexity and controls, when the recipe asks for them
+        if cost:
+            metrics["cost"] = {**cost, "seconds": round(time.perf_counter() - start, 3)}
         write_json(RunLayout.metrics(out_dir), {**metrics, **({"protocol": protocol} if protocol else {})})
         write_jsonl(RunLayout.predictions(out_dir), records)
     return metrics

@@ -13,6 +13,7 @@ from pathlib import Path
 from tasktune import plots
 from tasktune.html_page import markdown_to_html
 from tasktune.rundir import write_json, write_text
+from tasktune.costs import cost_lines, paired_costs
 from tasktune.run_layout import RunLayout
 
 
@@ -88,6 +89,7 @@ def write_report(run_dir: Path) -> dict:
         "dtype": facts["dtype"], "data": data, "task_type": facts["task_type"], "protocol": facts["protocol"],
         "split": facts["split"], "zeroshot": zeroshot, "finetuned": finetuned,
         "paired": paired_comparison(run_dir, task_of_run(run_dir, facts)) if zeroshot and finetuned else None,
+        "costs": paired_costs(run_dir) if zeroshot and finetuned else None,
         "training": training,
         "parameters": {"base": facts["base_parameters"], "adapted": training.get("parameters")},
         "timings_s": facts["timings_s"], "config": config,
@@ -239,6 +241,8 @@ def headline_html(report: dict, task) -> str | None:
         p_text = "&lt; 0.001" if g["p_value"] < 0.001 else f"{g['p_value']:.3g}"
         line += (f"<div>gain {g['difference']:+.4g}, 95% paired interval [{g['interval'][0]:+.4g}, "
                  f"{g['interval'][1]:+.4g}], p {p_text}</div>")
+    for cost in cost_lines(report.get("costs"), report.get("zeroshot"), report.get("finetuned")):
+        line += f"<div>cost: {html.escape(cost[2:])}</div>"
     if h["wall_s"]:
         line += f"<div>wall time {h['wall_s'] / 60:.1f} min</div>"
     return line
@@ -253,6 +257,7 @@ def render_markdown(report, task, params, figures, changes, history: list[dict],
         f"{report['data'].get('validation')}, test {report['data'].get('test')} examples. dtype {report['dtype']}.",
         *(f"- sha256 of `{Path(f).name}`: `{h}`" for f, h in report["data"].get("sha256", {}).items()), "",
         *overlap_lines(report.get("split")), "",
+        *bought_and_cost(report, task), "",
         "## Zero-shot vs fine-tuned (same test split, same protocol)", "",
         "Figures with their 95% bootstrap interval (1,000 seeded resamples of the test examples).", "",
         comparison_table(task, report["zeroshot"], report["finetuned"]),
@@ -311,6 +316,23 @@ def render_markdown(report, task, params, figures, changes, history: list[dict],
               "## Versions", "", *(f"- {k}: {v}" for k, v in report["versions"].items()), "",
               "## Configuration", "", "```json", json.dumps(report["config"], indent=1), "```", ""]
     return "\n".join(lines)
+
+
+def bought_and_cost(report: dict, task) -> list[str]:
+    """The first screen: what the adaptation bought on its task, and what it cost elsewhere."""
+    h = headline(report, task)
+    if h is None:
+        return []
+    lines = ["## Bought and cost", ""]
+    bought = f"- bought: {task.name} {h['metric']} ({h['protocol']}) {h['zeroshot']:.4f} → {h['finetuned']:.4f}"
+    if h["gain"]:
+        g = h["gain"]
+        bought += (f", gain {g['difference']:+.4f} (95% paired interval [{g['interval'][0]:+.4f}, "
+                   f"{g['interval'][1]:+.4f}], p {g['p_value']:.3g})")
+    lines.append(bought + f", n = {h['n']}")
+    costs = cost_lines(report.get("costs"), report.get("zeroshot"), report.get("finetuned"))
+    lines += costs or ["- cost: not measured (set eval.perplexity and eval.controls)"]
+    return lines
 
 
 def memory_lines(run_dir: Path, summary: dict | None) -> list[str]:

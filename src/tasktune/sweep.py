@@ -452,18 +452,10 @@ def validation_figure(p, model, head: str) -> dict:
 
 
 def figure_of(task, metrics: dict, column: str | None = None) -> dict:
-    """The task's metric with its interval and n: in `column`, or in the report's headline column (for SST-2,
-    the whole sentences). Trials are ranked on the validation protocol over every validation row, the metric
-    early stopping reads (SST-2's validation slice holds too few whole sentences to rank on them alone)."""
-    columns = dict(task.report_columns(metrics))
-    if not columns:
-        return {"value": None, "interval": None, "n": 0}
-    column = column if column in columns else next(iter(columns))
-    values = columns[column]
-    metric = task.metric_for_best
-    interval = (values.get("ci95") or {}).get(metric)
-    return {"metric": metric, "protocol": column, "value": values.get(metric), "interval": interval,
-            "n": values.get("n") or values.get("total")}
+    """Trials are ranked on the validation protocol over every validation row, the metric early stopping reads
+    (SST-2's validation slice holds too few whole sentences to rank on them alone); test figures are reported
+    in the headline column too."""
+    return task.figure(metrics, column)
 
 
 # --- the command ---------------------------------------------------------------------------------------------------

@@ -98,6 +98,18 @@ class TaskType(ABC):
     @abstractmethod
     def report_columns(self, metrics: dict) -> list[tuple[str, dict]]: ...
 
+    def figure(self, metrics: dict, column: str | None = None) -> dict:
+        """The task's metric with its 95% interval and n, in `column` or in the report's headline column (for
+        SST-2, the whole sentences)."""
+        columns = dict(self.report_columns(metrics))
+        if not columns:
+            return {"value": None, "interval": None, "n": 0}
+        column = column if column in columns else next(iter(columns))
+        values = columns[column]
+        return {"metric": self.metric_for_best, "protocol": column, "value": values.get(self.metric_for_best),
+                "interval": (values.get("ci95") or {}).get(self.metric_for_best),
+                "n": values.get("n") or values.get("total")}
+
     @abstractmethod
     def protocol_notes(self, proto: dict) -> list[str]: ...
 
