@@ -41,6 +41,9 @@ def test_parse_overrides_nests():
     ("name=../escape", "plain directory name"),
     ("train.patience=-1", "patience must be >= 0"),
     ("justaword", "must look like key=value"),
+    ("eval.perplexity=nowhere.txt", "eval.perplexity 'nowhere.txt' is neither `embedded` nor an existing text file"),
+    ("eval.controls=[no_such_task]", "task 'no_such_task' is neither a shipped task"),
+    ("train.method=qlora", "train.method 'qlora' is not one of"),
 ])
 def test_bad_values(tmp_path, override, message):
     with pytest.raises(TasktuneError, match=message):

@@ -216,7 +216,7 @@ def test_every_method_trains_resumes_evaluates_exports_and_is_counted(tiny_llama
 
 def test_an_unknown_method_is_one_line(tiny_llama, sst2_tsv, tmp_path, capsys):
     assert main(tiny_run(tiny_llama, sst2_tsv, tmp_path, "m", "train.method=qlora")) == 2
-    assert "train.method 'qlora' is not one of ['dora', 'lora', 'rslora']" in capsys.readouterr().err
+    assert "train.method 'qlora' is not one of ['dora', 'lora', 'none', 'rslora']" in capsys.readouterr().err
 
 
 def test_controls_and_perplexity_show_what_an_adaptation_cost(tiny_llama, tmp_path, monkeypatch):
