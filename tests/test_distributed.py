@@ -28,11 +28,11 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_llama, tmp_path
     from tiny import write_sst2_tsv
 
     data = write_sst2_tsv(tmp_path / "train.tsv", n=150)
-    assert main(["run", RECIPE, *overrides(tiny_llama, data, tmp_path, "single", 8, objective)]) == 0
+    assert main(["run", RECIPE, "eval.controls=[]", "eval.perplexity=null", *overrides(tiny_llama, data, tmp_path, "single", 8, objective)]) == 0
     # `--multi_gpu` selects accelerate's torchrun launcher; on a machine without CUDA the processes join a gloo
     # group (accelerate's `--cpu` would start a single process unless an MPI hostfile is given).
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tasktune", "run", RECIPE,
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tasktune", "run", RECIPE, "eval.controls=[]", "eval.perplexity=null",
                *overrides(tiny_llama, data, tmp_path, "ddp", 4, objective)]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}

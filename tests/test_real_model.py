@@ -62,7 +62,7 @@ def test_short_finetune_beats_zero_shot(tmp_path):
     beyond chance (exact McNemar)."""
     from tasktune.cli import main
 
-    assert main(["run", RECIPE, f"output_dir={tmp_path}", "name=learn", "data.limit_train=384",
+    assert main(["run", RECIPE, "eval.controls=[]", "eval.perplexity=null", f"output_dir={tmp_path}", "name=learn", "data.limit_train=384",
                  "data.limit_test=160", "data.val_size=64", "eval.protocols=score", "train.max_steps=24",
                  "train.batch_size=16", "train.eval_steps=12", "eval.batch_size=64"]) == 0
     report = json.loads((tmp_path / "learn" / "report.json").read_text())
@@ -95,7 +95,7 @@ def test_squad_few_steps_on_real_data(shared_data, tmp_path):
     from tasktune.cli import main
 
     recipe = "squad2-gemma3-270m-cpu"
-    code = main(["run", str(recipe), f"output_dir={tmp_path}", "name=sq", f"data.path={shared_data / 'squad_v2'}",
+    code = main(["run", str(recipe), "eval.controls=[]", "eval.perplexity=null", f"output_dir={tmp_path}", "name=sq", f"data.path={shared_data / 'squad_v2'}",
                  "data.limit_train=16", "data.limit_test=12", "data.val_size=6", "train.max_steps=2",
                  "train.eval_steps=2", "train.batch_size=4", "eval.batch_size=12", "eval.max_prompt_tokens=256",
                  "train.max_length=288"])

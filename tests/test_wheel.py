@@ -54,7 +54,8 @@ def test_wheel_runs_the_main_job_from_an_empty_directory(installed_wheel, tiny_l
     sh(tasktune, "recipes", "cp", "sst2-gemma3-270m-cpu", "mine.yaml", cwd=empty, env=env)
     assert "name: sst2-gemma3-270m-cpu" in (empty / "mine.yaml").read_text()
 
-    sh(tasktune, "run", "sst2-gemma3-270m-cpu", f"model={tiny_llama}", "dtype=fp32", "data.limit_train=64",
+    sh(tasktune, "run", "sst2-gemma3-270m-cpu", f"model={tiny_llama}", "dtype=fp32", "eval.controls=[]",
+       "eval.perplexity=null", "data.limit_train=64",
        "data.limit_test=48", "data.val_size=32", "eval.limit_generate=16", "train.max_steps=2",
        "train.eval_steps=2", "train.batch_size=8", cwd=empty, env=env)
     run = empty / "runs" / "sst2-gemma3-270m-cpu"

@@ -140,7 +140,8 @@ def measure(p, model, out_dir: Path, head: str = "causal_lm") -> dict:
         control = get_task(name)
         rows, meta = control_rows(control, train_texts, cfg.control_rows, p.recipe.data.seed)
         builder = PromptBuilder(control, p.lm.tokenizer, cfg.prompt_format, 0, seed=p.recipe.data.seed)
-        runner = Runner(model, p.lm.tokenizer, cfg.batch_size)
+        # Only the main process measures costs: no sharding, or the other processes would have to join.
+        runner = Runner(model, p.lm.tokenizer, cfg.batch_size, shard=False)
         protocols = [control.validation_protocol("causal_lm")]
         metrics, records = evaluation.evaluate(control, runner, builder, rows, protocols, "causal_lm")
         folder = out_dir / "controls" / control.name

@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 MODULE_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     """Render to memory, then write atomically: a full disk never leaves a truncated PNG in place of a good one."""
     import io
 
@@ -43,7 +43,7 @@ def training_curves(history: list[dict], metric: str, path: Path) -> Path | None
         ax2.set_ylabel(f"validation {metric}", color="tab:orange")
     ax.set_title(f"Training loss and validation {metric}")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def confusion_matrices(zeroshot: dict, finetuned: dict, protocol: str, label_names: list[str],
@@ -64,7 +64,7 @@ def confusion_matrices(zeroshot: dict, finetuned: dict, protocol: str, label_nam
         ax.set_xlabel("predicted")
         ax.set_ylabel("gold")
         ax.set_title(f"{name} ({protocol}), acc {m['accuracy']:.3f}")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def metric_bars(columns: list[tuple[str, dict]], metrics: list[str], title: str, path: Path) -> Path | None:
@@ -83,7 +83,7 @@ def metric_bars(columns: list[tuple[str, dict]], metrics: list[str], title: str,
     ax.set_ylabel("score")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def delta_heatmap(modules: list[dict], path: Path) -> Path | None:
@@ -104,4 +104,4 @@ def delta_heatmap(modules: list[dict], path: Path) -> Path | None:
     ax.set_ylabel("module")
     ax.set_title("LoRA update size ‖ΔW‖F / ‖W‖F per layer and module")
     fig.colorbar(image, ax=ax, label="‖ΔW‖ / ‖W‖")
-    return _save(fig, path)
+    return save_figure(fig, path)

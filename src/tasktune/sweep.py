@@ -21,7 +21,6 @@ continues it: finished trials are kept and the interrupted one is retried from i
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -662,7 +661,3 @@ def _test_trial(trials: Trials, spec: SweepSpec, row: dict, out_dir: Path, prist
         return evaluate_test(p, model, out_dir)
     finally:
         p.lm.model.load_state_dict(pristine)  # merged in place: back to the base weights
-
-
-def copy_spec(spec: SweepSpec) -> SweepSpec:
-    return copy.deepcopy(spec)

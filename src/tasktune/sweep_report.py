@@ -4,7 +4,6 @@ parameter importances and, when the space varies `data.limit_train`, the learnin
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import matplotlib
@@ -12,17 +11,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from tasktune.atomic import write_bytes, write_text  # noqa: E402
+from tasktune.atomic import write_text  # noqa: E402
 from tasktune.html_page import markdown_to_html  # noqa: E402
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    write_bytes(path, buffer.getvalue())
-    return path
+from tasktune.plots import save_figure  # noqa: E402
 
 
 def _figure(f: dict | None) -> str:
@@ -50,7 +41,7 @@ def trials_plot(board: list[dict], metric: str, path: Path) -> Path | None:
     ax.set_xlabel("trial")
     ax.set_ylabel(f"validation {metric} (95% interval)")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def parallel_plot(study, path: Path) -> Path | None:
@@ -64,7 +55,7 @@ def parallel_plot(study, path: Path) -> Path | None:
         ax = plot_parallel_coordinate(study)
     except Exception:  # noqa: BLE001 (optuna refuses some spaces, e.g. a single categorical value)
         return None
-    return _save(ax.figure, path)
+    return save_figure(ax.figure, path)
 
 
 def importances(study) -> dict:
@@ -102,7 +93,7 @@ def learning_curve(board: list[dict], metric: str, path: Path) -> tuple[Path | N
     ax.set_xscale("log")
     ax.set_xlabel("training rows (data.limit_train)")
     ax.set_ylabel(f"best validation {metric} (95%)")
-    return _save(fig, path), curve
+    return save_figure(fig, path), curve
 
 
 def write_sweep_report(sweep_dir: Path, spec, study, result: dict, board: list[dict]) -> None:
