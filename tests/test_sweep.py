@@ -50,7 +50,7 @@ def rows_of(sweep_dir: Path) -> list[tuple]:
 
 def test_a_sweep_chooses_on_validation_and_reads_the_test_set_once_per_reported_model(sweep_inputs, tmp_path,
                                                                                        monkeypatch):
-    from tasktune import sweep as sweep_module
+    from tasktune import sweeper as sweep_module
 
     model, data = sweep_inputs
     reads = []
@@ -176,7 +176,7 @@ def test_bad_sweep_files_are_one_line_before_anything_loads(sweep_inputs, tmp_pa
 
 def test_shipped_sweeps_are_valid_and_copy_like_recipes(tmp_path, capsys):
     from tasktune import recipes
-    from tasktune.sweep import load_sweep
+    from tasktune.sweeper import load_sweep
 
     names = recipes.shipped_sweeps()
     assert {"sst2-gemma3-270m-cpu", "squad2-gemma3-270m-cpu"} <= set(names)

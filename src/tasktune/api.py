@@ -92,6 +92,6 @@ class SweepResult(_Mapping):
 
 def sweep(sweep_file: str, *overrides: str, overwrite: bool = False) -> SweepResult:
     """`tasktune sweep FILE [k=v ...]`: run or continue the sweep; returns sweep.json (the leaderboard beside)."""
-    from tasktune.sweep import sweep as run_sweep
+    from tasktune.sweeper import sweep as run_sweep
 
     return _loaded(SweepResult, Path(run_sweep(sweep_file, list(overrides), overwrite=overwrite)), "sweep.json")

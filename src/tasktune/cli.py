@@ -185,7 +185,7 @@ def cmd_recipes(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from tasktune.sweep import sweep, worker
+    from tasktune.sweeper import sweep, worker
 
     if args.worker:
         if args.sweep_file:
