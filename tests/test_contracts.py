@@ -259,3 +259,18 @@ def test_controls_and_perplexity_show_what_an_adaptation_cost(tiny_llama, tmp_pa
     assert "control `sst2_flipped`" in report
     controls = learned["finetuned"]["cost"]["controls"]["sst2_flipped"]
     assert controls["excluded_as_training_rows"] >= 0 and controls["rows"] == 60
+
+
+def test_the_model_card_carries_the_costs(tiny_llama, tmp_path, monkeypatch):
+    from huggingface_hub import metadata_load
+    from tiny import write_sst2_tsv
+
+    data = write_sst2_tsv(tmp_path / "train.tsv", n=80)
+    text = tmp_path / "general.txt"
+    text.write_text("\n\n".join(f"the film is {w} and the city is a river" for w in ("good", "bad", "dull") * 4))
+    assert main(tiny_run(tiny_llama, data, tmp_path, "carded", f"eval.perplexity={text}", "eval.controls=[sst2]",
+                         "eval.control_rows=20")) == 0
+    assert main(["export", str(tmp_path / "carded"), "--out", str(tmp_path / "card")]) == 0
+    results = metadata_load(tmp_path / "card" / "README.md")["model-index"][0]["results"]
+    names = [r["task"]["name"] for r in results]
+    assert "control: sst2" in names and "perplexity on held-out general text" in names

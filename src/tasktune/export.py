@@ -48,9 +48,39 @@ def eval_results(report: dict, task) -> list:
     dataset_type, dataset_name = dataset_of(report, task)
     split = f"test (tasktune split, seed {report['config']['data']['seed']}, n={_test_n(report)})"
     rows = task.hub_eval_rows(report.get("finetuned") or {})
-    return [EvalResult(task_type=task_type, task_name=task_name, dataset_type=dataset_type, dataset_name=dataset_name,
-                       dataset_split=split, metric_type=key, metric_value=value, metric_name=label)
-            for key, value, label in rows]
+    results = [EvalResult(task_type=task_type, task_name=task_name, dataset_type=dataset_type,
+                          dataset_name=dataset_name, dataset_split=split, metric_type=key, metric_value=value,
+                          metric_name=label) for key, value, label in rows]
+    return results + cost_results(report)
+
+
+def cost_results(report: dict) -> list:
+    """What the adaptation cost, as further results: each control's fine-tuned figure (with its change from the
+    base model) and the perplexity on held-out general text."""
+    from huggingface_hub import EvalResult
+
+    cost = (report.get("finetuned") or {}).get("cost") or {}
+    paired = report.get("costs") or {}
+    results = []
+    for name, figure in (cost.get("controls") or {}).items():
+        if figure.get("value") is None:
+            continue
+        change = ((paired.get("controls") or {}).get(name) or {}).get("gain", {}).get("difference")
+        label = f"{name} {figure['metric']} (control, n={figure['n']}" + (
+            f", {change:+.4f} vs the base model)" if change is not None else ")")
+        results.append(EvalResult(task_type="other", task_name=f"control: {name}", dataset_type=name,
+                                  dataset_name=name, dataset_split=f"{figure['rows']} seeded rows",
+                                  metric_type=figure["metric"], metric_value=round(figure["value"], 4),
+                                  metric_name=label))
+    ppl = cost.get("perplexity")
+    if ppl:
+        change = (paired.get("perplexity") or {}).get("relative_change")
+        results.append(EvalResult(
+            task_type="text-generation", task_name="perplexity on held-out general text", dataset_type="text",
+            dataset_name=ppl["source"][:80], dataset_split=f"{ppl['documents']} documents",
+            metric_type="perplexity", metric_value=round(ppl["perplexity"], 3),
+            metric_name="perplexity" + (f" ({100 * change:+.1f}% vs the base model)" if change is not None else "")))
+    return results
 
 
 def _test_n(report: dict) -> int | None:
