@@ -168,20 +168,26 @@ def cmd_tasks(args) -> int:
     return 0
 
 
-def cmd_recipes(args) -> int:
+def list_or_copy(command: str, action: list[str], found: dict, copy) -> int:
+    """`tasktune recipes|sweeps`: list the shipped files, or `cp NAME DEST` one to edit (never replacing a file)."""
     from tasktune import recipes
 
-    if not args.action:
-        found = recipes.shipped()
+    if not action:
         width = max(len(n) for n in found)
         for name, path in found.items():
             print(f"{name:<{width}}  {recipes.describe(path)}")
         return 0
-    if len(args.action) != 3 or args.action[0] != "cp":
-        raise TasktuneError(f"expected `tasktune recipes` or `tasktune recipes cp NAME DEST`, got "
-                            f"`tasktune recipes {' '.join(args.action)}`")
-    print(f"[tasktune] copied to {recipes.copy(args.action[1], args.action[2])}")
+    if len(action) != 3 or action[0] != "cp":
+        raise TasktuneError(f"expected `tasktune {command}` or `tasktune {command} cp NAME DEST`, got "
+                            f"`tasktune {command} {' '.join(action)}`")
+    print(f"[tasktune] copied to {copy(action[1], action[2])}")
     return 0
+
+
+def cmd_recipes(args) -> int:
+    from tasktune import recipes
+
+    return list_or_copy("recipes", args.action, recipes.shipped(), recipes.copy)
 
 
 def cmd_sweep(args) -> int:
@@ -201,15 +207,7 @@ def cmd_sweep(args) -> int:
 def cmd_sweeps(args) -> int:
     from tasktune import recipes
 
-    if not args.action:
-        for name, path in recipes.shipped_sweeps().items():
-            print(f"{name:<28} {recipes.describe(path)}")
-        return 0
-    if len(args.action) != 3 or args.action[0] != "cp":
-        raise TasktuneError(f"expected `tasktune sweeps` or `tasktune sweeps cp NAME DEST`, got "
-                            f"`tasktune sweeps {' '.join(args.action)}`")
-    print(f"[tasktune] copied to {recipes.copy_sweep(args.action[1], args.action[2])}")
-    return 0
+    return list_or_copy("sweeps", args.action, recipes.shipped_sweeps(), recipes.copy_sweep)
 
 
 def cmd_params(args) -> int:
