@@ -429,3 +429,32 @@ def test_an_unknown_model_type_names_the_directory_and_remote_code(tiny_llama, s
     line = one_error_line(capsys)
     assert f"cannot load the model directory {model}" in line and "trust_remote_code" in line
     assert "not a local directory" not in line
+
+
+def test_a_users_file_where_a_lock_would_go_is_never_truncated_or_deleted(squad_files, tmp_path, capsys):
+    """The lock file is the one file tasktune deletes beside an output: only when it holds tasktune's pid."""
+    data, preds, _ = squad_files
+    mine = tmp_path / ".scored.lock"
+    mine.write_text("my notes, not a pid")
+    assert main(score_args(data, preds, tmp_path / "scored")) == 2
+    assert "is not a tasktune lock file" in one_error_line(capsys)
+    assert mine.read_text() == "my notes, not a pid" and not (tmp_path / "scored").exists()
+    mine.unlink()
+    (tmp_path / ".scored.lock").write_text("12345\n")  # a stale lock a killed tasktune left: reused, then removed
+    assert main(score_args(data, preds, tmp_path / "scored")) == 0
+    assert not (tmp_path / ".scored.lock").exists()
+
+
+def test_sweep_overwrite_deletes_only_a_sweep_directory_tasktune_signed(tiny_llama, tmp_path, capsys):
+    import yaml
+
+    folder = tmp_path / "sweeps" / "tiny"
+    folder.mkdir(parents=True)
+    (folder / "results.csv").write_text("mine")
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({"name": "tiny", "recipe": "sst2-gemma3-270m-cpu",
+                                    "output_dir": str(tmp_path / "sweeps"), "overrides": {"model": str(tiny_llama)},
+                                    "space": {"train.lora_r": {"type": "categorical", "choices": [4, 8]}}}))
+    assert main(["sweep", str(spec), "--overwrite"]) == 2
+    assert "was not written by tasktune" in one_error_line(capsys)
+    assert (folder / "results.csv").read_text() == "mine"

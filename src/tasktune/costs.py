@@ -105,12 +105,16 @@ def perplexity_change(before: list[dict], after: list[dict]) -> dict:
             "interval": percentile_interval(samples), "p_value": min(1.0, 2 * share), "n": len(before)}
 
 
+def row_key(row: dict) -> str:
+    """What makes two rows the same example, across task types: the text, or the question with its context."""
+    return row.get("text") or row.get("question", "") + "\n" + row.get("context", "")
+
+
 def control_rows(control, run_train_texts: set[str], limit: int, seed: int) -> tuple[list[dict], dict]:
     """A control task's evaluation rows: seeded, never one of the run's training rows (same file or not)."""
     rows, source = control.load(None)
-    key = (lambda r: r.get("text") or r.get("question", "") + "\n" + r.get("context", ""))
-    overlap = sum(key(r) in run_train_texts for r in rows)
-    kept = [r for r in rows if key(r) not in run_train_texts]
+    overlap = sum(row_key(r) in run_train_texts for r in rows)
+    kept = [r for r in rows if row_key(r) not in run_train_texts]
     if len(kept) > limit:
         kept = [kept[i] for i in sorted(random.Random(seed).sample(range(len(kept)), limit))]
     return kept, {"source": source, "rows": len(kept), "excluded_as_training_rows": overlap}
@@ -128,8 +132,7 @@ def measure(p, model, out_dir: Path, head: str = "causal_lm") -> dict:
         return {}
     out_dir = Path(out_dir) / "cost"
     summary: dict = {}
-    train_texts = {r.get("text") or r.get("question", "") + "\n" + r.get("context", "")
-                   for r in p.examples["train"] + p.examples["validation"]}
+    train_texts = {row_key(r) for r in p.examples["train"] + p.examples["validation"]}
     if cfg.perplexity:
         used = {r["context"] for r in p.rows if "context" in r}
         docs, origin = perplexity_documents(cfg.perplexity, used, cfg.perplexity_docs, p.recipe.data.seed)

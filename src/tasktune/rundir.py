@@ -146,7 +146,8 @@ class RunLock:
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(100):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            self._refuse_foreign_file()
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -169,9 +170,25 @@ class RunLock:
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd
 
+    def _refuse_foreign_file(self) -> None:
+        """A lock file holds a pid (or nothing, for an instant): anything else at that path is not tasktune's and
+        is never truncated, written or deleted."""
+        try:
+            info = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        ours = False
+        if os.path.isfile(self.path) and not os.path.islink(self.path) and info.st_size <= 32:
+            ours = self.path.read_bytes().strip().isdigit() or info.st_size == 0
+        if not ours:
+            raise TasktuneError(f"{self.path} exists and is not a tasktune lock file (it holds no pid); tasktune "
+                                "leaves it alone: move it, or choose another name")
+
     def release(self) -> None:
         if self.fd is not None:
-            self.path.unlink(missing_ok=True)  # while still holding it: nobody can be mid-acquire on it and win
+            # While still holding it (nobody can be mid-acquire on it and win), and only the file we wrote our pid in.
+            if self.path.is_file() and self.path.read_bytes().strip() == str(os.getpid()).encode():
+                self.path.unlink()
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None

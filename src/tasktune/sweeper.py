@@ -462,7 +462,7 @@ def figure_of(task, metrics: dict, column: str | None = None) -> dict:
 def sweep(path: str, overrides: list[str] = (), overwrite: bool = False) -> Path:
     """`tasktune sweep FILE`: run (or continue) the sweep, then the once-only test evaluation and the report."""
     from tasktune.pipeline import prepare
-    from tasktune.rundir import RunLock, check_replaceable, mark_as_ours, read_marker, write_json, write_text
+    from tasktune.rundir import RunLock, mark_as_ours, read_marker, remove_ours, write_json, write_text
 
     spec = load_sweep(path, overrides)
     sweep_dir = spec.sweep_dir
@@ -475,10 +475,7 @@ def sweep(path: str, overrides: list[str] = (), overwrite: bool = False) -> Path
             if not same and not overwrite:
                 raise TasktuneError(f"{sweep_dir} holds another sweep; choose another name or pass --overwrite")
             if not same:
-                check_replaceable(sweep_dir, allow_partial=True)
-                import shutil
-
-                shutil.rmtree(sweep_dir)
+                remove_ours(sweep_dir, allow_partial=True)  # checks, then deletes: the one deletion path
             elif read_marker(sweep_dir)[0] is None:
                 raise TasktuneError(f"{sweep_dir}: {read_marker(sweep_dir)[1]}; refusing to write into it")
         if (sweep_dir / "sweep.json").is_file():
