@@ -30,6 +30,11 @@ def _coerce(value, annotation, key: str, source: str):
         if not isinstance(value, list):
             raise TasktuneError(f"{source}: {key} must be a list, got {value!r}")
         return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TasktuneError(f"{source}: {key} must be a mapping, got {value!r}")
+        return {_coerce(k, args[0], f"{key} key", source): _coerce(v, args[1], f"{key}.{k}", source)
+                for k, v in value.items()}
     if dataclasses.is_dataclass(annotation):
         return build_dataclass(annotation, value, f"{key}.", source)
     if annotation is bool:

@@ -42,6 +42,18 @@ def locate(path: str | None, task_dir: str, pick: Callable[[Path], list[Path]],
     return None
 
 
+def resolve(spec, path: str | None, pick: Callable[[Path], list[Path]]):
+    """What a dataset module reads for `spec`: a list of local files, or a `hub.HubSource` (`hub:ID` as the
+    path, or the spec's hub dataset when no local file is found)."""
+    from tasktune.data import hub
+
+    named = hub.named_by(path, spec)
+    if named is not None:
+        return named
+    files = locate(path, spec.name, pick, embedded=spec.data.embedded)
+    return hub.of_spec(spec) if files is None else files
+
+
 def origin(files: list[Path] | None) -> str:
     """Which rung of the resolution order the files came from (recorded in the report and model card)."""
     if files is None:

@@ -3,6 +3,10 @@
 Each question becomes `{"id", "title", "context", "question", "answers": [text, ...], "answer_starts",
 "is_impossible"}`; `answers` is empty for unanswerable questions. A directory pools every `*.json` /
 `*.jsonl` file in it (official train and dev parts alike), then the split decides what is test.
+
+JSONL rows and hub rows are flat records; a spec whose data names its fields otherwise maps them with
+`data.columns` (`{context: passage, question: query, ...}`). The official JSON layout is SQuAD's own and
+keeps its names.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tasktune.data import format_suffix, locate, read_text
+from tasktune.data import format_suffix, hub, read_text, resolve
 from tasktune.errors import TasktuneError
 
 def _require(obj, key, kind, where):
@@ -111,7 +115,37 @@ def _jsonl_answers(obj, where) -> tuple[list[str], list[int]]:
     raise TasktuneError(f"{where}: 'answers' must be a list or {{text: [...]}}")
 
 
-def load_jsonl(path: Path) -> list[dict]:
+FIELDS = ("id", "title", "context", "question", "answers", "is_impossible")  # a flat record's fields
+
+
+def renamed(obj: dict, columns: dict[str, str], where: str) -> dict:
+    """A flat record with the spec's `data.columns` applied: each of FIELDS read from the column the spec
+    names for it."""
+    out = dict(obj)
+    for name, column in columns.items():
+        if column not in obj:
+            raise TasktuneError(f"{where}: missing {column!r} (the task's data.columns.{name})")
+        out[name] = obj[column]
+    return out
+
+
+def flat_question(obj, columns: dict[str, str], where: str) -> dict:
+    """One question from a flat record (a JSONL line or a hub row)."""
+    if not isinstance(obj, dict):
+        raise TasktuneError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    obj = renamed(obj, columns, where)
+    for key in ("id", "question", "context"):
+        _require(obj, key, str, where)
+    title = obj.get("title", "")
+    if not isinstance(title, str):
+        raise TasktuneError(f"{where}: 'title' must be a string, got {type(title).__name__}")
+    texts, starts = _jsonl_answers(obj, where)
+    impossible = _impossible(obj, not texts, f"{where} (id {obj['id']})")
+    return _question(obj["id"], title, obj["context"], obj["question"], texts, starts, impossible,
+                     f"{where} (id {obj['id']})")
+
+
+def load_jsonl(path: Path, columns: dict[str, str] | None = None) -> list[dict]:
     rows = []
     for n, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
@@ -121,34 +155,19 @@ def load_jsonl(path: Path) -> list[dict]:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise TasktuneError(f"{where}: not valid JSON ({exc.msg})") from exc
-        for key in ("id", "question", "context"):
-            _require(obj, key, str, where)
-        texts, starts = _jsonl_answers(obj, where)
-        impossible = _impossible(obj, not texts, f"{where} (id {obj['id']})")
-        rows.append(_question(obj["id"], str(obj.get("title", "")), obj["context"], obj["question"], texts,
-                              starts, impossible, f"{where} (id {obj['id']})"))
+        rows.append(flat_question(obj, columns or {}, where))
     return rows
 
 
-def load_hub(hub_id: str, config: str | None = None, split: str = "train") -> list[dict]:
-    try:
-        import datasets
-    except ImportError as exc:
-        raise TasktuneError(f"no local SQuAD-format file was found and `datasets` is not installed for the hub "
-                            f"({hub_id}): pass data.path, set $TASKTUNE_DATA_DIR, or pip install 'tasktune[hub]'") from exc
-    try:
-        ds = datasets.load_dataset(hub_id, config, split=split)
-    except Exception as exc:  # the hub raises many types; all mean "not available"
-        raise TasktuneError(f"cannot load {hub_id!r} from the Hugging Face Hub (offline?): {exc}") from exc
-    return [_question(r["id"], r["title"], r["context"], r["question"], list(r["answers"]["text"]),
-                      list(r["answers"]["answer_start"]), not r["answers"]["text"], f"{hub_id}[{i}] (id {r['id']})")
-            for i, r in enumerate(ds)]
+def hub_questions(ds, name: str, columns: dict[str, str] | None = None) -> list[dict]:
+    """Questions of a hub dataset (`data.hub.load`) in SQuAD's hub layout, fields mapped as for JSONL."""
+    return [flat_question(dict(r), columns or {}, f"{name}[{i}]") for i, r in enumerate(ds)]
 
 
-def _load_file(path: Path) -> list[dict]:
+def _load_file(path: Path, columns: dict[str, str]) -> list[dict]:
     suffix = format_suffix(path)
     if suffix == ".jsonl":
-        return load_jsonl(path)
+        return load_jsonl(path, columns)
     if suffix == ".json":
         return load_official(path)
     raise TasktuneError(f"{path}: unknown SQuAD v2 format {suffix!r} (expected .json or .jsonl, optionally .gz)")
@@ -162,18 +181,12 @@ def pick(folder: Path) -> list[Path]:
 def load(spec, path: str | None = None) -> tuple[list[dict], str]:
     """Questions and where they came from: `path` (a file, or a directory whose SQuAD files are pooled), else
     `$TASKTUNE_DATA_DIR/<task>/`, else the embedded copy, else the spec's hub dataset (or `hub:ID`)."""
-    if path and path.startswith("hub:"):
-        hub_id, _, config = path.removeprefix("hub:").partition(":")
-        return load_hub(hub_id, config or None, spec.data.hub_split), path
-    files = locate(path, spec.name, pick, embedded=spec.data.embedded)
-    if files is None:
-        if not spec.data.hub:
-            raise TasktuneError(f"task {spec.name!r}: no data file found (pass data.path=FILE or set "
-                                "$TASKTUNE_DATA_DIR) and the task names no hub dataset")
-        return load_hub(spec.data.hub, spec.data.hub_config, spec.data.hub_split), f"hub:{spec.data.hub}"
+    files = resolve(spec, path, pick)
+    if isinstance(files, hub.HubSource):
+        return hub_questions(hub.load(files, spec.name), str(files), spec.data.columns), str(files)
     rows, seen = [], {}
     for file in files:
-        for row in _load_file(file):
+        for row in _load_file(file, spec.data.columns):
             if row["id"] in seen:
                 raise TasktuneError(f"{file}: duplicate question id {row['id']!r} (first seen in {seen[row['id']]})")
             seen[row["id"]] = file

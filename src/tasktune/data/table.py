@@ -14,7 +14,7 @@ import io
 import json
 from pathlib import Path
 
-from tasktune.data import format_suffix, locate, read_text
+from tasktune.data import format_suffix, hub, read_text, resolve
 from tasktune.errors import TasktuneError, where
 
 
@@ -120,27 +120,16 @@ class TableReader:
             rows.append(self.row(obj, len(rows), path, n, text_col, label_col))
         return rows
 
-    def hub(self, hub_id: str, config: str | None, split: str) -> list[dict]:
-        try:
-            import datasets
-        except ImportError as exc:
-            raise TasktuneError(f"no local data file was found for task {self.spec.name!r} and `datasets` is not "
-                                "installed for the hub: pass data.path, set $TASKTUNE_DATA_DIR, or "
-                                "pip install 'tasktune[hub]'") from exc
-        try:
-            ds = datasets.load_dataset(hub_id, config, split=split)
-        except Exception as exc:  # the hub raises many types; all mean "not available"
-            raise TasktuneError(f"cannot load {hub_id!r} from the Hugging Face Hub (offline?): {exc}") from exc
-        if len(ds) == 0:
-            raise TasktuneError(f"{hub_id!r} split {split!r} has no rows")
-        text_col, label_col = self.columns(list(ds.column_names), hub_id, "columns")
-        names = ds.features[label_col].names if hasattr(ds.features[label_col], "names") else None
+    def hub(self, ds, name: str) -> list[dict]:
+        """Rows of a hub dataset (`data.hub.load`); a ClassLabel column's integers become its class names."""
+        text_col, label_col = self.columns(list(ds.column_names), name, "columns")
+        names = getattr(ds.features[label_col], "names", None)
         rows = []
         for i, r in enumerate(ds):
             values = dict(r)
             if names is not None:  # a ClassLabel column: its integer means the class at that position
                 values[label_col] = names[values[label_col]]
-            rows.append(self.row(values, i, hub_id, i, text_col, label_col))
+            rows.append(self.row(values, i, name, i, text_col, label_col))
         return rows
 
 
@@ -154,16 +143,9 @@ def load(spec, path: str | None = None) -> tuple[list[dict], str]:
     """Rows and a description of where they came from: `path` (a file, or a directory holding one of the spec's
     `data.files`), else `$TASKTUNE_DATA_DIR/<task>/`, else the embedded copy, else the spec's hub dataset."""
     reader = TableReader(spec)
-    if path and path.startswith("hub:"):  # hub:ID or hub:ID:CONFIG (hub:nyu-mll/glue:sst2)
-        hub_id, _, config = path.removeprefix("hub:").partition(":")
-        config = config or (spec.data.hub_config if hub_id == spec.data.hub else None)
-        return reader.hub(hub_id, config, spec.data.hub_split), path
-    files = locate(path, spec.name, pick_files(spec), embedded=spec.data.embedded)
-    if files is None:
-        if not spec.data.hub:
-            raise TasktuneError(f"task {spec.name!r}: no data file found (pass data.path=FILE or set "
-                                "$TASKTUNE_DATA_DIR) and the task names no hub dataset")
-        return reader.hub(spec.data.hub, spec.data.hub_config, spec.data.hub_split), f"hub:{spec.data.hub}"
+    files = resolve(spec, path, pick_files(spec))
+    if isinstance(files, hub.HubSource):
+        return reader.hub(hub.load(files, spec.name), str(files)), str(files)
     resolved = files[0]
     suffix = format_suffix(resolved)
     if suffix in (".tsv", ".csv"):

@@ -36,6 +36,9 @@ class ClassificationTask(TaskType):
     @classmethod
     def check_spec(cls, spec) -> None:
         where = spec.source
+        if spec.data.columns:
+            raise TasktuneError(f"{where}: data.columns maps question fields (extractive_qa); a classification "
+                                "task names its columns with data.text_column and data.label_column")
         if len(spec.labels) < 2:
             raise TasktuneError(f"{where}: a classification task needs at least 2 labels, got {len(spec.labels)}")
         check_verbalizers([label.verbalizer for label in spec.labels], where)

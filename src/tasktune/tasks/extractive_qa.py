@@ -43,6 +43,14 @@ class ExtractiveQATask(TaskType):
         if extra:
             raise TasktuneError(f"{spec.source}: template fields {extra} are not SQuAD fields (expected title, "
                                 "context, question)")
+        columns = spec.data.columns
+        unknown = sorted(set(columns) - set(squad_data.FIELDS))
+        if unknown:
+            raise TasktuneError(f"{spec.source}: data.columns {unknown} are not question fields (expected some of "
+                                f"{list(squad_data.FIELDS)}, each mapped to the data's name for it)")
+        if any(not column.strip() for column in columns.values()) or len(set(columns.values())) != len(columns):
+            raise TasktuneError(f"{spec.source}: data.columns {columns} must map each field to a different, "
+                                "non-empty column name")
     label_names: tuple = ()  # no labels: answers are free text
     verbalizers: tuple = ()
 

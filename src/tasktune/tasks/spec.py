@@ -28,6 +28,9 @@ class DataSpec:
     files: list[str] = field(default_factory=list)   # file names looked for in a data directory, in order
     text_column: list[str] = field(default_factory=lambda: ["text"])    # candidates, first present wins
     label_column: list[str] = field(default_factory=lambda: ["label"])  # classification only
+    # extractive_qa: the data's field for each of id, title, context, question, answers, is_impossible where its
+    # name differs (JSONL and hub rows), e.g. {context: passage, question: query}
+    columns: dict[str, str] = field(default_factory=dict)
     hub: str | None = None          # Hugging Face dataset id (used when no file is found; named in model cards)
     hub_config: str | None = None
     hub_split: str = "train"
