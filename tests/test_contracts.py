@@ -274,3 +274,26 @@ def test_the_model_card_carries_the_costs(tiny_llama, tmp_path, monkeypatch):
     results = metadata_load(tmp_path / "card" / "README.md")["model-index"][0]["results"]
     names = [r["task"]["name"] for r in results]
     assert "control: sst2" in names and "perplexity on held-out general text" in names
+
+
+def test_a_run_parses_its_task_spec_once_and_records_the_bytes_it_read(tiny_llama, sst2_tsv, tmp_path, monkeypatch):
+    """The recipe check, the run, the report and the card all need the spec: it is parsed once, and the run
+    directory keeps exactly what was parsed (CRLF line ends and all), with its sha256 in the fingerprint."""
+    import hashlib
+
+    from tasktune import typed_yaml
+    from tasktune.tasks import spec as spec_module
+
+    spec = tmp_path / "crlf.yaml"
+    spec.write_bytes(spec_module.shipped()["sst2"].read_bytes().replace(b"\n", b"\r\n"))
+    parsed = []
+    real = typed_yaml.parse_yaml_mapping
+    monkeypatch.setattr(typed_yaml, "parse_yaml_mapping",
+                        lambda text, what, where: parsed.append((what, where)) or real(text, what, where))
+    monkeypatch.setattr(spec_module, "_PARSED", {})
+    assert main(tiny_run(tiny_llama, sst2_tsv, tmp_path, "once", f"task={spec}")) == 0
+    assert [w for w in parsed if w[0] == "task"] == [("task", str(spec))]
+    run = tmp_path / "once"
+    assert (run / "task.yaml").read_bytes() == spec.read_bytes()
+    fingerprint = json.loads((run / "fingerprint.json").read_text())
+    assert fingerprint["task_sha256"] == hashlib.sha256(spec.read_bytes()).hexdigest()

@@ -164,7 +164,7 @@ def cmd_tasks(args) -> int:
         raise TasktuneError(f"expected `tasktune tasks` or `tasktune tasks show NAME`, got "
                             f"`tasktune tasks {' '.join(args.action)}`")
     spec = load_spec(args.action[1])
-    print(Path(spec.source).read_text(encoding="utf-8"), end="")
+    print(spec.text, end="")
     return 0
 
 

@@ -152,7 +152,7 @@ def measure(p, model, out_dir: Path, head: str = "causal_lm") -> dict:
         # The control's spec as read, so the report rebuilds it from the run directory alone.
         from tasktune.atomic import write_text
 
-        write_text(folder / "task.yaml", Path(control.spec.source).read_text(encoding="utf-8"))
+        write_text(folder / "task.yaml", control.spec.text)
         write_jsonl(folder / "predictions.jsonl", records)
         summary.setdefault("controls", {})[control.name] = {**control.figure(metrics), **meta}
     return summary

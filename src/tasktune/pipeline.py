@@ -27,7 +27,7 @@ from tasktune.models import LoadedModel, count_parameters, load_model, model_ide
 from tasktune.param_report import parameter_report
 from tasktune.run_layout import RunLayout, adapter_head, load_adapted_model
 from tasktune.runlog import RunLog
-from tasktune.rundir import RunDir, sha256_file, write_json, write_jsonl, write_text
+from tasktune.rundir import RunDir, write_json, write_jsonl, write_text
 from tasktune.tasks import PromptBuilder, get_task
 
 
@@ -268,7 +268,7 @@ def data_fingerprint(source: str) -> dict:
 def run_fingerprint(p: Prepared) -> dict:
     """What a run is made from: its data, its model and its task spec (a resumed run must match all three)."""
     return {"data_sha256": data_fingerprint(p.sources), "model": model_identity(p.lm),
-            "task_sha256": sha256_file(Path(p.task.spec.source))}
+            "task_sha256": p.task.spec.sha256}
 
 
 def check_fingerprint(folder: Path, fingerprint: dict, what: str) -> None:
@@ -323,7 +323,7 @@ def _run(recipe: Recipe, state: PartialState, log: RunLog | None, overwrite: boo
                 run_dir.start()
                 write_json(RunLayout(run_dir.work).fingerprint, fingerprint)
                 # The task as declared: the report and model card read it from here, never from the user's path.
-                write_text(RunLayout(run_dir.work).task_spec, Path(p.task.spec.source).read_text(encoding="utf-8"))
+                write_text(RunLayout(run_dir.work).task_spec, p.task.spec.text)
         except BaseException:
             run_dir.release()
             raise
@@ -438,15 +438,32 @@ def experiment_logs(p: Prepared, zeroshot: dict | None):
     return TestMetricLogs(logged_figures(p.task, zeroshot))
 
 
+def run_facts(p: Prepared, base_params: dict) -> dict:
+    """What the report needs to know about a run beyond its stage outputs (run.json): the report reads files
+    only, never `Prepared`."""
+    from tasktune.data import source_origin
+
+    return {
+        "model_path": p.lm.path, "dtype": str(p.lm.dtype).replace("torch.", ""), "task": p.task.name,
+        "task_type": p.task.type,
+        "data": {"source": p.source, "origin": source_origin(p.source), **{k: len(v) for k, v in p.examples.items()}},
+        "protocol": {**p.builder.describe(), "labels": list(p.task.label_names), "verbalizers": list(p.task.verbalizers),
+                     "label_token_ids": p.label_token_ids},
+        "split": {"split_by": p.task.split_policy(p.recipe.data), "test_source": p.test_source, "overlap": p.overlap},
+        "base_parameters": base_params, "timings_s": {k: round(v, 2) for k, v in p.timings.items()},
+        "versions": versions(),
+    }
+
+
 def finish_run(p: Prepared, run_dir: RunDir, base_params: dict, say) -> None:
     """run.json, memory.json and the report; then the directory is sealed and renamed into place."""
-    from tasktune.report import run_facts, write_report
+    from tasktune.report import write_report
 
     layout = RunLayout(run_dir.work)
     p.timings["wall_s"] = time.perf_counter() - p.started
     p.memory.stage("before report")
     write_json(layout.memory, p.memory.to_dict())
-    write_json(layout.facts, run_facts(p, base_params, versions()))
+    write_json(layout.facts, run_facts(p, base_params))
     write_report(run_dir.work)
     say(f"[tasktune] wrote {p.recipe.run_dir}")
     run_dir.finish()  # closes run.log first: the seal lists every file as it stays

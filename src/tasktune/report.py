@@ -54,21 +54,6 @@ def comparison_table(task, zeroshot: dict | None, finetuned: dict | None) -> str
     return markdown_table(list(task.report_rows), columns_of(task, zeroshot, finetuned))
 
 
-def run_facts(p, base_params: dict, versions: dict) -> dict:
-    """What the report needs to know about a run beyond its stage outputs, written to run.json by the pipeline
-    (the report itself reads only files)."""
-    return {
-        "model_path": p.lm.path, "dtype": str(p.lm.dtype).replace("torch.", ""), "task": p.task.name,
-        "task_type": p.task.type,
-        "data": {"source": p.source, "origin": data_origin(p.source), **{k: len(v) for k, v in p.examples.items()}},
-        "protocol": {**p.builder.describe(), "labels": list(p.task.label_names), "verbalizers": list(p.task.verbalizers),
-                     "label_token_ids": p.label_token_ids},
-        "split": {"split_by": p.task.split_policy(p.recipe.data), "test_source": p.test_source, "overlap": p.overlap},
-        "base_parameters": base_params, "timings_s": {k: round(v, 2) for k, v in p.timings.items()},
-        "versions": versions,
-    }
-
-
 def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -147,13 +132,6 @@ def task_of_run(run_dir: Path, report: dict):
     config = report.get("config") or read_yaml_mapping(RunLayout(run_dir).recipe, "recipe")
     return get_task(str(RunLayout(run_dir).task_spec), report["protocol"].get("verbalizers") or None,
                     config["eval"]["max_prompt_tokens"])
-
-
-def data_origin(source: str) -> str:
-    """`path`, `TASKTUNE_DATA_DIR`, `embedded` or `hub`: where the run's data came from."""
-    from tasktune.data import origin
-
-    return "hub" if source.startswith("hub:") else origin([Path(f) for f in source.split(", ")])
 
 
 def _read_jsonl(path: Path) -> list[dict]:

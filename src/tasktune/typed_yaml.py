@@ -102,19 +102,31 @@ def yaml_error_line(exc: yaml.YAMLError) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
 
 
-def read_yaml_mapping(path: Path, what: str) -> dict:
-    """A YAML file that must hold a mapping (a recipe, a task spec), read safely: data, never code; no aliases;
-    at most MAX_YAML_BYTES."""
+def read_yaml_text(path: Path, what: str) -> str:
+    """A YAML file's text, at most MAX_YAML_BYTES, decoded as UTF-8 without newline translation (so its
+    sha256 is the file's)."""
     path = Path(path)
     size = path.stat().st_size
     if size > MAX_YAML_BYTES:
         raise TasktuneError(f"{path}: {size:,} bytes; a {what} file is expected to be under {MAX_YAML_BYTES:,}")
+    data = path.read_bytes()
     try:
-        loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_NoAliasLoader)  # noqa: S506 (safe loader)
-    except yaml.YAMLError as exc:
-        raise TasktuneError(f"{path}: not valid YAML for a {what} ({yaml_error_line(exc)})") from exc
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise TasktuneError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+
+
+def parse_yaml_mapping(text: str, what: str, where: str) -> dict:
+    """YAML text that must hold a mapping (a recipe, a task spec), read safely: data, never code; no aliases."""
+    try:
+        loaded = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (safe loader)
+    except yaml.YAMLError as exc:
+        raise TasktuneError(f"{where}: not valid YAML for a {what} ({yaml_error_line(exc)})") from exc
     if not isinstance(loaded, dict):
-        raise TasktuneError(f"{path}: expected a mapping of {what} keys, got {type(loaded).__name__}")
+        raise TasktuneError(f"{where}: expected a mapping of {what} keys, got {type(loaded).__name__}")
     return loaded
+
+
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    """A YAML file that must hold a mapping, read with `read_yaml_text` and `parse_yaml_mapping`."""
+    return parse_yaml_mapping(read_yaml_text(path, what), what, str(path))

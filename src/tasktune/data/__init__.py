@@ -54,6 +54,11 @@ def resolve(spec, path: str | None, pick: Callable[[Path], list[Path]]):
     return hub.of_spec(spec) if files is None else files
 
 
+def source_origin(source: str) -> str:
+    """`path`, `TASKTUNE_DATA_DIR`, `embedded` or `hub`: where a loader's recorded source came from."""
+    return "hub" if source.startswith("hub:") else origin([Path(f) for f in source.split(", ")])
+
+
 def origin(files: list[Path] | None) -> str:
     """Which rung of the resolution order the files came from (recorded in the report and model card)."""
     if files is None:

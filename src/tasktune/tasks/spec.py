@@ -7,6 +7,8 @@ and nothing in it names an import or a callable. Every mistake is a one-line err
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +52,11 @@ class TaskSpec:
     headline: str = ""              # the metric a report leads with
     data: DataSpec = field(default_factory=DataSpec)
     source: str = ""                # where the spec was read from (filled in by `load_spec`)
+    text: str = ""                  # the file as read (filled in by `load_spec`): runs record this, not the path
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
 
 
 def template_fields(template: str, where: str) -> list[str]:
@@ -106,16 +113,24 @@ def shipped() -> dict[str, Path]:
     return {p.stem: p for p in sorted(TASKS_DIR.glob("*.yaml"))}
 
 
+_PARSED: dict[str, dict] = {}  # sha256 of a spec's text -> its YAML mapping: a run parses each spec once
+
+
 def load_spec(name_or_path: str) -> TaskSpec:
-    """A shipped task by name, or a spec file by path."""
-    from tasktune.typed_yaml import build_dataclass, read_yaml_mapping
+    """A shipped task by name, or a spec file by path. The file is read once per call and parsed once per
+    content in a process (the recipe check, the run, its report and its controls all ask for it)."""
+    from tasktune.typed_yaml import build_dataclass, parse_yaml_mapping, read_yaml_text
 
     path = shipped().get(name_or_path) or Path(name_or_path).expanduser()
     if not path.is_file():
         raise TasktuneError(f"task {name_or_path!r} is neither a shipped task ({sorted(shipped())}) nor a spec file")
-    data = read_yaml_mapping(path, "task")
-    for key in ("name", "type"):
-        if key not in data:
-            raise TasktuneError(f"{path}: missing {key!r} (a task spec needs name, type and template)")
-    spec = build_dataclass(TaskSpec, {**data, "source": str(path)}, "", str(path))
+    text = read_yaml_text(path, "task")
+    key = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    if key not in _PARSED:
+        _PARSED[key] = parse_yaml_mapping(text, "task", str(path))
+    data = copy.deepcopy(_PARSED[key])
+    for name in ("name", "type"):
+        if name not in data:
+            raise TasktuneError(f"{path}: missing {name!r} (a task spec needs name, type and template)")
+    spec = build_dataclass(TaskSpec, {**data, "source": str(path), "text": text}, "", str(path))
     return validate(spec)
