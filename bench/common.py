@@ -135,15 +135,37 @@ def table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def append_results(title: str, command: str, body: str, facts: dict) -> None:
-    """Append a dated entry to bench/RESULTS.md (never in --quick mode)."""
+def commit() -> str:
+    """The commit measured, `+changes` when the working tree differs from it."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def record_results(title: str, command: str, body: str, facts: dict) -> None:
+    """Write this benchmark's entry into bench/RESULTS.md (never in --quick mode): it replaces the entry of the
+    same title and command line, so the file holds current figures; history stays in git."""
+    import re
+
+    from tasktune.atomic import write_text
+
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    entry = [f"\n## {title} — {stamp}", "", f"Command: `{command}`", "",
-             "Machine: " + ", ".join(f"{k} {v}" for k, v in facts.items()), "", body, ""]
-    if not RESULTS.exists():
-        RESULTS.write_text("# Benchmark results\n\nEach entry is appended by a script in `bench/`.\n")
-    with RESULTS.open("a") as f:
-        f.write("\n".join(entry))
+    command = command.strip()
+    entry = "\n".join([f"## {title} — {stamp}, commit {commit()}", "", f"Command: `{command}`", "",
+                       "Machine: " + ", ".join(f"{k} {v}" for k, v in facts.items()), "", body.rstrip(), ""])
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results: the current figures\n\n"
+    head, *entries = re.split(r"(?m)^(?=## )", text)
+
+    def same(old: str) -> bool:
+        found = re.search(r"(?m)^Command: `(.*)`", old)
+        return old.startswith(f"## {title} — ") and found is not None and found.group(1).strip() == command
+
+    kept = [e.rstrip() + "\n" for e in entries if not same(e)]
+    at = next((i for i, e in enumerate(entries) if same(e)), len(kept))
+    kept.insert(min(at, len(kept)), entry)
+    write_text(RESULTS, head.rstrip() + "\n\n" + "\n".join(kept))
 
 
 def tiny_model(tmp: Path) -> Path:

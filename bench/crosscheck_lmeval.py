@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(common.DATA / "sst2" / "train.tsv.gz"))
     parser.add_argument("--model", default="gemma3-270m")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    parser.add_argument("--no-record", action="store_true", help="do not record the entry in bench/RESULTS.md")
     args = parser.parse_args()
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -115,7 +115,7 @@ def main() -> None:
     body = "\n".join(lines)
     print(body)
     if not args.no_record:
-        common.append_results("SST-2 `score` vs lm-evaluation-harness (crosscheck)",
+        common.record_results("SST-2 `score` vs lm-evaluation-harness (crosscheck)",
                               f"python bench/crosscheck_lmeval.py --rows {args.rows}", body, common.machine())
     if disagree_untied:
         sys.exit(1)

@@ -113,7 +113,7 @@ def main() -> None:
              f"difference| of tasktune vs the per-example loop: {gap:.4f}; vs the batched baseline: {gap_baseline:.4f}.")
     print(body)
     if not args.quick:
-        common.append_results("SQuAD v2 evaluation", "python bench/eval_squad.py " + " ".join(sys.argv[1:]), body,
+        common.record_results("SQuAD v2 evaluation", "python bench/eval_squad.py " + " ".join(sys.argv[1:]), body,
                               common.machine())
 
 

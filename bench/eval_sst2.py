@@ -172,7 +172,7 @@ def main() -> None:
              "compared with the per-example log-likelihood loop, `generate` with batched HF generation.")
     print(body)
     if not args.quick:
-        common.append_results("SST-2 evaluation", "python bench/eval_sst2.py " + " ".join(sys.argv[1:]), body,
+        common.record_results("SST-2 evaluation", "python bench/eval_sst2.py " + " ".join(sys.argv[1:]), body,
                               common.machine())
     if agree < 1.0:
         print(f"WARNING: batched generation disagrees with the per-example loop on {1 - agree:.2%} of examples")

@@ -175,9 +175,9 @@ def main() -> None:
     print(speed, memory, sep="\n\n")
     if not args.tiny:
         facts = common.machine()
-        common.append_results("GPU check: training throughput and MFU", "python bench/gpu_check.py "
+        common.record_results("GPU check: training throughput and MFU", "python bench/gpu_check.py "
                               + " ".join(sys.argv[1:]), speed, facts)
-        common.append_results("GPU check: recipe memory measured", "python bench/gpu_check.py", memory, facts)
+        common.record_results("GPU check: recipe memory measured", "python bench/gpu_check.py", memory, facts)
 
 
 if __name__ == "__main__":

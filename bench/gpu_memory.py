@@ -208,7 +208,7 @@ def main() -> None:
              f"{check['depth']:+.2%}; twice the batch from batch and batch/2 vs measured directly {check['batch']:+.2%}.")
     print(body)
     if not args.quick:
-        common.append_results("GPU recipe memory (estimated on CPU)", "python bench/gpu_memory.py", body,
+        common.record_results("GPU recipe memory (estimated on CPU)", "python bench/gpu_memory.py", body,
                               common.machine())
 
 

@@ -160,7 +160,7 @@ def main() -> None:
     if args.padding:
         body = padding_shares(args.padding, [int(b) for b in args.batches.split(",")])
         print(body)
-        common.append_results("Padding in the training batches", "python bench/profile_train_step.py " +
+        common.record_results("Padding in the training batches", "python bench/profile_train_step.py " +
                               " ".join(sys.argv[1:]), body, common.machine())
         return
     if args.quick:
@@ -190,7 +190,7 @@ def main() -> None:
              "micro-batch, one process; tasktune's label_lm step (forward, backward, AdamW) on real SST-2 rows.")
     print(body)
     if not args.quick:
-        common.append_results("SST-2 training step profile", "python bench/profile_train_step.py " +
+        common.record_results("SST-2 training step profile", "python bench/profile_train_step.py " +
                               " ".join(sys.argv[1:]), body, common.machine())
 
 

@@ -141,7 +141,7 @@ def main() -> None:
              f"({before:.2f} and {after:.2f}).")
     print(body)
     if not args.quick:
-        common.append_results("SQuAD v2 training", "python bench/train_squad.py " + " ".join(sys.argv[1:]), body,
+        common.record_results("SQuAD v2 training", "python bench/train_squad.py " + " ".join(sys.argv[1:]), body,
                               common.machine())
 
 

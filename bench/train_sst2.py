@@ -252,7 +252,7 @@ def main() -> None:
              f"bf16 2048² matmul measurements before and after the configs ({before:.2f} and {after:.2f}).")
     print(body)
     if not args.quick:
-        common.append_results("SST-2 training", "python bench/train_sst2.py " + " ".join(sys.argv[1:]), body,
+        common.record_results("SST-2 training", "python bench/train_sst2.py " + " ".join(sys.argv[1:]), body,
                               common.machine())
 
 

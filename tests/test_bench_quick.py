@@ -55,3 +55,22 @@ def test_training_variants_parse():
     assert parse_config("label_lm+b64+compile", 16) == ("label_lm", 64, True)
     with pytest.raises(SystemExit, match="unknown variant 'x64'"):
         parse_config("label_lm+x64", 16)
+
+
+def test_results_hold_the_current_entry_per_benchmark_and_command(tmp_path, monkeypatch):
+    """A benchmark replaces its own entry (same title and command), in place; another command adds one."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import common
+
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results: the current figures\n\nintro\n\n"
+                       "## A — 2026-11-27 10:00 UTC\n\nCommand: `python bench/a.py`\n\nold a\n\n"
+                       "## B — 2026-11-27 11:00 UTC\n\nCommand: `python bench/b.py`\n\nold b\n")
+    monkeypatch.setattr(common, "RESULTS", results)
+    common.record_results("A", "python bench/a.py ", "new a", {"cpu": "x"})
+    common.record_results("A", "python bench/a.py --repeats 5", "other a", {"cpu": "x"})
+    text = results.read_text()
+    assert "old a" not in text and "old b" in text and "intro" in text
+    titles = re.findall(r"(?m)^## (\w) — .*, commit \w+", text)
+    assert titles == ["A", "A"] and text.index("new a") < text.index("old b") < text.index("other a")
+    assert len(re.findall(r"(?m)^## ", text)) == 3
