@@ -259,6 +259,15 @@ def test_controls_and_perplexity_show_what_an_adaptation_cost(tiny_llama, tmp_pa
     assert "control `sst2_flipped`" in report
     controls = learned["finetuned"]["cost"]["controls"]["sst2_flipped"]
     assert controls["excluded_as_training_rows"] >= 0 and controls["rows"] == 60
+    # `compare` puts the costs beside the gains, with their intervals.
+    assert main(["compare", str(tmp_path / "learned"), str(tmp_path / "gentle"), "--out", str(tmp_path / "cmp")]) == 0
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in
+            (tmp_path / "cmp" / "compare.md").read_text().splitlines() if line.startswith("| cost_")}
+    control_metric = learned["costs"]["controls"]["sst2_flipped"]["metric"]
+    assert set(rows) == {"cost_perplexity_change", f"cost_sst2_flipped_{control_metric}"}
+    learned_cell, gentle_cell = rows[f"cost_sst2_flipped_{control_metric}"]
+    assert learned_cell.startswith(f"{cost['difference']:+.4f} [") and learned_cell.endswith("(n 60)")
+    assert gentle_cell.startswith(f"{quiet['difference']:+.4f} [")
 
 
 def test_the_model_card_carries_the_costs(tiny_llama, tmp_path, monkeypatch):

@@ -164,6 +164,7 @@ def test_two_workers_share_one_study_without_running_a_trial_twice(sweep_inputs,
     ({"sampler": "bayes"}, "sampler 'bayes' is not one of"),
     ({"trials": 0}, "trials must be >= 1"),
     ({"budget": 3}, "unknown key(s) ['budget']"),
+    ({"constraint": "accuracy >= 0.9"}, "must read `perplexity_increase <= LIMIT`"),
 ])
 def test_bad_sweep_files_are_one_line_before_anything_loads(sweep_inputs, tmp_path, capsys, edit, message):
     model, data = sweep_inputs
@@ -233,3 +234,37 @@ def test_method_none_is_refused_outside_a_sweep(sweep_inputs, tmp_path, capsys):
             "train.method=none", "dtype=fp32"]
     assert main(args) == 2
     assert "trains nothing: it is for sweeps" in capsys.readouterr().err
+
+
+def test_a_cost_constraint_chooses_the_best_trial_within_it(sweep_inputs, tmp_path, monkeypatch):
+    """`constraint: perplexity_increase <= 5%`: every finished trial's perplexity on held-out text is measured
+    against the base model (paired, with its interval), trials over the limit rank below those within it, the
+    winner is the best within it, and the Pareto front is reported. The measurement is real; to make the
+    constraint bite whatever the tiny model learns, every trial but the base recipe's is then put over it."""
+    from tasktune import sweeper as sweep_module
+
+    measured = []
+    real = sweep_module.Trials.perplexity_increase
+
+    def over_unless_base(self, p, model, head):
+        change = real(self, p, model, head)
+        measured.append(change)
+        is_base = p.recipe.train.learning_rate == self.base.recipe.train.learning_rate
+        return {**change, "relative_change": 0.0 if is_base else 0.5}
+
+    monkeypatch.setattr(sweep_module.Trials, "perplexity_increase", over_unless_base)
+    model, data = sweep_inputs
+    spec = write_sweep(tmp_path, model, data, trials=4, pruner="none", constraint="perplexity_increase <= 5%")
+    assert main(["sweep", str(spec)]) == 0
+    folder = tmp_path / "sweeps" / "tiny"
+    result = json.loads((folder / "sweep.json").read_text())
+    board = json.loads((folder / "leaderboard.json").read_text())
+    assert len(measured) == 4 and all(m["n"] > 0 and m["interval"][0] <= m["relative_change"] <= m["interval"][1]
+                                      for m in measured)
+    assert [r["feasible"] for r in board] == [True, False, False, False] and board[0]["base"]
+    assert result["winner"]["trial"] == board[0]["trial"] and result["constraint"] == "perplexity_increase <= 5%"
+    best_overall = max(board, key=lambda r: r["validation"]["value"])
+    assert best_overall["trial"] in result["pareto_front"] and board[0]["trial"] in result["pareto_front"]
+    report = (folder / "report.md").read_text()
+    assert "perplexity increase [95%]" in report and "over the limit" in report and "Pareto front" in report
+    assert "among trials with perplexity_increase <= 5%" in result["selection"]

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from tasktune import plots
+from tasktune.costs import cost_figures
 from tasktune.errors import TasktuneError
 from tasktune.ownership import check_outside
 from tasktune.report import markdown_table
@@ -18,7 +19,7 @@ def headline(report: dict, task) -> dict:
            "train_examples": report["data"].get("train"), "train_s": report["timings_s"].get("train_s")}
     for stage in ("zeroshot", "finetuned"):
         out.update({f"{stage}_{k}": v for k, v in task.compare_figures(report.get(stage) or {}).items()})
-    return out
+    return {**out, **cost_figures(report.get("costs"))}  # what each adaptation cost, paired, with intervals
 
 
 def compare(run_dirs: list[str], out: Path, overwrite: bool = False) -> str:

@@ -207,3 +207,18 @@ def cost_lines(costs: dict | None, zeroshot: dict | None, finetuned: dict | None
             line += f"; exact McNemar p = {paired['mcnemar']['p_value']:.3g}"
         lines.append(line)
     return lines
+
+
+def cost_figures(costs: dict | None) -> dict:
+    """A run's costs as comparable columns: `cost_perplexity_change` (relative) and `cost_<control>_<metric>`
+    (the paired difference), each `value [low, high]` with its 95% interval (compare and sweep tables)."""
+    out = {}
+    ppl = (costs or {}).get("perplexity")
+    if ppl:
+        out["cost_perplexity_change"] = (f"{100 * ppl['relative_change']:+.1f}% [{100 * ppl['interval'][0]:+.1f}%, "
+                                         f"{100 * ppl['interval'][1]:+.1f}%] (n {ppl['n']})")
+    for name, paired in ((costs or {}).get("controls") or {}).items():
+        gain = paired["gain"]
+        out[f"cost_{name}_{paired['metric']}"] = (f"{gain['difference']:+.4f} [{gain['interval'][0]:+.4f}, "
+                                                  f"{gain['interval'][1]:+.4f}] (n {paired['n']})")
+    return out

@@ -120,10 +120,13 @@ def write_sweep_report(sweep_dir: Path, spec, study, result: dict, board: list[d
         lines.append("")
     as_ranked = test.get("winner_as_validated") or {}
     optimism = (winner["validation"]["value"] - as_ranked["value"] if as_ranked.get("value") is not None else None)
+    front = result.get("pareto_front") or []
     lines += [f"Selection rule: {result['selection']}.",
+              (f"Pareto front (validation {metric} against perplexity increase, whatever the limit): trials "
+               + ", ".join(map(str, front)) + "." if front else ""),
               (f"Optimism of choosing: the winner's validation figure exceeds its test figure by {optimism:+.4f}."
                if optimism is not None else ""), "",
-              f"Winner's parameters: " + ", ".join(f"`{k}={v}`" for k, v in winner["params"].items()), "",
+              "Winner's parameters: " + ", ".join(f"`{k}={v}`" for k, v in winner["params"].items()), "",
               f"## Leaderboard ({result['trials']} trials, {result['pruned']} pruned; ranked on validation)", "",
               leaderboard_markdown(board, metric)]
     made = [("Validation figure per trial", trials_plot(board, metric, plots / "trials.png")),
@@ -158,15 +161,27 @@ def _fmt_figure(figure: dict) -> str:
     return f"{value:.4f}" + (f" [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "")
 
 
+def _cost_text(r: dict) -> str:
+    cost = r.get("perplexity_increase")
+    if cost is None:
+        return "—"
+    low, high = cost["interval"]
+    return (f"{100 * cost['relative_change']:+.1f}% [{100 * low:+.1f}%, {100 * high:+.1f}%]"
+            + ("" if r.get("feasible") else " over the limit") + (" · Pareto" if r.get("pareto") else ""))
+
+
 def leaderboard_markdown(board: list[dict], metric: str) -> str:
     keys = list(dict.fromkeys(k for r in board for k in r["params"]))
-    lines = [f"| rank | trial | {' | '.join(f'`{k}`' for k in keys)} | validation {metric} [95%] | n | steps | "
-             "wall s | pruned |", "|---:|---:|" + "---|" * len(keys) + "---:|---:|---:|---:|---|"]
+    costs = any("perplexity_increase" in r for r in board)  # the sweep has a constraint: show the cost column
+    cost_head, cost_rule = (" perplexity increase [95%] |", "---:|") if costs else ("", "")
+    lines = [f"| rank | trial | {' | '.join(f'`{k}`' for k in keys)} | validation {metric} [95%] | n |{cost_head} "
+             "steps | wall s | pruned |", "|---:|---:|" + "---|" * len(keys) + "---:|---:|" + cost_rule + "---:|---:|---|"]
     for rank, r in enumerate(board, 1):
         cells = [_param_text(r["params"].get(k)) for k in keys]
         tag = " (base)" if r["base"] else (f" (retry of {r['retry_of']})" if r["retry_of"] is not None else "")
+        cost = f" {_cost_text(r)} |" if costs else ""
         lines.append(f"| {rank} | {r['trial']}{tag} | {' | '.join(cells)} | {_fmt_figure(r['validation'])} | "
-                     f"{r['validation'].get('n') or '—'} | {r['steps'] if r['steps'] is not None else '—'} | "
+                     f"{r['validation'].get('n') or '—'} |{cost} {r['steps'] if r['steps'] is not None else '—'} | "
                      f"{r['wall_s'] if r['wall_s'] is not None else '—'} | {'yes' if r['pruned'] else 'no'} |")
     return "\n".join(lines) + "\n"
 

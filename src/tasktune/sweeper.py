@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -86,7 +87,29 @@ class SweepSpec:
     storage: str | None = None
     seed: int = 0
     output_dir: str = "sweeps"
+    constraint: str | None = None  # "perplexity_increase <= 5%": the winner is the best trial within it
     source: str = ""
+
+    @property
+    def perplexity_limit(self) -> float | None:
+        """The largest relative perplexity increase a winner may have (0.05 for "<= 5%"), or None."""
+        return None if self.constraint is None else parse_constraint(self.constraint, self.source)
+
+
+CONSTRAINT = re.compile(r"\s*perplexity_increase\s*<=\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(%?)\s*")
+
+
+def parse_constraint(text: str, where: str) -> float:
+    """`perplexity_increase <= 5%` (or `<= 0.05`): perplexity on held-out general text (the base recipe's
+    eval.perplexity, else the embedded Wikipedia paragraphs), measured for every trial against the base model;
+    no test data is read."""
+    match = CONSTRAINT.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise TasktuneError(f"{where}: constraint {text!r} must read `perplexity_increase <= LIMIT` (e.g. 5% or 0.05)")
+    value = float(match.group(1)) / (100 if match.group(2) else 1)
+    if not math.isfinite(value):
+        raise TasktuneError(f"{where}: constraint limit must be a finite number, got {match.group(1)}")
+    return value
 
     @property
     def sweep_dir(self) -> Path:
@@ -181,7 +204,7 @@ def load_sweep(path: str, overrides: list[str] = ()) -> SweepSpec:
     spec = SweepSpec(name=str(data.get("name") or p.stem), recipe=str(data["recipe"]), space=space,
                      overrides={str(k): v for k, v in overrides_map.items()}, source=where)
     for key, kind in (("sampler", str), ("trials", int), ("timeout", (int, float)), ("pruner", str),
-                      ("storage", str), ("seed", int), ("output_dir", str)):
+                      ("storage", str), ("seed", int), ("output_dir", str), ("constraint", str)):
         if key in data and data[key] is not None:
             value = data[key]
             if not isinstance(value, kind) or isinstance(value, bool):
@@ -193,8 +216,7 @@ def load_sweep(path: str, overrides: list[str] = ()) -> SweepSpec:
         raise TasktuneError(f"{where}: pruner {spec.pruner!r} is not one of {list(PRUNERS)}")
     if spec.trials < 1 or (spec.timeout is not None and spec.timeout <= 0):
         raise TasktuneError(f"{where}: trials must be >= 1 and timeout > 0 seconds")
-    import re
-
+    spec.perplexity_limit  # a malformed constraint fails now
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", spec.name):
         raise TasktuneError(f"{where}: name {spec.name!r} must be a plain directory name")
     if spec.sampler == "grid":
@@ -286,6 +308,8 @@ class TrialSeededSampler:
                     return optuna.samplers.GridSampler({p.key: p.grid() for p in spec.space}, seed=seed)
                 if spec.sampler == "random":
                     return optuna.samplers.RandomSampler(seed=seed)
+                if spec.constraint is not None:  # TPE models feasibility from each trial's constraint value
+                    return optuna.samplers.TPESampler(seed=seed, constraints_func=_constraint_values)
                 return optuna.samplers.TPESampler(seed=seed)
 
             def before_trial(self, study, trial):
@@ -307,6 +331,11 @@ class TrialSeededSampler:
                 self.inner.after_trial(study, trial, state, values)
 
         return _Sampler()
+
+
+def _constraint_values(trial) -> list[float]:
+    """Optuna's constraint convention: <= 0 is feasible (pruned and failed trials count as feasible)."""
+    return trial.user_attrs.get("constraint", [0.0])
 
 
 def fail_dead_local_trials(study) -> None:
@@ -366,6 +395,22 @@ class Trials:
         return dataclasses.replace(base, recipe=recipe, task=task, builder=builder, label_token_ids=label_ids,
                                    examples={**base.examples, "train": train})
 
+    def perplexity_increase(self, p, model, head: str) -> dict | None:
+        """The trial model's perplexity on held-out general text against the base model's, paired over
+        documents (`costs.perplexity_change`); None for a model without its LM head (a classification head)."""
+        from tasktune import costs
+
+        if head != "causal_lm":
+            return None
+        if not hasattr(self, "_documents"):
+            cfg = self.base.recipe.eval
+            used = {r["context"] for r in self.base.rows if "context" in r}
+            self._documents, _ = costs.perplexity_documents(cfg.perplexity or "embedded", used, cfg.perplexity_docs,
+                                                            self.base.recipe.data.seed)
+            self._base_nll = costs.document_nll(self.base.lm.model, self.base.lm.tokenizer, self._documents)
+        change = costs.perplexity_change(self._base_nll, costs.document_nll(model, p.lm.tokenizer, self._documents))
+        return {k: change[k] for k in ("relative_change", "interval", "p_value", "n")}
+
     def train_features(self, p) -> list[dict]:
         cfg = p.recipe.train
         key = (cfg.objective, cfg.max_length, p.recipe.eval.shots, p.recipe.eval.prompt_format,
@@ -399,19 +444,30 @@ class Trials:
             mark_as_ours(folder, "trial")
         write_json(folder / "recipe.json", recipe.to_dict())
         start = time.perf_counter()
+        limit = self.spec.perplexity_limit
+        cost = None
         if not get_method(recipe.train.method).trains:  # prompting: the base model with eval.shots examples
             figure = validation_figure(p, p.lm.model, "causal_lm")
             summary = {"global_step": 0, "train_runtime_s": 0.0}
+            cost = {"relative_change": 0.0, "interval": [0.0, 0.0], "p_value": 1.0, "n": 0} if limit is not None \
+                else None
         else:
             model, summary, head = train_stage(p, folder, features=self.train_features(p),
                                                callbacks=(PruneOnValidation(trial, p.task.metric_for_best),))
             try:
                 figure = validation_figure(p, model, head)
+                if limit is not None:
+                    cost = self.perplexity_increase(p, model, head)
             finally:
                 model.unload() if head == "causal_lm" else None  # the shared base, clean for the next trial
         record = {"trial": trial.number, "params": params, "validation": figure, "steps": summary["global_step"],
                   "wall_s": round(time.perf_counter() - start, 2), "train_s": summary.get("train_runtime_s"),
                   "pruned": False}
+        if limit is not None:
+            # Unmeasurable (a classification head has no LM head to read text with) counts as outside the limit.
+            record["perplexity_increase"] = cost
+            record["feasible"] = cost is not None and cost["relative_change"] <= limit
+            trial.set_user_attr("constraint", [cost["relative_change"] - limit if cost is not None else math.inf])
         write_json(folder / "trial.json", record)
         trial.set_user_attr("record", record)
         if figure["value"] is None:
@@ -578,9 +634,25 @@ def leaderboard(study) -> list[dict]:
                          if t.datetime_complete else None),
                      "pruned": t.state == TrialState.PRUNED, "base": bool(t.user_attrs.get("base")),
                      "retry_of": t.user_attrs.get("retry_of")})
-    rows.sort(key=lambda r: (r["pruned"], -(r["validation"]["value"] if r["validation"]["value"] is not None
-                                              else -math.inf), r["trial"]))
+        if "perplexity_increase" in record:
+            rows[-1].update(perplexity_increase=record["perplexity_increase"], feasible=record["feasible"])
+    rows.sort(key=lambda r: (r["pruned"], not r.get("feasible", True),
+                             -(r["validation"]["value"] if r["validation"]["value"] is not None else -math.inf),
+                             r["trial"]))
+    mark_pareto_front(rows)
     return rows
+
+
+def mark_pareto_front(rows: list[dict]) -> None:
+    """`pareto: true` on the finished trials no other beats on both validation figure (higher) and perplexity
+    increase (lower): the trade-offs worth choosing between, whatever the limit."""
+    measured = [r for r in rows if not r["pruned"] and r["validation"]["value"] is not None
+                and r.get("perplexity_increase") is not None]
+    for r in measured:
+        v, c = r["validation"]["value"], r["perplexity_increase"]["relative_change"]
+        r["pareto"] = not any(o["validation"]["value"] >= v and o["perplexity_increase"]["relative_change"] <= c
+                              and (o["validation"]["value"] > v or o["perplexity_increase"]["relative_change"] < c)
+                              for o in measured)
 
 
 def evaluate_test(p, model, out_dir: Path, head: str = "causal_lm") -> dict:
@@ -599,6 +671,15 @@ def finish(spec: SweepSpec, sweep_dir: Path, study, prepared) -> dict:
     ranked = [r for r in board if not r["pruned"] and r["validation"]["value"] is not None]
     if not ranked:
         raise TasktuneError(f"sweep {spec.name}: no trial finished with a validation figure (all pruned or failed)")
+    if spec.constraint is not None:
+        within = [r for r in ranked if r.get("feasible")]
+        if not within:
+            least = min((r["perplexity_increase"]["relative_change"] for r in ranked if r.get("perplexity_increase")),
+                        default=None)
+            raise TasktuneError(f"sweep {spec.name}: no finished trial meets `{spec.constraint}` (smallest perplexity "
+                                f"increase: {'unmeasured' if least is None else f'{100 * least:+.1f}%'}); relax it, "
+                                "or add train.method none (prompting) or smaller learning rates to the space")
+        ranked = within
     winner = ranked[0]
     base_row = next((r for r in board if r["base"] and not r["pruned"]), None)
     trials = Trials(spec, sweep_dir, prepared)
@@ -621,13 +702,17 @@ def finish(spec: SweepSpec, sweep_dir: Path, study, prepared) -> dict:
         if role in results and not (role == "base" and base_row and base_row["trial"] == winner["trial"]):
             other = _read_jsonl(test / role / "predictions.jsonl")
             paired[f"winner_vs_{role}"] = prepared.task.paired(other, _read_jsonl(test / "winner" / "predictions.jsonl"))
+    within = (f" among trials with {spec.constraint} (perplexity on held-out general text against the base "
+              "model, no test data)") if spec.constraint else ""
     result = {"name": spec.name, "selection": "highest validation "
-              f"{prepared.task.metric_for_best} on the base recipe's validation slice "
+              f"{prepared.task.metric_for_best}{within} on the base recipe's validation slice "
               f"(n = {len(prepared.examples['validation'])}); the test set was evaluated once each for zero-shot, "
               "the winner and the base recipe, never for the other trials",
               "winner": winner, "base": base_row, "test": results, "paired": paired,
               "trials": len(board), "pruned": sum(r["pruned"] for r in board),
-              "test_rows": len(prepared.examples["test"]), "validation_rows": len(prepared.examples["validation"])}
+              "test_rows": len(prepared.examples["test"]), "validation_rows": len(prepared.examples["validation"]),
+              "constraint": spec.constraint,
+              "pareto_front": [r["trial"] for r in board if r.get("pareto")]}
     write_json(sweep_dir / "leaderboard.json", board)
     from tasktune.sweep_report import leaderboard_markdown, write_sweep_report
 
