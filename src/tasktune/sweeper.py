@@ -95,6 +95,10 @@ class SweepSpec:
         """The largest relative perplexity increase a winner may have (0.05 for "<= 5%"), or None."""
         return None if self.constraint is None else parse_constraint(self.constraint, self.source)
 
+    @property
+    def sweep_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
 
 CONSTRAINT = re.compile(r"\s*perplexity_increase\s*<=\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(%?)\s*")
 
@@ -110,10 +114,6 @@ def parse_constraint(text: str, where: str) -> float:
     if not math.isfinite(value):
         raise TasktuneError(f"{where}: constraint limit must be a finite number, got {match.group(1)}")
     return value
-
-    @property
-    def sweep_dir(self) -> Path:
-        return Path(self.output_dir) / self.name
 
 
 def _nested(dotted: dict) -> dict:
