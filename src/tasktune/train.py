@@ -7,7 +7,6 @@ accumulation), through `TaskTrainer.evaluate`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
