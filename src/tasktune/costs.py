@@ -50,6 +50,14 @@ def perplexity_documents(source: str, used_texts: set[str], limit: int, seed: in
     return docs, origin
 
 
+def run_documents(p) -> tuple[list[str], str]:
+    """The held-out documents of a prepared run's eval.perplexity (else the embedded paragraphs): never a
+    context the run's data holds."""
+    cfg = p.recipe.eval
+    used = {r["context"] for r in p.rows if "context" in r}
+    return perplexity_documents(cfg.perplexity or "embedded", used, cfg.perplexity_docs, p.recipe.data.seed)
+
+
 def document_nll(model, tokenizer, docs: list[str]) -> list[dict]:
     """Summed negative log-likelihood and token count of each document (its first PERPLEXITY_MAX_TOKENS
     tokens), the LM head applied in chunks so that full-vocabulary logits never exist for a whole document."""
@@ -134,8 +142,7 @@ def measure(p, model, out_dir: Path, head: str = "causal_lm") -> dict:
     summary: dict = {}
     train_texts = {row_key(r) for r in p.examples["train"] + p.examples["validation"]}
     if cfg.perplexity:
-        used = {r["context"] for r in p.rows if "context" in r}
-        docs, origin = perplexity_documents(cfg.perplexity, used, cfg.perplexity_docs, p.recipe.data.seed)
+        docs, origin = run_documents(p)
         rows = document_nll(model, p.lm.tokenizer, docs)
         write_jsonl(out_dir / "perplexity.jsonl", rows)
         summary["perplexity"] = {**perplexity_summary(rows), "source": origin}

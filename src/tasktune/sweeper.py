@@ -374,6 +374,7 @@ class Trials:
     def __init__(self, spec: SweepSpec, sweep_dir: Path, prepared):
         self.spec, self.dir, self.base = spec, sweep_dir, prepared
         self.features: dict[tuple, list[dict]] = {}
+        self._base_perplexity: tuple[list[str], list[dict]] | None = None
         by_id = {r["id"]: r for r in prepared.rows}
         self.train_all = [by_id[i] for i in prepared.split["train"]]
 
@@ -402,13 +403,11 @@ class Trials:
 
         if head != "causal_lm":
             return None
-        if not hasattr(self, "_documents"):
-            cfg = self.base.recipe.eval
-            used = {r["context"] for r in self.base.rows if "context" in r}
-            self._documents, _ = costs.perplexity_documents(cfg.perplexity or "embedded", used, cfg.perplexity_docs,
-                                                            self.base.recipe.data.seed)
-            self._base_nll = costs.document_nll(self.base.lm.model, self.base.lm.tokenizer, self._documents)
-        change = costs.perplexity_change(self._base_nll, costs.document_nll(model, p.lm.tokenizer, self._documents))
+        if self._base_perplexity is None:  # the base model's, once per process
+            documents, _ = costs.run_documents(self.base)
+            self._base_perplexity = documents, costs.document_nll(self.base.lm.model, self.base.lm.tokenizer, documents)
+        documents, base_nll = self._base_perplexity
+        change = costs.perplexity_change(base_nll, costs.document_nll(model, p.lm.tokenizer, documents))
         return {k: change[k] for k in ("relative_change", "interval", "p_value", "n")}
 
     def train_features(self, p) -> list[dict]:
