@@ -175,7 +175,7 @@ def test_the_default_objective_follows_the_verbalizers(tiny_llama, sst2_tsv, tmp
         assert report["config"]["train"]["objective"] == expected
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "rslora"])
+@pytest.mark.parametrize("method", ["lora", "dora", "rslora", "ia3"])
 def test_every_method_trains_resumes_evaluates_exports_and_is_counted(tiny_llama, sst2_tsv, tmp_path, method):
     """Each method end to end on the tiny model: train, params (its own count formula), eval --run, export
     --merge, and a resume of a run whose train stage is redone."""
@@ -185,12 +185,17 @@ def test_every_method_trains_resumes_evaluates_exports_and_is_counted(tiny_llama
     assert main(tiny_run(tiny_llama, sst2_tsv, tmp_path, method, f"train.method={method}",
                          "train.lora_r=4")) == 0
     params = json.loads((run / "params.json").read_text())
-    lora = params["analysis"]["lora"]
-    assert lora["method"] == method and lora["rank_formula_matches"]
-    shapes = [tuple(m["shape"]) for m in params["analysis"]["modules"]]
-    assert lora["parameters"] == get_method(method).expected_parameters(4, shapes)
+    adapter = params["analysis"]["adapter"]
+    assert adapter["method"] == method and adapter["formula_matches"]
+    modules = [(m["type"], tuple(m["shape"])) for m in params["analysis"]["modules"]]
+    assert adapter["parameters"] == get_method(method).expected_parameters(4, modules) > 0
     assert params["counts"]["merged_equals_base"] and not params["frozen"]["unexpected_changes"]
-    assert (lora["magnitude_parameters"] > 0) == (method == "dora")
+    assert params["frozen"]["changed"] > 0 and all(m["relative"] > 0 for m in params["analysis"]["modules"])
+    assert (adapter["magnitude_parameters"] > 0) == (method == "dora")
+    if method == "ia3":  # the MLP's down projection scales its inputs, every other target its outputs
+        assert {m["type"]: m["scaled"] for m in params["analysis"]["modules"]}["down_proj"] == "input"
+        assert adapter["parameters"] == sum(m["shape"][1] if m["type"] == "down_proj" else m["shape"][0]
+                                            for m in params["analysis"]["modules"])
     assert main(["eval", "--run", str(run), "--out", str(tmp_path / f"{method}-eval")]) == 0
     again = json.loads((tmp_path / f"{method}-eval" / "metrics.json").read_text())
     first = json.loads((run / "finetuned" / "metrics.json").read_text())
@@ -216,7 +221,7 @@ def test_every_method_trains_resumes_evaluates_exports_and_is_counted(tiny_llama
 
 def test_an_unknown_method_is_one_line(tiny_llama, sst2_tsv, tmp_path, capsys):
     assert main(tiny_run(tiny_llama, sst2_tsv, tmp_path, "m", "train.method=qlora")) == 2
-    assert "train.method 'qlora' is not one of ['dora', 'lora', 'none', 'rslora']" in capsys.readouterr().err
+    assert "train.method 'qlora' is not one of ['dora', 'ia3', 'lora', 'none', 'rslora']" in capsys.readouterr().err
 
 
 def test_controls_and_perplexity_show_what_an_adaptation_cost(tiny_llama, tmp_path, monkeypatch):
@@ -268,6 +273,44 @@ def test_controls_and_perplexity_show_what_an_adaptation_cost(tiny_llama, tmp_pa
     learned_cell, gentle_cell = rows[f"cost_sst2_flipped_{control_metric}"]
     assert learned_cell.startswith(f"{cost['difference']:+.4f} [") and learned_cell.endswith("(n 60)")
     assert gentle_cell.startswith(f"{quiet['difference']:+.4f} [")
+
+
+@pytest.mark.parametrize("name", ["sst2-gemma3-270m-cpu", "squad2-gemma3-270m-cpu"])
+def test_each_shipped_cpu_recipe_has_held_out_perplexity_documents(name):
+    """The shipped recipes measure perplexity on the embedded paragraphs: each gets its documents, none of them
+    a context of one of its examples (the SQuAD recipe reads every embedded paragraph's file, so only its
+    unused paragraphs qualify). Red when the documents were taken from files the run does not read: none."""
+    from tasktune import pipeline, recipes
+    from tasktune.config import load_recipe
+    from tasktune.costs import held_out_documents
+    from tasktune.tasks import get_task
+
+    recipe = load_recipe(str(recipes.find(name)))
+    task = get_task(recipe.task)
+    rows, _ = task.load(recipe.data.path)
+    by_id = {r["id"]: r for r in rows}
+    examples = {part: [by_id[i] for i in ids] for part, ids in task.split(rows, recipe.data).items()}
+    for part, key in (("train", "limit_train"), ("test", "limit_test")):
+        examples[part] = pipeline.sample(examples[part], getattr(recipe.data, key), recipe.data.seed)
+    docs, origin = held_out_documents(recipe, examples)
+    assert len(docs) == recipe.eval.perplexity_docs == 100
+    used = {r["context"] for part in examples.values() for r in part if "context" in r}
+    assert not used & set(docs)
+    assert ("from articles it trains on" in origin) == (recipe.task == "squad_v2")
+
+
+def test_a_perplexity_source_without_documents_is_refused_before_the_model_loads(tiny_llama, sst2_tsv, tmp_path,
+                                                                                monkeypatch, capsys):
+    from tasktune import pipeline
+
+    empty = tmp_path / "general.txt"
+    empty.write_text("\n\n  \n")
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(tiny_run(tiny_llama, sst2_tsv, tmp_path, "empty", f"eval.perplexity={empty}")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"tasktune: error: eval.perplexity: {empty} has no documents (non-empty blocks separated by "
+                   "blank lines)"]
+    assert not (tmp_path / "empty").exists() and not (tmp_path / ".empty.partial").exists()
 
 
 def test_the_model_card_carries_the_costs(tiny_llama, tmp_path, monkeypatch):

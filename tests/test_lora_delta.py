@@ -39,8 +39,8 @@ def test_counts_match_hand_computed_numbers(tiny_llama, tmp_path):
     lora_per_layer = 4 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 3)
     assert count_parameters(model)["trainable"] == 2 * lora_per_layer
     result = analyse(str(tiny_llama), tmp_path / "adapter")
-    assert result["lora"]["parameters"] == result["lora"]["rank_formula"] == 2 * lora_per_layer
-    assert result["lora"]["modules"] == 14
+    assert result["adapter"]["parameters"] == result["adapter"]["formula"] == 2 * lora_per_layer
+    assert result["adapter"]["modules"] == 14
     merged = model.merge_and_unload()
     assert count_parameters(merged)["total"] == base
 
@@ -95,7 +95,7 @@ def finished_run(tiny_llama, tmp_path_factory):
 def test_run_writes_params_plots_and_self_contained_html(finished_run):
     run, _ = finished_run
     params = json.loads((run / "params.json").read_text())
-    assert params["counts"]["merged_equals_base"] and params["analysis"]["lora"]["rank_formula_matches"]
+    assert params["counts"]["merged_equals_base"] and params["analysis"]["adapter"]["formula_matches"]
     assert params["frozen"]["unexpected_changes"] == []
     for name in ("training.png", "confusion_score.png", "metrics.png", "delta_heatmap.png"):
         png = (run / "plots" / name).read_bytes()

@@ -212,15 +212,16 @@ def cmd_sweeps(args) -> int:
 
 def cmd_params(args) -> int:
     from tasktune.ownership import add_to_seal
-    from tasktune.param_report import params_for_run
+    from tasktune.param_report import adapter_section, params_for_run
     from tasktune.report import render
 
     run_dir = require_owned_run(Path(args.run_dir), needs=("report.json", "adapter"))
     params = params_for_run(run_dir)
     add_to_seal(run_dir, [run_dir / "params.json", *render(run_dir)])
-    lora = params["analysis"]["lora"]
-    print(f"[tasktune] base {params['counts']['base']:,} | LoRA {lora['parameters']:,} "
-          f"({100 * params['counts']['lora_share']:.3f}%) = r×(in+out) {lora['rank_formula']:,} | merged "
+    adapter = adapter_section(params)
+    print(f"[tasktune] base {params['counts']['base']:,} | {adapter['method']} {adapter['parameters']:,} "
+          f"({100 * adapter['parameters'] / params['counts']['base']:.3f}%) = {adapter['formula_text']} "
+          f"{adapter['formula']:,} | merged "
           f"{params['counts']['merged']:,} | frozen identical {params['frozen']['identical']}, unexpected changes "
           f"{len(params['frozen']['unexpected_changes'])}")
     return 0

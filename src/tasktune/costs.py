@@ -2,8 +2,10 @@
 rows, so that the change has a paired interval.
 
 - `eval.perplexity`: token-level perplexity on general text. `embedded`: Wikipedia paragraphs, the contexts of
-  the embedded SQuAD v2 files that the run itself does not read (a SQuAD run's own contexts are left out); or a
-  text file of the user's (documents separated by blank lines). Interval by bootstrap over documents.
+  the embedded SQuAD v2 files that no training, validation or test example of the run holds (a SQuAD run
+  leaves its own out; how many of the rest come from articles it trains on is counted and shown); or a text
+  file of the user's (documents separated by blank lines). Interval by bootstrap over documents. Chosen while
+  the run is prepared, before any model loads, so a source without documents fails first.
 - `eval.controls`: other tasks (a shipped task's name or a spec path), each evaluated with its own protocol on
   `eval.control_rows` seeded rows of its own data; rows of the run's own training part are never used (and the
   overlap is counted and shown).
@@ -26,36 +28,56 @@ from tasktune.errors import TasktuneError
 PERPLEXITY_MAX_TOKENS = 512
 
 
-def perplexity_documents(source: str, used_texts: set[str], limit: int, seed: int) -> tuple[list[str], str]:
-    """(documents, where they came from): held-out general text the run never reads."""
+def perplexity_documents(source: str, excluded_contexts: set[str], limit: int, seed: int,
+                         trained_titles: set[str] = frozenset()) -> tuple[list[str], str]:
+    """(documents, where they came from): held-out general text, never one of `excluded_contexts`."""
     if source == "embedded":
         from tasktune.data import squad
         from tasktune.tasks.spec import load_spec
 
         rows, origin = squad.load(load_spec("squad_v2"), None)
+        title_of = {r["context"]: r.get("title") for r in rows}
         contexts = list(dict.fromkeys(r["context"] for r in rows))
-        docs = [c for c in contexts if c not in used_texts]
-        origin = f"Wikipedia paragraphs of {origin} not read by this run"
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise TasktuneError(f"eval.perplexity: {source} is neither `embedded` nor a text file")
-        text = path.read_text(encoding="utf-8")
-        docs = [d.strip() for d in text.split("\n\n") if d.strip()]
-        origin = str(path)
+        docs = [c for c in contexts if c not in excluded_contexts]
+        if not docs:
+            raise TasktuneError(f"eval.perplexity: every Wikipedia paragraph of {origin} is a context of this run's "
+                                "data; give a text file of general text (documents separated by blank lines)")
+        if len(docs) > limit:
+            docs = random.Random(seed).sample(docs, limit)
+        related = sum(title_of[d] in trained_titles for d in docs)
+        origin = (f"Wikipedia paragraphs of {origin} that no example of this run holds"
+                  + (f" ({related} of {len(docs)} from articles it trains on)" if related else ""))
+        return docs, origin
+    path = Path(source)
+    if not path.is_file():
+        raise TasktuneError(f"eval.perplexity: {source} is neither `embedded` nor a text file")
+    text = path.read_text(encoding="utf-8")
+    docs = [d.strip() for d in text.split("\n\n") if d.strip()]
     if not docs:
-        raise TasktuneError(f"eval.perplexity: no documents in {origin}")
+        raise TasktuneError(f"eval.perplexity: {path} has no documents (non-empty blocks separated by blank lines)")
     if len(docs) > limit:
         docs = random.Random(seed).sample(docs, limit)
-    return docs, origin
+    return docs, str(path)
+
+
+def held_out_documents(recipe, examples: dict[str, list[dict]], split_rows: dict[str, list[dict]] | None = None
+                       ) -> tuple[list[str], str]:
+    """The documents of a run's eval.perplexity (else the embedded paragraphs): never a context of the run's
+    examples, nor (given `split_rows`, the whole split before row limits, as a sweep whose trials vary
+    data.limit_train needs) of any row of the split's training and validation parts."""
+    cfg = recipe.eval
+    excluded = {r["context"] for part in examples.values() for r in part if "context" in r}
+    trained = [r for part in ("train", "validation") for r in examples.get(part, [])]
+    if split_rows is not None:
+        trained += [r for part in ("train", "validation") for r in split_rows.get(part, [])]
+        excluded |= {r["context"] for r in trained if "context" in r}
+    titles = {r["title"] for r in trained if r.get("title")}
+    return perplexity_documents(cfg.perplexity or "embedded", excluded, cfg.perplexity_docs, recipe.data.seed, titles)
 
 
 def run_documents(p) -> tuple[list[str], str]:
-    """The held-out documents of a prepared run's eval.perplexity (else the embedded paragraphs): never a
-    context the run's data holds."""
-    cfg = p.recipe.eval
-    used = {r["context"] for r in p.rows if "context" in r}
-    return perplexity_documents(cfg.perplexity or "embedded", used, cfg.perplexity_docs, p.recipe.data.seed)
+    """The held-out documents of a prepared run (chosen in `prepare`, before the model loaded)."""
+    return p.documents if p.documents is not None else held_out_documents(p.recipe, p.examples)
 
 
 def document_nll(model, tokenizer, docs: list[str]) -> list[dict]:

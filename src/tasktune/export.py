@@ -92,23 +92,26 @@ def model_card(report: dict, name: str, merged: bool, task):
     model-index), then the protocol, the figures with their intervals and the parameter counts."""
     from huggingface_hub import ModelCard, ModelCardData
 
+    from tasktune.methods import get_method
     from tasktune.report import comparison_table, paired_lines
 
     dataset_type, _ = dataset_of(report, task)
     base_id, license_id, origin = base_model_facts(report["model"])
     data = ModelCardData(
         model_name=name, base_model=base_id, license=license_id, library_name="transformers" if merged else "peft",
-        tags=["tasktune", "lora", task.name] + ([] if merged else ["peft"]),
+        tags=["tasktune", report["config"]["train"].get("method", "lora"), task.name] + ([] if merged else ["peft"]),
         datasets=[dataset_type] if dataset_type != task.name else None,
         pipeline_tag="text-generation", eval_results=eval_results(report, task))
     cfg = report["config"]
+    method = cfg["train"].get("method", "lora")
+    title = get_method(method).title
     zs, ft = report.get("zeroshot") or {}, report.get("finetuned") or {}
     adapted = (report.get("parameters") or {}).get("adapted") or {}
     base_total = ((report.get("parameters") or {}).get("base") or {}).get("total")
     proto = report["protocol"]
     body = [
         f"# {name}", "",
-        f"{'Merged LoRA fine-tune' if merged else 'LoRA adapter'} of {origin}, for {report['task']}, made with "
+        f"{f'Merged {title} fine-tune' if merged else f'{title} adapter'} of {origin}, for {report['task']}, made with "
         "[tasktune](https://pypi.org/project/tasktune/).", "",
         "## Results (the same test split and protocol before and after fine-tuning)", "",
         "Each figure with its 95% bootstrap interval over the test examples.", "",
@@ -119,14 +122,13 @@ def model_card(report: dict, name: str, merged: bool, task):
         *task.protocol_notes(proto), "",
         "## Parameters", "",
         f"- base model: {base_total:,} parameters" if base_total else "- base model: (not recorded)",
-        f"- LoRA (trainable): {adapted.get('trainable', 0):,} ({100 * adapted.get('trainable_share', 0):.3f}% of "
+        f"- {title} (trainable): {adapted.get('trainable', 0):,} ({100 * adapted.get('trainable_share', 0):.3f}% of "
         f"{adapted.get('total', 0):,})" + ("; merged into the base weights, so the model has the base's count"
                                           if merged else ""), "",
         "## Training", "",
         f"- data: `{report['data']['source']}` ({report['data'].get('train')} training examples, split seed "
         f"{cfg['data']['seed']})",
-        f"- objective `{cfg['train']['objective']}`, method `{cfg['train'].get('method', 'lora')}`, r={cfg['train']['lora_r']} alpha={cfg['train']['lora_alpha']} "
-        f"dropout={cfg['train']['lora_dropout']} on {', '.join(cfg['train']['target_modules'])}",
+        f"- objective `{cfg['train']['objective']}`, method `{method}`, {get_method(method).settings(cfg['train'])}",
         f"- AdamW lr {cfg['train']['learning_rate']} ({cfg['train']['lr_scheduler']}), batch {cfg['train']['batch_size']}"
         f" × {cfg['train']['grad_accum']}, {report['training'].get('global_step')} steps, dtype {report['dtype']}",
         "", "```yaml", yaml.safe_dump(cfg, sort_keys=False).strip(), "```", "",

@@ -1,4 +1,4 @@
-"""What changed: parameter counts and per-module LoRA update statistics, computed by streaming.
+"""What changed: parameter counts and per-module update statistics (LoRA family and IA3), computed by streaming.
 
 Only one base weight and one LoRA pair are in memory at a time, so this runs on a 1B+ model on a small
 machine. ΔW = B·A·scale is never formed densely for its statistics: with QR factors B = Q_b R_b and
@@ -19,6 +19,7 @@ from safetensors import safe_open
 from tasktune.errors import TasktuneError
 
 LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.default)?\.weight$")
+IA3_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.ia3_l(?:\.default)?$")
 LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -115,14 +116,33 @@ def module_type(module: str) -> str:
 
 
 def analyse(base_path: str, adapter_dir: Path, rank_tol: float = 1e-6) -> dict:
-    """Counts, the rank formula check, and per-module ΔW statistics for one adapter."""
-    pairs, meta = lora_pairs(Path(adapter_dir))
+    """Counts, the method's formula check, and per-module ΔW statistics for one saved adapter."""
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    if config.get("peft_type") == "IA3":
+        return analyse_ia3(base_path, Path(adapter_dir), config)
+    return analyse_lora(base_path, Path(adapter_dir), rank_tol)
+
+
+def _layer_order(module: str) -> tuple:
+    return int(LAYER.search(module)[1]) if LAYER.search(module) else -1, module
+
+
+def _by_type(modules: list[dict]) -> dict:
+    by_type: dict = defaultdict(list)
+    for m in modules:
+        by_type[m["type"]].append(m["relative"])
+    return {t: {"mean_relative": sum(v) / len(v), "max_relative": max(v), "modules": len(v)}
+            for t, v in sorted(by_type.items())}
+
+
+def analyse_lora(base_path: str, adapter_dir: Path, rank_tol: float = 1e-6) -> dict:
+    pairs, meta = lora_pairs(adapter_dir)
     cfg = meta["config"]
     r, alpha = cfg["r"], cfg["lora_alpha"]
     scale = alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
     base = BaseWeights(base_path)
     modules, formula, counted = [], 0, 0
-    for module in sorted(pairs, key=lambda m: (int(LAYER.search(m)[1]) if LAYER.search(m) else -1, m)):
+    for module in sorted(pairs, key=_layer_order):
         A, B = pairs[module]
         W = base.get(base.find(module)).float()
         if W.shape != (B.shape[0], A.shape[1]):
@@ -143,17 +163,56 @@ def analyse(base_path: str, adapter_dir: Path, rank_tol: float = 1e-6) -> dict:
         raise TasktuneError(f"DoRA magnitude parameters {magnitudes} differ from the sum of output features "
                             f"{expected_magnitudes}")
     extra = sum(meta["other_tensors"].values()) - magnitudes
-    by_type: dict = defaultdict(list)
-    for m in modules:
-        by_type[m["type"]].append(m["relative"])
     return {
-        "lora": {"method": "dora" if cfg.get("use_dora") else "rslora" if cfg.get("use_rslora") else "lora",
-                 "r": r, "alpha": alpha, "scale": scale, "target_modules": sorted({m["type"] for m in modules}),
-                 "modules": len(modules), "parameters": counted + magnitudes, "rank_formula": formula + magnitudes,
-                 "rank_formula_matches": formula == counted and magnitudes == expected_magnitudes,
-                 "magnitude_parameters": magnitudes, "other_trainable": extra},
-        "by_type": {t: {"mean_relative": sum(v) / len(v), "max_relative": max(v), "modules": len(v)}
-                    for t, v in sorted(by_type.items())},
+        "adapter": {"method": "dora" if cfg.get("use_dora") else "rslora" if cfg.get("use_rslora") else "lora",
+                    "r": r, "alpha": alpha, "scale": scale, "target_modules": sorted({m["type"] for m in modules}),
+                    "modules": len(modules), "parameters": counted + magnitudes, "formula": formula + magnitudes,
+                    "formula_text": "r×(in+out)" + (" + out per target (DoRA magnitudes)" if magnitudes else ""),
+                    "formula_matches": formula == counted and magnitudes == expected_magnitudes,
+                    "magnitude_parameters": magnitudes, "other_trainable": extra},
+        "by_type": _by_type(modules),
+        "modules": modules,
+    }
+
+
+def analyse_ia3(base_path: str, adapter_dir: Path, cfg: dict) -> dict:
+    """IA3 multiplies a target's weight by a learned vector: its output rows (l of shape out×1) or, for a
+    feedforward module, its input columns (1×in). ΔW = W ⊙ (l − 1), exactly, from the vector and the base."""
+    scales, extra = {}, {}
+    with safe_open(adapter_dir / "adapter_model.safetensors", framework="pt") as f:
+        for key in f.keys():
+            m = IA3_KEY.match(key)
+            if m:
+                scales[m["module"]] = f.get_tensor(key).double()
+            else:
+                extra[key] = _prod(f.get_slice(key).get_shape())
+    feedforward = set(cfg.get("feedforward_modules") or [])
+    base = BaseWeights(base_path)
+    modules, formula, counted = [], 0, 0
+    for module in sorted(scales, key=_layer_order):
+        scale, W = scales[module], base.get(base.find(module)).double()
+        is_ff = module_type(module) in feedforward or any(module.endswith(f) for f in feedforward)
+        expected = (1, W.shape[1]) if is_ff else (W.shape[0], 1)
+        if tuple(scale.shape) != expected:
+            raise TasktuneError(f"IA3 vector of {module} has shape {tuple(scale.shape)}, expected {expected} for its "
+                                f"base weight {tuple(W.shape)}: adapter and base model differ")
+        formula += W.shape[1] if is_ff else W.shape[0]
+        counted += scale.numel()
+        delta = float(torch.linalg.vector_norm(W * (scale - 1)))
+        w_norm = float(torch.linalg.vector_norm(W))
+        layer = LAYER.search(module)
+        modules.append({"module": module, "type": module_type(module), "layer": int(layer[1]) if layer else None,
+                        "shape": list(W.shape), "scaled": "input" if is_ff else "output", "delta_fro": delta,
+                        "weight_fro": w_norm, "relative": delta / w_norm if w_norm else 0.0,
+                        "scale_min": float(scale.min()), "scale_max": float(scale.max())})
+        del W
+    return {
+        "adapter": {"method": "ia3", "target_modules": sorted({m["type"] for m in modules}),
+                    "feedforward_modules": sorted(feedforward), "modules": len(modules), "parameters": counted,
+                    "formula": formula, "formula_text": "out per target (in for feedforward targets)",
+                    "formula_matches": formula == counted, "magnitude_parameters": 0,
+                    "other_trainable": sum(extra.values())},
+        "by_type": _by_type(modules),
         "modules": modules,
     }
 

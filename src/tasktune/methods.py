@@ -1,51 +1,125 @@
 """Adaptation methods (`train.method`): how a base model is wrapped for training, and what the parameter
 analysis counts for it. One registry; a plug-in adds a method with `register_method`.
 
-Built in, all through peft's LoRA family (an adapter saved beside the frozen base, merged for inference):
+Built in, all through peft (an adapter saved beside the frozen base, merged for inference):
 - `lora`: low-rank update B·A scaled by alpha / r (the default).
 - `dora`: weight-decomposed LoRA: the LoRA update gives the direction, plus one trainable magnitude per output
   row of each target (peft `use_dora`).
 - `rslora`: rank-stabilised scaling alpha / sqrt(r) (peft `use_rslora`), for larger ranks.
+- `ia3`: one learned scale vector per target (peft IA3): the output rows of attention and up/gate projections,
+  the input columns of the MLP's down projection. No rank: `lora_r`, `lora_alpha`, `lora_dropout` do not apply.
 - `none`: no training, in a sweep only: the base model with `eval.shots` examples in the prompt, ranked on the
   same validation slice, so "does fine-tuning beat prompting" is answered in the same table.
 
-Not built in yet (the analysis and the sweep's reuse of one base assume a frozen base and an A·B adapter):
-full fine-tuning, IA3, PiSSA (which rewrites the base weights at initialisation) and QLoRA.
+Not built in yet (the analysis and the sweep's reuse of one base assume a frozen base and a saved adapter):
+full fine-tuning, PiSSA (which rewrites the base weights at initialisation) and QLoRA.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 from tasktune.errors import TasktuneError
 
+# The MLP's down projection under the names the common decoders give it: IA3 scales its *input* (the expanded
+# hidden state), peft's "feedforward" modules; every other target has its output scaled.
+FEEDFORWARD_NAMES = ("down_proj", "fc2", "c_proj", "w2", "dense_4h_to_h")
+
+
+class Method(ABC):
+    """One adaptation method: its peft config, and the trainable count its formula predicts."""
+    name: str
+    title: str                    # as a sentence names it: "LoRA", "IA3"
+    description: str
+    trains: bool = True           # False: `none`, prompting only (sweeps)
+
+    @abstractmethod
+    def peft_config(self, train_cfg, seqcls: bool):
+        """The peft config that wraps the base model for training (None: nothing is trained)."""
+
+    @abstractmethod
+    def expected_parameters(self, r: int, modules: list[tuple[str, tuple[int, int]]]) -> int:
+        """The trainable count its formula gives for these targets: (module type, (out, in) weight shape)."""
+
+    def settings(self, train_cfg: dict) -> str:
+        """Its settings as the report and model card name them."""
+        return (f"r={train_cfg['lora_r']} alpha={train_cfg['lora_alpha']} dropout={train_cfg['lora_dropout']} on "
+                f"{', '.join(train_cfg['target_modules'])}")
+
+
+def _task_type(seqcls: bool):
+    from peft import TaskType
+
+    # SEQ_CLS makes peft train and save the fresh `score` head with the adapter (modules_to_save).
+    return TaskType.SEQ_CLS if seqcls else TaskType.CAUSAL_LM
+
 
 @dataclass(frozen=True)
-class Method:
+class LoraFamily(Method):
     name: str
+    title: str
     lora_options: dict = field(default_factory=dict)   # extra peft LoraConfig arguments
     magnitude_vectors: bool = False                      # DoRA: one trainable vector of out-features per target
-    trains: bool = True                                  # False: `none`, prompting only (sweeps)
     description: str = ""
 
     def peft_config(self, train_cfg, seqcls: bool):
-        from peft import LoraConfig, TaskType
+        from peft import LoraConfig
 
         return LoraConfig(
             r=train_cfg.lora_r, lora_alpha=train_cfg.lora_alpha, lora_dropout=train_cfg.lora_dropout,
-            target_modules=list(train_cfg.target_modules), bias="none",
-            # SEQ_CLS makes peft train and save the fresh `score` head with the adapter (modules_to_save).
-            task_type=TaskType.SEQ_CLS if seqcls else TaskType.CAUSAL_LM, **self.lora_options)
+            target_modules=list(train_cfg.target_modules), bias="none", task_type=_task_type(seqcls),
+            **self.lora_options)
 
-    def expected_parameters(self, r: int, shapes: list[tuple[int, int]]) -> int:
-        """The trainable count its formula gives for these target weight shapes (out, in)."""
-        return sum(r * (out + inp) + (out if self.magnitude_vectors else 0) for out, inp in shapes)
+    def expected_parameters(self, r: int, modules: list[tuple[str, tuple[int, int]]]) -> int:
+        return sum(r * (out + inp) + (out if self.magnitude_vectors else 0) for _, (out, inp) in modules)
+
+
+@dataclass(frozen=True)
+class IA3(Method):
+    name: str = "ia3"
+    title: str = "IA3"
+    description: str = ("one learned scale per output row of each target (per input column of the MLP's down "
+                        "projection)")
+
+    def peft_config(self, train_cfg, seqcls: bool):
+        from peft import IA3Config
+
+        targets = list(train_cfg.target_modules)
+        return IA3Config(target_modules=targets, feedforward_modules=[t for t in targets if t in FEEDFORWARD_NAMES],
+                         task_type=_task_type(seqcls))
+
+    def expected_parameters(self, r: int, modules: list[tuple[str, tuple[int, int]]]) -> int:
+        return sum(inp if kind in FEEDFORWARD_NAMES else out for kind, (out, inp) in modules)
+
+    def settings(self, train_cfg: dict) -> str:
+        return f"scale vectors on {', '.join(train_cfg['target_modules'])}"
+
+
+@dataclass(frozen=True)
+class Prompting(Method):
+    name: str = "none"
+    title: str = "prompting"
+    description: str = ("no training: the base model prompted with eval.shots examples, so k-shot prompting "
+                        "competes with fine-tuning in a sweep")
+    trains: bool = False
+
+    def peft_config(self, train_cfg, seqcls: bool):
+        return None
+
+    def expected_parameters(self, r: int, modules: list[tuple[str, tuple[int, int]]]) -> int:
+        return 0
+
+    def settings(self, train_cfg: dict) -> str:
+        return "no training"
 
 
 METHODS: dict[str, Method] = {}
 
 
 def register_method(method: Method) -> Method:
+    if not isinstance(method, Method):
+        raise TypeError(f"{method!r} is not a tasktune.methods.Method")
     METHODS[method.name] = method
     return method
 
@@ -57,11 +131,11 @@ def get_method(name: str) -> Method:
 
 
 for _method in (
-    Method("lora", description="low-rank update B·A × alpha/r on the target projections"),
-    Method("dora", {"use_dora": True}, magnitude_vectors=True,
-           description="weight-decomposed LoRA: LoRA direction plus a trainable magnitude per output row"),
-    Method("rslora", {"use_rslora": True}, description="LoRA with rank-stabilised scaling alpha/sqrt(r)"),
-    Method("none", trains=False, description="no training: the base model prompted with eval.shots examples, so "
-                                             "k-shot prompting competes with fine-tuning in a sweep"),
+    LoraFamily("lora", "LoRA", description="low-rank update B·A × alpha/r on the target projections"),
+    LoraFamily("dora", "DoRA", {"use_dora": True}, magnitude_vectors=True,
+               description="weight-decomposed LoRA: LoRA direction plus a trainable magnitude per output row"),
+    LoraFamily("rslora", "rsLoRA", {"use_rslora": True}, description="LoRA with rank-stabilised scaling alpha/sqrt(r)"),
+    IA3(),
+    Prompting(),
 ):
     register_method(_method)

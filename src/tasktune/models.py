@@ -52,14 +52,45 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_dtype(name: str) -> torch.dtype:
+@dataclass(frozen=True)
+class DtypeChoice:
+    """The weights' dtype and why it was chosen (recorded in run.json and the report)."""
+    dtype: torch.dtype
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+
+def choose_dtype(name: str, cuda_capability: tuple[int, int] | None = None, cuda_name: str = "",
+                 cpu_bf16: bool | None = None) -> DtypeChoice:
+    """`auto` picks what the device computes natively: bf16 on CUDA compute capability >= 8.0 (Ampere and
+    newer) and on CPUs with AVX512-BF16 or AMX; fp16 on older CUDA cards (T4, V100), trained with fp32 adapter
+    weights and a gradient scaler; fp32 elsewhere. Not `torch.cuda.is_bf16_supported()`: it says yes on a T4,
+    where bf16 is emulated and slow. The device facts are arguments so that a test can fake them."""
     if name not in DTYPES:
         raise TasktuneError(f"dtype {name!r} is not one of {sorted(DTYPES)}")
     if DTYPES[name] is not None:
-        return DTYPES[name]
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+        return DtypeChoice(DTYPES[name], f"dtype {name} set in the recipe")
+    if cuda_capability is None and torch.cuda.is_available():
+        cuda_capability, cuda_name = torch.cuda.get_device_capability(), torch.cuda.get_device_name()
+    if cuda_capability is not None:
+        shown = f"{cuda_name or 'CUDA device'} (compute capability {cuda_capability[0]}.{cuda_capability[1]})"
+        if cuda_capability >= (8, 0):
+            return DtypeChoice(torch.bfloat16, f"auto: {shown} computes bf16 natively")
+        return DtypeChoice(torch.float16, f"auto: {shown} has no native bf16: fp16 weights, fp32 adapter "
+                                          "weights and a gradient scaler")
+    if cpu_bf16 is None:
+        cpu_bf16 = cpu_supports_bf16()
+    if cpu_bf16:
+        return DtypeChoice(torch.bfloat16, "auto: the CPU has AVX512-BF16 or AMX bf16 instructions")
+    return DtypeChoice(torch.float32, "auto: no CUDA device and no bf16 instructions on the CPU (bf16 would be "
+                                      "emulated)")
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    return choose_dtype(name).dtype
 
 
 def _atomic_convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
@@ -128,6 +159,7 @@ class LoadedModel:
     tokenizer: object
     path: str  # the local directory or hub id the weights came from
     dtype: torch.dtype
+    dtype_reason: str = ""
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -148,7 +180,8 @@ def load_model(name: str, dtype: str = "auto", head: str = "causal_lm", num_labe
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoConfig
 
     path = resolve_model_path(name)
-    torch_dtype = resolve_dtype(dtype)
+    choice = choose_dtype(dtype)
+    torch_dtype = choice.dtype
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         tokenizer = load_tokenizer(path, trust_remote_code)
@@ -178,7 +211,7 @@ def load_model(name: str, dtype: str = "auto", head: str = "causal_lm", num_labe
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, path=path, dtype=torch_dtype)
+    return LoadedModel(model=model, tokenizer=tokenizer, path=path, dtype=torch_dtype, dtype_reason=choice.reason)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",

@@ -21,9 +21,21 @@ def parameter_report(base_path: str, adapter_dir: Path, base_count: int, merged_
                              "not change the parameter count")
     modules = {m["module"] for m in analysis["modules"]}
     frozen = frozen_check(merged_model, base_path, modules)
+    trained = analysis["adapter"]["parameters"]
     return {"counts": {"base": base_count, "merged": merged, "merged_equals_base": merged == base_count,
-                       "lora": analysis["lora"]["parameters"], "lora_share": analysis["lora"]["parameters"] / base_count},
+                       "adapter": trained, "adapter_share": trained / base_count},
             "frozen": frozen, "analysis": analysis}
+
+
+def adapter_section(params: dict) -> dict:
+    """params.json's adapter summary; runs written before 2026-12-02 named it `lora`, with `rank_formula`."""
+    analysis = params["analysis"]
+    if "adapter" in analysis:
+        return analysis["adapter"]
+    old = analysis["lora"]
+    return {**old, "formula": old["rank_formula"], "formula_matches": old["rank_formula_matches"],
+            "formula_text": "r×(in+out)" + (" + out per target (DoRA magnitudes)"
+                                           if old.get("magnitude_parameters") else "")}
 
 
 def params_for_run(run_dir: Path) -> dict:

@@ -19,6 +19,7 @@ from accelerate import PartialState
 
 from tasktune._version import __version__
 from tasktune.config import Recipe
+from tasktune.costs import held_out_documents
 from tasktune.infer import merge_for_inference
 from tasktune.data.split import overlap_warning
 from tasktune.errors import TasktuneError
@@ -71,6 +72,7 @@ class Prepared:
     started: float = field(default_factory=time.perf_counter)  # for the wall time of this invocation
     memory: MemoryLog = field(default_factory=MemoryLog)
     rows: list[dict] = field(default_factory=list)  # every row of the data file, as loaded (read once)
+    documents: tuple[list[str], str] | None = None  # eval.perplexity's held-out documents and their origin
 
     @property
     def sources(self) -> str:
@@ -100,6 +102,8 @@ def prepare(recipe: Recipe, training: bool = True) -> Prepared:
         examples[part] = sample(examples[part], limit, recipe.data.seed,
                                 keep=(lambda ex: ex.get("sentence") is True) if part == "test" else None)
     timings["data_s"] = time.perf_counter() - start
+    # Before the model loads: a perplexity source without documents is bad input, refused first.
+    documents = held_out_documents(recipe, examples) if recipe.eval.perplexity else None
 
     start = time.perf_counter()
     lm = load_model(recipe.model, recipe.dtype, trust_remote_code=recipe.trust_remote_code)
@@ -113,7 +117,7 @@ def prepare(recipe: Recipe, training: bool = True) -> Prepared:
     label_ids = task.label_token_ids(builder, examples["test"][0])
     resolve_objective(recipe, task, label_ids, training)
     return Prepared(recipe, task, source, split, examples, lm, builder, label_ids, overlap, test_source, timings,
-                    started, memory, rows)
+                    started, memory, rows, documents)
 
 
 def resolve_objective(recipe: Recipe, task, label_ids: list[int] | None, training: bool) -> None:
@@ -444,7 +448,8 @@ def run_facts(p: Prepared, base_params: dict) -> dict:
     from tasktune.data import source_origin
 
     return {
-        "model_path": p.lm.path, "dtype": str(p.lm.dtype).replace("torch.", ""), "task": p.task.name,
+        "model_path": p.lm.path, "dtype": str(p.lm.dtype).replace("torch.", ""),
+        "dtype_reason": p.lm.dtype_reason, "task": p.task.name,
         "task_type": p.task.type,
         "data": {"source": p.source, "origin": source_origin(p.source), **{k: len(v) for k, v in p.examples.items()}},
         "protocol": {**p.builder.describe(), "labels": list(p.task.label_names), "verbalizers": list(p.task.verbalizers),

@@ -14,6 +14,7 @@ from tasktune import plots
 from tasktune.html_page import markdown_to_html
 from tasktune.rundir import write_json, write_text
 from tasktune.costs import cost_lines, paired_costs
+from tasktune.param_report import adapter_section
 from tasktune.run_layout import RunLayout
 
 
@@ -71,7 +72,7 @@ def write_report(run_dir: Path) -> dict:
     data = {**facts["data"], "sha256": json.loads(RunLayout(run_dir).fingerprint.read_text())["data_sha256"]}
     report = {
         "name": config["name"], "task": facts["task"], "model": config["model"], "model_path": facts["model_path"],
-        "dtype": facts["dtype"], "data": data, "task_type": facts["task_type"], "protocol": facts["protocol"],
+        "dtype": facts["dtype"], "dtype_reason": facts.get("dtype_reason"), "data": data, "task_type": facts["task_type"], "protocol": facts["protocol"],
         "split": facts["split"], "zeroshot": zeroshot, "finetuned": finetuned,
         "paired": paired_comparison(run_dir, task_of_run(run_dir, facts)) if zeroshot and finetuned else None,
         "costs": paired_costs(run_dir) if zeroshot and finetuned else None,
@@ -232,7 +233,8 @@ def render_markdown(report, task, params, figures, changes, history: list[dict],
     lines = [
         f"# {report['name']}: {report['task']} on {report['model']}", "",
         f"Data ({report['data'].get('origin', 'path')}): `{report['data']['source']}` — train {report['data'].get('train')}, validation "
-        f"{report['data'].get('validation')}, test {report['data'].get('test')} examples. dtype {report['dtype']}.",
+        f"{report['data'].get('validation')}, test {report['data'].get('test')} examples. dtype {report['dtype']}"
+        + (f" ({report['dtype_reason']})." if report.get("dtype_reason") else "."),
         *(f"- sha256 of `{Path(f).name}`: `{h}`" for f, h in report["data"].get("sha256", {}).items()), "",
         *overlap_lines(report.get("split")), "",
         *bought_and_cost(report, task), "",
@@ -246,25 +248,26 @@ def render_markdown(report, task, params, figures, changes, history: list[dict],
         *task.protocol_notes(proto), "",
         "## Parameters", "", "| | count |", "|---|---:|",
         f"| base model | {_fmt(report['parameters']['base']['total'])} |",
-        f"| adapted model (base + LoRA) | {_fmt(adapted.get('total'))} |",
-        f"| trainable (LoRA) | {_fmt(adapted.get('trainable'))} ({100 * adapted.get('trainable_share', 0):.3f}%) |",
+        f"| adapted model (base + adapter) | {_fmt(adapted.get('total'))} |",
+        f"| trainable (adapter) | {_fmt(adapted.get('trainable'))} ({100 * adapted.get('trainable_share', 0):.3f}%) |",
     ]
     if params:
-        lora = params["analysis"]["lora"]
+        adapter = adapter_section(params)
+        settings = (f"r={adapter['r']}, alpha={adapter['alpha']} (scale {adapter['scale']:.3g})" if "r" in adapter
+                    else "one scale vector per target")
         lines += [f"| merged model | {_fmt(params['counts']['merged'])} (equals base: {params['counts']['merged_equals_base']}) |",
-                  "", f"Method `{lora.get('method', 'lora')}`: r={lora['r']}, alpha={lora['alpha']} (scale "
-                  f"{lora['scale']:.3g}) on {lora['modules']} modules ({', '.join(lora['target_modules'])}); r×(in+out)"
-                  f"{' + out per target (DoRA magnitudes)' if lora.get('magnitude_parameters') else ''} = "
-                  f"{_fmt(lora['rank_formula'])} = counted "
-                  f"{_fmt(lora['parameters'])}: {lora['rank_formula_matches']}.",
+                  "", f"Method `{adapter.get('method', 'lora')}`: {settings} on {adapter['modules']} modules "
+                  f"({', '.join(adapter['target_modules'])}); {adapter['formula_text']} = {_fmt(adapter['formula'])} = "
+                  f"counted {_fmt(adapter['parameters'])}: {adapter['formula_matches']}.",
                   f"Frozen weights bit-identical after merging: {params['frozen']['identical']} tensors; changed: "
-                  f"{params['frozen']['changed']} (all LoRA targets); unexpected changes: "
+                  f"{params['frozen']['changed']} (all adapter targets); unexpected changes: "
                   f"{len(params['frozen']['unexpected_changes'])}.", "",
                   "| module type | mean ‖ΔW‖/‖W‖ | max ‖ΔW‖/‖W‖ | modules |", "|---|---:|---:|---:|"]
         lines += [f"| {t} | {v['mean_relative']:.5f} | {v['max_relative']:.5f} | {v['modules']} |"
                   for t, v in params["analysis"]["by_type"].items()]
-        ranks = sorted({m["effective_rank"] for m in params["analysis"]["modules"]})
-        lines += ["", f"Effective rank of ΔW (singular values above 1e-6 × the largest): {ranks}."]
+        ranks = sorted({m["effective_rank"] for m in params["analysis"]["modules"] if "effective_rank" in m})
+        if ranks:
+            lines += ["", f"Effective rank of ΔW (singular values above 1e-6 × the largest): {ranks}."]
     evals = [h for h in history if any(k.startswith("eval_") for k in h)]
     lines += ["", "## Training", "",
               f"- objective `{report['config']['train']['objective']}`, steps {train.get('global_step')}, best "

@@ -404,7 +404,12 @@ class Trials:
         if head != "causal_lm":
             return None
         if self._base_perplexity is None:  # the base model's, once per process
-            documents, _ = costs.run_documents(self.base)
+            # Not the base run's own documents: a trial may train on more rows (data.limit_train) than the base
+            # recipe, so no context of the whole training split may be among them.
+            base = self.base
+            by_id = {r["id"]: r for r in base.rows}
+            split_rows = {part: [by_id[i] for i in ids if i in by_id] for part, ids in base.split.items()}
+            documents, _ = costs.held_out_documents(base.recipe, base.examples, split_rows)
             self._base_perplexity = documents, costs.document_nll(self.base.lm.model, self.base.lm.tokenizer, documents)
         documents, base_nll = self._base_perplexity
         change = costs.perplexity_change(base_nll, costs.document_nll(model, p.lm.tokenizer, documents))

@@ -113,6 +113,12 @@ class TaskTrainer(Trainer):
                  validate: Callable[[torch.nn.Module], dict] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.objective, self.label_token_ids, self.validate = objective, label_token_ids, validate
+        if self.args.fp16 and self.accelerator.device.type == "cpu" and self.accelerator.scaler is None:
+            # accelerate leaves fp16 autocast and the gradient scaler off on a CPU (accelerator.py checks
+            # `device.type != "cpu"`); torch has both there, so they are switched on as accelerate does on CUDA:
+            # the fp16 path of a T4 then runs, and is tested, on this machine.
+            self.accelerator.scaler = torch.amp.GradScaler("cpu")
+            self.accelerator.native_amp = True
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         with adapter_input_casting_off(model):
@@ -150,7 +156,9 @@ class TestMetricLogs(TrainerCallback):
             self.trainer.log({f"test_finetuned/{k}": v for k, v in figures.items()})
 
 
-def training_arguments(train_cfg, output_dir: Path, metric: str) -> TrainingArguments:
+def training_arguments(train_cfg, output_dir: Path, metric: str, fp16: bool = False) -> TrainingArguments:
+    """`fp16`: the base weights are fp16 (dtype auto on a pre-Ampere card, or set): the Trainer trains with
+    fp16 autocast and a gradient scaler, the trainable weights in fp32 (see `fit`)."""
     # TensorBoard gets its own callback below (to write into the run directory); the others go as named.
     report_to = [name for name in train_cfg.report_to if name not in ("none", "tensorboard")] or "none"
     return TrainingArguments(
@@ -165,6 +173,7 @@ def training_arguments(train_cfg, output_dir: Path, metric: str) -> TrainingArgu
         lr_scheduler_type=train_cfg.lr_scheduler,
         optim="adamw_torch",
         logging_steps=train_cfg.logging_steps,
+        fp16=fp16,
         eval_strategy="steps",
         eval_steps=train_cfg.eval_steps,
         save_strategy="steps",
@@ -196,7 +205,12 @@ def fit(model, tokenizer, train_features: list[dict], val_features: list[dict], 
     Resumes from the last complete checkpoint in `output_dir/checkpoints` when there is one.
     """
     checkpoints = output_dir / "checkpoints"
-    args = training_arguments(train_cfg, checkpoints, metric)
+    fp16 = any(p.dtype == torch.float16 for p in model.parameters())
+    if fp16:  # the scaler unscales fp32 gradients only: a trainable fp16 weight (a seqcls head) is kept in fp32
+        for param in model.parameters():
+            if param.requires_grad and param.dtype == torch.float16:
+                param.data = param.data.float()
+    args = training_arguments(train_cfg, checkpoints, metric, fp16=fp16)
     stopper = StopOnSignal()
     callbacks = [EarlyStoppingCallback(early_stopping_patience=train_cfg.patience), SealCheckpoints(), stopper,
                  *callbacks]
@@ -235,5 +249,8 @@ def fit(model, tokenizer, train_features: list[dict], val_features: list[dict], 
         "train_runtime_s": result.metrics.get("train_runtime"),
         "train_samples_per_second": result.metrics.get("train_samples_per_second"),
         "train_loss": result.metrics.get("train_loss"),
+        # fp16 training: the gradient scaler's final scale (it halves on every overflowing step it skips)
+        "grad_scaler_scale": (float(trainer.accelerator.scaler.get_scale())
+                              if getattr(trainer.accelerator, "scaler", None) is not None else None),
         "log_history": history,
     }
