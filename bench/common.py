@@ -34,9 +34,32 @@ def machine() -> dict:
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "bf16_matmul_kernel": matmul_kernel("bfloat16"), "fp32_matmul_kernel": matmul_kernel("float32"),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
+
+
+def matmul_kernel(dtype_name: str) -> str:
+    """Which kernel family a CPU matmul of this dtype runs, as oneDNN names it (`brg_matmul:avx512_core_amx`,
+    `...avx512_core_bf16`, ...), read from its verbose log in a fresh process; `mkl/other` when the product does
+    not go through oneDNN (torch's fp32 CPU matmul calls MKL or OpenBLAS). On CUDA: `cuda`."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    code = (f"import torch; a = torch.randn(256, 256, dtype=torch.{dtype_name}); "
+            "[torch.nn.functional.linear(a, a) for _ in range(2)]")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "ONEDNN_VERBOSE": "1", "DNNL_VERBOSE": "1"})
+    kernels = set()
+    for line in proc.stdout.splitlines():  # ...,exec,cpu,<primitive kind>,<implementation>,...
+        fields = line.split(",")
+        if fields[0] in ("onednn_verbose", "dnnl_verbose") and "exec" in fields:
+            kind = next((i for i, f in enumerate(fields) if f in ("matmul", "inner_product")), None)
+            if kind is not None and kind + 1 < len(fields):
+                kernels.add(f"{fields[kind]} {fields[kind + 1]}")
+    return ", ".join(sorted(kernels)) or "mkl/other (not oneDNN)"
 
 
 def peak_rss_mib() -> float:

@@ -10,7 +10,8 @@ import pytest
 ROOT = Path(__file__).parents[1]
 
 
-@pytest.mark.parametrize("script", ["train_sst2.py", "eval_sst2.py", "train_squad.py", "eval_squad.py"])
+@pytest.mark.parametrize("script", ["train_sst2.py", "eval_sst2.py", "train_squad.py", "eval_squad.py",
+                                    "train_custom_lm.py"])
 def test_quick_mode(script):
     before = (ROOT / "bench" / "RESULTS.md").read_text() if (ROOT / "bench" / "RESULTS.md").exists() else None
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--quick"], capture_output=True, text=True,

@@ -83,8 +83,9 @@ def test_label_lm_loss_equals_the_lm_objective_loss(tiny_models, arch):
     batch_rows = rows(6)
     label_lm = objective_loss(lm.model, collate(task.train_features(builder, batch_rows, "label_lm", 64, label_ids)),
                               "label_lm", label_ids)
-    full = objective_loss(lm.model, collate(task.train_features(builder, batch_rows, "lm", 64, label_ids)), "lm",
-                          label_ids)
+    lm_batch = collate(task.train_features(builder, batch_rows, "lm", 64, label_ids))
+    full = lm.model(input_ids=lm_batch["input_ids"], attention_mask=lm_batch["attention_mask"],
+                    position_ids=lm_batch["position_ids"], labels=lm_batch["labels"]).loss
     torch.testing.assert_close(label_lm, full, atol=1e-5, rtol=1e-5)
 
 
@@ -127,18 +128,28 @@ def squad_features(model_dir, questions: list[tuple[str, list[str]]]):
     return lm, task.train_features(PromptBuilder(task, lm.tokenizer), examples, "answer", 128)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma2"])
-def test_answer_loss_equals_full_logit_lm_loss(tiny_models, arch):
-    from tasktune.losses import answer_loss
-
+@pytest.mark.parametrize("objective", ["answer", "lm"])
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3"])
+def test_target_token_losses_equal_the_full_logit_lm_loss_with_the_head_at_labelled_positions_only(
+        tiny_models, arch, objective):
+    """`answer` and `lm` (multi-token targets: answers of 1-3 tokens here) give the model's own full-vocabulary
+    loss, and the LM head sees only the labelled positions: red if `lm` went back to the model's own forward,
+    which applies the head at every position (for Gemma 3, 262,144 logits each)."""
     lm, features = squad_features(tiny_models[arch], [("what is the capital ?", ["Paris"]), ("who was born ?", []),
                                                       ("what river flows through Paris ?", ["the Seine"])])
     batch = LeftPadCollator(lm.tokenizer.pad_token_id)(features)
+    rows_seen = []
+    hook = lm.model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: rows_seen.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
     with torch.no_grad():
-        ours = answer_loss(lm.model, batch)
+        ours = objective_loss(lm.model, batch, objective)
+        hook.remove()
         reference = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              position_ids=batch["position_ids"], labels=batch["labels"]).loss
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    assert 0 < labelled < batch["input_ids"].numel() // 4
+    assert sum(rows_seen) in (0, labelled)  # 0: head_logits multiplied by the head's weight directly
 
 
 def test_bf16_base_trains_adapter_in_mixed_precision(tiny_models):

@@ -69,8 +69,9 @@ class EvalConfig:
 class TrainConfig:
     objective: str | None = opt(None, "the loss (README: Training objectives); unset: the task type's default "
                                       "(classification `verbalizer`, extractive QA `answer`)")
-    method: str = opt("lora", "adaptation method: `lora`, `dora` (weight-decomposed LoRA) or `rslora` (rank-stabilised "
-                              "scaling); see tasktune/methods.py")
+    method: str = opt("lora", "adaptation method: `lora`, `dora` (weight-decomposed LoRA), `rslora` (rank-stabilised "
+                              "scaling) or `ia3` (one scale vector per target; the lora_* keys do not apply); see "
+                              "tasktune/methods.py")
     lora_r: int = opt(16, "LoRA rank r of each adapter")
     lora_alpha: int = opt(32, "LoRA alpha (the update is scaled by alpha / r)")
     lora_dropout: float = opt(0.05, "dropout on the LoRA input")
@@ -110,7 +111,9 @@ class Recipe:
     task: str = opt("", "a shipped task (`tasktune tasks`) or the path of a task spec YAML")
     model: str = opt("gemma3-270m", "hub id, local directory, .gguf file or alias (gemma3-270m, llama3.2-1b, "
                                     "gemma2-2b)")
-    dtype: str = opt("auto", "weights' dtype: `auto` (bf16 where the GPU or CPU supports it, else fp32)")
+    dtype: str = opt("auto", "weights' dtype: `auto` (bf16 on CUDA compute capability >= 8.0 and on CPUs with "
+                             "AVX512-BF16/AMX; fp16 with a gradient scaler on older CUDA cards such as the T4; fp32 "
+                             "elsewhere), or bf16, fp16, fp32")
     trust_remote_code: bool = opt(False, "run a hub model's own Python code: only for models you trust")
     output_dir: str = opt("runs", "where run directories go")
     data: DataConfig = field(default_factory=DataConfig)

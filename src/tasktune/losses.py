@@ -5,8 +5,9 @@
 - `label_lm`: the same loss value as `lm` (full-vocabulary cross-entropy on the label token), with the LM head
   applied at the last prompt position only: the model keeps *writing* the label word, which `verbalizer`
   (a contrast between the labels) does not teach.
-- `lm`: causal-LM loss on the verbalizer's tokens only, through the model's own full-vocabulary forward (what
-  most tutorials do); the objective for multi-token verbalizers.
+- `lm`: causal-LM loss on the verbalizer's tokens only (the objective for multi-token verbalizers): the same
+  value as the model's own forward with `labels` (what most tutorials do), with the LM head applied at the
+  labelled positions only, not at every position of the prompt (for Gemma 3, 262,144 logits per position).
 - `seqcls`: a fresh classification head (`AutoModelForSequenceClassification`), saved with the adapter.
 - `answer` (extractive QA): LM loss on the answer tokens only, with the LM head applied at those positions only.
 
@@ -52,8 +53,9 @@ def label_lm_loss(model, batch: dict, label_token_ids: list[int]) -> torch.Tenso
     return F.cross_entropy(logits.float(), targets)
 
 
-def answer_loss(model, batch: dict, label_token_ids=None) -> torch.Tensor:
-    """Causal-LM loss over the positions whose next token is labelled, LM head at those positions only."""
+def target_token_loss(model, batch: dict, label_token_ids=None) -> torch.Tensor:
+    """Causal-LM loss over the positions whose next token is labelled, LM head at those positions only (`lm`,
+    `answer`)."""
     ids, mask, pos, labels = batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["labels"]
     if _data_parallel(model):
         # As above for DDP: logits only for the window from the first answer position to the end.
@@ -73,7 +75,7 @@ def answer_loss(model, batch: dict, label_token_ids=None) -> torch.Tensor:
 
 
 def model_loss(model, batch: dict, label_token_ids=None) -> torch.Tensor:
-    """`lm` and `seqcls`: the model's own forward and loss (token labels, or class ids for a classifier head)."""
+    """`seqcls`: the model's own forward and loss (class ids for its classification head)."""
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                  position_ids=batch["position_ids"], labels=batch["labels"], use_cache=False).loss
 
@@ -131,11 +133,12 @@ for _objective in (
               description="last prompt token x the labels' LM-head rows, cross-entropy over the labels"),
     Objective("label_lm", label_lm_loss, single_token_verbalizers=True,
               description="full-vocabulary cross-entropy on the label token, LM head at the last position only"),
-    Objective("lm", model_loss, labels="tokens",
-              description="causal-LM loss on the verbalizer's tokens (multi-token verbalizers)"),
+    Objective("lm", target_token_loss, labels="tokens",
+              description="causal-LM loss on the verbalizer's tokens (multi-token verbalizers), LM head at those "
+                          "positions only"),
     Objective("seqcls", model_loss, head="seqcls",
               description="a sequence-classification head trained with the adapter"),
-    Objective("answer", answer_loss, labels="tokens",
+    Objective("answer", target_token_loss, labels="tokens",
               description="LM loss on the answer tokens, LM head at those positions only"),
 ):
     OBJECTIVES[_objective.name] = _objective
