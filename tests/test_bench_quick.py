@@ -75,3 +75,17 @@ def test_results_hold_the_current_entry_per_benchmark_and_command(tmp_path, monk
     titles = re.findall(r"(?m)^## (\w) — .*, commit \w+", text)
     assert titles == ["A", "A"] and text.index("new a") < text.index("old b") < text.index("other a")
     assert len(re.findall(r"(?m)^## ", text)) == 3
+
+
+def test_methods_table_quick():
+    """bench/methods.py runs every method through `tasktune run` (QLoRA on its 4-bit base) and prints one row each,
+    paired against LoRA; --quick writes nothing."""
+    before = (ROOT / "bench" / "RESULTS.md").read_text()
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "methods.py"), "--quick"], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert [row.split(" | ")[0].strip("| ").split(" ")[0] for row in rows] == ["lora", "dora", "rslora", "ia3",
+                                                                               "qlora"]
+    assert "qlora (4-bit base: " in proc.stdout and "McNemar" in proc.stdout
+    assert (ROOT / "bench" / "RESULTS.md").read_text() == before

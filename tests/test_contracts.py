@@ -175,7 +175,7 @@ def test_the_default_objective_follows_the_verbalizers(tiny_llama, sst2_tsv, tmp
         assert report["config"]["train"]["objective"] == expected
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "rslora", "ia3"])
+@pytest.mark.parametrize("method", ["lora", "dora", "rslora", "ia3", "qlora"])
 def test_every_method_trains_resumes_evaluates_exports_and_is_counted(tiny_llama, sst2_tsv, tmp_path, method):
     """Each method end to end on the tiny model: train, params (its own count formula), eval --run, export
     --merge, and a resume of a run whose train stage is redone."""
@@ -192,6 +192,11 @@ def test_every_method_trains_resumes_evaluates_exports_and_is_counted(tiny_llama
     assert params["counts"]["merged_equals_base"] and not params["frozen"]["unexpected_changes"]
     assert params["frozen"]["changed"] > 0 and all(m["relative"] > 0 for m in params["analysis"]["modules"])
     assert (adapter["magnitude_parameters"] > 0) == (method == "dora")
+    trained_on = json.loads((run / "train" / "summary.json").read_text())["quantized_linear_layers"]
+    assert (trained_on > 0) == (method == "qlora")
+    if method == "qlora":  # trained on 4 bits, evaluated and exported merged into the dequantized base
+        assert json.loads((run / "adapter" / "tasktune_base.json").read_text()) == {"quantization": "nf4"}
+        assert params["frozen"]["identical"] > 0  # the dequantized base's other weights, bit for bit
     if method == "ia3":  # the MLP's down projection scales its inputs, every other target its outputs
         assert {m["type"]: m["scaled"] for m in params["analysis"]["modules"]}["down_proj"] == "input"
         assert adapter["parameters"] == sum(m["shape"][1] if m["type"] == "down_proj" else m["shape"][0]
@@ -201,7 +206,9 @@ def test_every_method_trains_resumes_evaluates_exports_and_is_counted(tiny_llama
     first = json.loads((run / "finetuned" / "metrics.json").read_text())
     assert again["score"]["accuracy"] == first["score"]["accuracy"]
     assert main(["export", str(run), "--out", str(tmp_path / f"{method}-export"), "--merge"]) == 0
-    assert f"method `{method}`" in (tmp_path / f"{method}-export" / "README.md").read_text()
+    card = (tmp_path / f"{method}-export" / "README.md").read_text()
+    assert f"method `{method}`" in card
+    assert ("merged into that 4-bit base dequantized" in card) == (method == "qlora")
     # Resume: drop the stages after zero-shot, as a kill during training leaves them; same weights again.
     from safetensors.torch import load_file
 
@@ -220,8 +227,8 @@ def test_every_method_trains_resumes_evaluates_exports_and_is_counted(tiny_llama
 
 
 def test_an_unknown_method_is_one_line(tiny_llama, sst2_tsv, tmp_path, capsys):
-    assert main(tiny_run(tiny_llama, sst2_tsv, tmp_path, "m", "train.method=qlora")) == 2
-    assert "train.method 'qlora' is not one of ['dora', 'ia3', 'lora', 'none', 'rslora']" in capsys.readouterr().err
+    assert main(tiny_run(tiny_llama, sst2_tsv, tmp_path, "m", "train.method=galore")) == 2
+    assert "train.method 'galore' is not one of ['dora', 'ia3', 'lora', 'none', 'qlora', 'rslora']" in capsys.readouterr().err
 
 
 def test_controls_and_perplexity_show_what_an_adaptation_cost(tiny_llama, tmp_path, monkeypatch):
@@ -273,6 +280,21 @@ def test_controls_and_perplexity_show_what_an_adaptation_cost(tiny_llama, tmp_pa
     learned_cell, gentle_cell = rows[f"cost_sst2_flipped_{control_metric}"]
     assert learned_cell.startswith(f"{cost['difference']:+.4f} [") and learned_cell.endswith("(n 60)")
     assert gentle_cell.startswith(f"{quiet['difference']:+.4f} [")
+
+
+def test_qlora_without_bitsandbytes_is_one_line_before_anything_loads(tiny_llama, sst2_tsv, tmp_path, monkeypatch,
+                                                                    capsys):
+    import importlib.util
+
+    from tasktune import pipeline
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(tiny_run(tiny_llama, sst2_tsv, tmp_path, "q", "train.method=qlora")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'train.method qlora needs bitsandbytes: pip install "tasktune[qlora]"' in err[0]
+    assert not (tmp_path / "q").exists()
 
 
 @pytest.mark.parametrize("name", ["sst2-gemma3-270m-cpu", "squad2-gemma3-270m-cpu"])

@@ -165,6 +165,8 @@ def test_two_workers_share_one_study_without_running_a_trial_twice(sweep_inputs,
     ({"trials": 0}, "trials must be >= 1"),
     ({"budget": 3}, "unknown key(s) ['budget']"),
     ({"constraint": "accuracy >= 0.9"}, "must read `perplexity_increase <= LIMIT`"),
+    ({"space": {"train.method": {"type": "categorical", "choices": ["lora", "qlora"]}}},
+     "train.method qlora is not searchable in a sweep yet"),
 ])
 def test_bad_sweep_files_are_one_line_before_anything_loads(sweep_inputs, tmp_path, capsys, edit, message):
     model, data = sweep_inputs

@@ -173,6 +173,12 @@ def validate(recipe: Recipe, source: str) -> Recipe:
 
     if recipe.train.method not in METHODS:
         raise TasktuneError(f"{source}: train.method {recipe.train.method!r} is not one of {sorted(METHODS)}")
+    if METHODS[recipe.train.method].quantization:
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise TasktuneError(f'{source}: train.method {recipe.train.method} needs bitsandbytes: pip install '
+                                '"tasktune[qlora]" (its wheel has a CPU backend as well as CUDA)')
     out = Path(recipe.output_dir)
     if out.exists() and not out.is_dir():
         raise TasktuneError(f"{source}: output_dir {recipe.output_dir!r} is a file; expected a directory for runs")

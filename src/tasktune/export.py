@@ -24,6 +24,14 @@ def dataset_of(report: dict, task) -> tuple[str, str]:
     return task.name, f"local file {Path(report['data']['source'].split(', ')[0]).name}"
 
 
+def _merge_note(quantization: str | None, merged: bool) -> str:
+    if quantization:
+        return ("; trained on the base in 4-bit NF4 (bitsandbytes, double quantization); "
+                + ("merged into that 4-bit base dequantized (not into the original weights), so the model has the "
+                   "base's count" if merged else "apply it to the same 4-bit base"))
+    return "; merged into the base weights, so the model has the base's count" if merged else ""
+
+
 def base_model_facts(model: str) -> tuple[str | None, str | None, str]:
     """(hub id for `base_model`, licence id, a sentence about where the weights came from) for the card.
     Local paths mean nothing to the hub: no `base_model`, and the licence is the user's to state."""
@@ -123,8 +131,7 @@ def model_card(report: dict, name: str, merged: bool, task):
         "## Parameters", "",
         f"- base model: {base_total:,} parameters" if base_total else "- base model: (not recorded)",
         f"- {title} (trainable): {adapted.get('trainable', 0):,} ({100 * adapted.get('trainable_share', 0):.3f}% of "
-        f"{adapted.get('total', 0):,})" + ("; merged into the base weights, so the model has the base's count"
-                                          if merged else ""), "",
+        f"{adapted.get('total', 0):,})" + _merge_note(get_method(method).quantization, merged), "",
         "## Training", "",
         f"- data: `{report['data']['source']}` ({report['data'].get('train')} training examples, split seed "
         f"{cfg['data']['seed']})",

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from tasktune.errors import TasktuneError
+from tasktune.run_layout import adapter_base_quantization
 
 LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.default)?\.weight$")
 IA3_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.ia3_l(?:\.default)?$")
@@ -164,7 +165,8 @@ def analyse_lora(base_path: str, adapter_dir: Path, rank_tol: float = 1e-6) -> d
                             f"{expected_magnitudes}")
     extra = sum(meta["other_tensors"].values()) - magnitudes
     return {
-        "adapter": {"method": "dora" if cfg.get("use_dora") else "rslora" if cfg.get("use_rslora") else "lora",
+        "adapter": {"method": ("qlora" if adapter_base_quantization(adapter_dir) else "dora" if cfg.get("use_dora")
+                               else "rslora" if cfg.get("use_rslora") else "lora"),
                     "r": r, "alpha": alpha, "scale": scale, "target_modules": sorted({m["type"] for m in modules}),
                     "modules": len(modules), "parameters": counted + magnitudes, "formula": formula + magnitudes,
                     "formula_text": "r×(in+out)" + (" + out per target (DoRA magnitudes)" if magnitudes else ""),
@@ -217,16 +219,23 @@ def analyse_ia3(base_path: str, adapter_dir: Path, cfg: dict) -> dict:
     }
 
 
-def frozen_check(model: torch.nn.Module, base_path: str, changed_modules: set[str]) -> dict:
-    """Hash every weight of `model` (after merging) against the base: only LoRA targets may differ."""
+def frozen_check(model: torch.nn.Module, base_path: str, changed_modules: set[str],
+                 reference: dict[str, torch.Tensor] | None = None) -> dict:
+    """Hash every weight of `model` (after merging) against the base: only adapter targets may differ.
+    `reference`: the base's state dict to compare with instead of its safetensors (QLoRA's dequantized base)."""
     base = BaseWeights(base_path)
     identical, changed, unexpected = 0, [], []
     for name, param in model.state_dict().items():
-        try:
-            stored = base.find(name[: -len(".weight")] if name.endswith(".weight") else name)
-        except TasktuneError:
-            continue  # e.g. a fresh classification head
-        ref = base.get(stored).to(param.dtype)
+        if reference is not None:
+            if name not in reference:
+                continue
+            ref = reference[name].to(param.dtype)
+        else:
+            try:
+                stored = base.find(name[: -len(".weight")] if name.endswith(".weight") else name)
+            except TasktuneError:
+                continue  # e.g. a fresh classification head
+            ref = base.get(stored).to(param.dtype)
         same = tensor_hash(ref) == tensor_hash(param)
         module = name.rsplit(".", 1)[0]
         is_target = any(module.endswith(m.split("model.", 1)[-1]) for m in changed_modules)

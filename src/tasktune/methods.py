@@ -11,8 +11,13 @@ Built in, all through peft (an adapter saved beside the frozen base, merged for 
 - `none`: no training, in a sweep only: the base model with `eval.shots` examples in the prompt, ranked on the
   same validation slice, so "does fine-tuning beat prompting" is answered in the same table.
 
+- `qlora`: LoRA trained on the base loaded in 4-bit NF4 with double quantization (bitsandbytes, CPU or CUDA;
+  `pip install "tasktune[qlora]"`), matmuls in the run's dtype. Evaluated, analysed and exported as the
+  adapter merged into the *dequantized* 4-bit base (what a merged QLoRA model is), so its gain over the
+  zero-shot base includes the quantization's own effect. Not in sweeps yet (they reuse one loaded base).
+
 Not built in yet (the analysis and the sweep's reuse of one base assume a frozen base and a saved adapter):
-full fine-tuning, PiSSA (which rewrites the base weights at initialisation) and QLoRA.
+full fine-tuning and PiSSA (which rewrites the base weights at initialisation).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class Method(ABC):
     title: str                    # as a sentence names it: "LoRA", "IA3"
     description: str
     trains: bool = True           # False: `none`, prompting only (sweeps)
+    quantization: str | None = None  # how the base is loaded for training (models.load_model)
 
     @abstractmethod
     def peft_config(self, train_cfg, seqcls: bool):
@@ -62,6 +68,7 @@ class LoraFamily(Method):
     lora_options: dict = field(default_factory=dict)   # extra peft LoraConfig arguments
     magnitude_vectors: bool = False                      # DoRA: one trainable vector of out-features per target
     description: str = ""
+    quantization: str | None = None                      # QLoRA: `nf4`, the base's linear layers in 4 bits
 
     def peft_config(self, train_cfg, seqcls: bool):
         from peft import LoraConfig
@@ -135,6 +142,9 @@ for _method in (
     LoraFamily("dora", "DoRA", {"use_dora": True}, magnitude_vectors=True,
                description="weight-decomposed LoRA: LoRA direction plus a trainable magnitude per output row"),
     LoraFamily("rslora", "rsLoRA", {"use_rslora": True}, description="LoRA with rank-stabilised scaling alpha/sqrt(r)"),
+    LoraFamily("qlora", "QLoRA", description="LoRA on a base whose linear layers are 4-bit NF4 with double "
+                                             "quantization (bitsandbytes); merged into the dequantized base",
+               quantization="nf4"),
     IA3(),
     Prompting(),
 ):

@@ -174,9 +174,24 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tok
 
 
+def nf4_config(compute_dtype: torch.dtype):
+    """QLoRA's base: 4-bit NormalFloat weights with double quantization, matmuls in `compute_dtype`."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise TasktuneError('train.method qlora needs bitsandbytes: pip install "tasktune[qlora]" (its wheel has a '
+                            "CPU backend as well as CUDA)") from exc
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
 def load_model(name: str, dtype: str = "auto", head: str = "causal_lm", num_labels: int = 2,
-               trust_remote_code: bool = False) -> LoadedModel:
-    """Load model + tokenizer. `head` is `causal_lm` or `seqcls` (a fresh classification head)."""
+               trust_remote_code: bool = False, quantization: str | None = None) -> LoadedModel:
+    """Load model + tokenizer. `head` is `causal_lm` or `seqcls` (a fresh classification head).
+    `quantization`: `nf4` (QLoRA training: 4-bit linear layers), or `nf4-dequantized` (the same 4-bit weights
+    dequantized back to `dtype`: the base a QLoRA adapter is merged into for evaluation and export)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoConfig
 
     path = resolve_model_path(name)
@@ -202,11 +217,18 @@ def load_model(name: str, dtype: str = "auto", head: str = "causal_lm", num_labe
     auto_class = AutoModelForSequenceClassification if head == "seqcls" else AutoModelForCausalLM
     if head == "seqcls":
         config.num_labels = num_labels
+    if quantization is not None:
+        kwargs["quantization_config"] = nf4_config(torch_dtype)
+        # 4-bit weights are placed while loading; the Trainer cannot move them afterwards.
+        kwargs["device_map"] = {"": f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available()
+                                else "cpu"}
     try:
         model = auto_class.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise TasktuneError(f"cannot load the weights of {name!r}: tasktune loads weights only from safetensors "
                             f"files (never pickled .bin files): {exc}") from exc
+    if quantization == "nf4-dequantized":
+        model = model.dequantize().to(torch_dtype)
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -233,8 +255,14 @@ def model_identity(lm: LoadedModel) -> dict:
     return {"hub_id": lm.path, "revision": getattr(lm.model.config, "_commit_hash", None)}
 
 
+def _numel(param) -> int:
+    """A parameter's element count; for a bitsandbytes 4-bit weight, the unpacked weight's (two per byte)."""
+    state = getattr(param, "quant_state", None)
+    return state.shape.numel() if state is not None else param.numel()
+
+
 def count_parameters(model: torch.nn.Module) -> dict:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
     return {"total": total, "trainable": trainable,
             "trainable_share": trainable / total if total else 0.0}

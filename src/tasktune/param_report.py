@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from tasktune.lora_delta import analyse, frozen_check
+from tasktune.run_layout import adapter_base_quantization
 from tasktune.errors import TasktuneError
 from tasktune.models import count_parameters
 from tasktune.rundir import write_json
@@ -20,7 +23,16 @@ def parameter_report(base_path: str, adapter_dir: Path, base_count: int, merged_
         raise AssertionError(f"merged model has {merged:,} parameters, base has {base_count:,}: merging must "
                              "not change the parameter count")
     modules = {m["module"] for m in analysis["modules"]}
-    frozen = frozen_check(merged_model, base_path, modules)
+    reference = None
+    if adapter_base_quantization(adapter_dir):
+        # QLoRA: the merged model's base is the dequantized 4-bit base; that, not the original weights, is what
+        # must be unchanged outside the targets.
+        from tasktune.models import load_model
+
+        dtype = next(merged_model.parameters()).dtype
+        reference = load_model(base_path, {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32"),
+                               quantization="nf4-dequantized").model.state_dict()
+    frozen = frozen_check(merged_model, base_path, modules, reference=reference)
     trained = analysis["adapter"]["parameters"]
     return {"counts": {"base": base_count, "merged": merged, "merged_equals_base": merged == base_count,
                        "adapter": trained, "adapter_share": trained / base_count},

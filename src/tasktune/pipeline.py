@@ -26,7 +26,8 @@ from tasktune.errors import TasktuneError
 from tasktune.memory import MemoryLog, StepMemory
 from tasktune.models import LoadedModel, count_parameters, load_model, model_identity
 from tasktune.param_report import parameter_report
-from tasktune.run_layout import RunLayout, adapter_head, load_adapted_model
+from tasktune.methods import get_method
+from tasktune.run_layout import BASE_QUANTIZATION, RunLayout, adapter_head, load_adapted_model
 from tasktune.runlog import RunLog
 from tasktune.rundir import RunDir, write_json, write_jsonl, write_text
 from tasktune.tasks import PromptBuilder, get_task
@@ -229,12 +230,21 @@ def _train_adapted(p: Prepared, work: Path, logs, features: list[dict], callback
                   p.task.metric_for_best, p.label_token_ids, logs=logs,
                   callbacks=[StepMemory(p.memory), *callbacks])
     summary.pop("log_history")
-    summary.update(parameters=params, base_parameters_before_lora=base_count, head=head)
+    # What was trained on: QLoRA's 4-bit linear layers are counted, so that a silent fall-back to 16 bits shows.
+    quantized = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
+    summary.update(parameters=params, base_parameters_before_lora=base_count, head=head,
+                   quantized_linear_layers=quantized)
     state = process_state()
+    quantization = get_method(cfg.method).quantization
     if state.is_main_process:
         model.save_pretrained(RunLayout(work).adapter)  # safetensors
+        if quantization:
+            write_json(RunLayout(work).adapter / BASE_QUANTIZATION, {"quantization": quantization})
         write_json(RunLayout(work).summary, summary)
     state.wait_for_everyone()
+    if quantization:  # evaluated as it is exported: the adapter on the dequantized 4-bit base, merged
+        del model
+        model, _, head = load_trained(p, work)
     return model, summary, head
 
 
@@ -245,9 +255,18 @@ def objective_head(objective: str) -> str:
 
 
 def base_for_training(p: Prepared, head: str) -> torch.nn.Module:
-    if head == "seqcls":
-        return load_model(p.recipe.model, p.recipe.dtype, head="seqcls", num_labels=len(p.task.label_names),
-                          trust_remote_code=p.recipe.trust_remote_code).model
+    """The loaded base (a causal-LM head), or a base of its own: with a fresh classification head, or in 4 bits
+    for QLoRA (prepared as peft prescribes: norms and head in fp32, inputs requiring grad)."""
+    quantization = get_method(p.recipe.train.method).quantization
+    if head == "seqcls" or quantization:
+        model = load_model(p.recipe.model, p.recipe.dtype, head=head, num_labels=len(getattr(p.task, "label_names", ()) or (0, 1)),
+                           trust_remote_code=p.recipe.trust_remote_code, quantization=quantization).model
+        if quantization:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=p.recipe.train.gradient_checkpointing)
+        return model
     return p.lm.model
 
 

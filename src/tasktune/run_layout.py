@@ -3,7 +3,7 @@
     runs/NAME/
       recipe.yaml  stages.json  fingerprint.json  split.json  task.yaml  run.json  memory.json  run.log
       zeroshot/{metrics.json, predictions.jsonl}     finetuned/{metrics.json, predictions.jsonl}
-      adapter/{adapter_config.json, adapter_model.safetensors}
+      adapter/{adapter_config.json, adapter_model.safetensors[, tasktune_base.json: a QLoRA adapter's 4-bit base]}
       train/{summary.json, log_history.json, checkpoints/, tensorboard/}
       params.json  report.json  report.md  report.html  plots/
 """
@@ -61,6 +61,22 @@ class RunLayout:
         return Path(folder) / "predictions.jsonl"
 
 
+BASE_QUANTIZATION = "tasktune_base.json"  # beside a QLoRA adapter: {"quantization": "nf4"}; peft ignores it
+
+
+def adapter_base_quantization(adapter_dir: Path) -> str | None:
+    """How the adapter's base was quantized for training (`nf4` for QLoRA), else None."""
+    from tasktune.errors import TasktuneError
+
+    path = Path(adapter_dir) / BASE_QUANTIZATION
+    if not path.is_file():
+        return None
+    value = json.loads(path.read_text()).get("quantization")
+    if value != "nf4":
+        raise TasktuneError(f"{path}: quantization must be \"nf4\", got {value!r}")
+    return value
+
+
 def adapter_head(adapter_dir: Path) -> str:
     """`seqcls` for an adapter saved with a classification head, else `causal_lm`."""
     from tasktune.errors import TasktuneError
@@ -88,9 +104,12 @@ def load_adapted_model(adapter_dir: Path, model: str, dtype: str, num_labels: in
     from tasktune.models import count_parameters, load_model
 
     head = adapter_head(adapter_dir)
+    quantized = adapter_base_quantization(adapter_dir)
     lm = None
-    if base is None or head == "seqcls":
-        lm = load_model(model, dtype, head=head, num_labels=num_labels, trust_remote_code=trust_remote_code)
+    if base is None or head == "seqcls" or quantized:
+        # A QLoRA adapter goes onto the 4-bit base it was trained on, dequantized (then merged like LoRA).
+        lm = load_model(model, dtype, head=head, num_labels=num_labels, trust_remote_code=trust_remote_code,
+                        quantization=f"{quantized}-dequantized" if quantized else None)
         base = lm.model
     count = count_parameters(base)["total"]
     return AdaptedModel(PeftModel.from_pretrained(base, adapter_dir), head, lm, count)

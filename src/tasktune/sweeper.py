@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasktune.errors import TasktuneError
-from tasktune.methods import get_method
+from tasktune.methods import METHODS, get_method
 
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
@@ -222,10 +222,15 @@ def load_sweep(path: str, overrides: list[str] = ()) -> SweepSpec:
     if spec.sampler == "grid":
         size = math.prod(len(param.grid()) for param in spec.space)
         spec.trials = min(spec.trials, size)
-    base_recipe(spec)  # the base recipe and its overrides are valid
+    base = base_recipe(spec)  # the base recipe and its overrides are valid
     for param in spec.space:
         for value in param.corners():
             trial_recipe(spec, {param.key: value}, where=f"{where}: space.{param.key}={value!r}")
+    methods = {base.train.method} | {c for p in spec.space if p.key == "train.method" for c in p.choices or []}
+    quantized = sorted(m for m in methods if m in METHODS and METHODS[m].quantization)
+    if quantized:  # trials share one loaded base; a 4-bit base per trial is not built yet
+        raise TasktuneError(f"{where}: train.method {quantized[0]} is not searchable in a sweep yet (trials share "
+                            "one loaded base model); run it with `tasktune run`")
     return spec
 
 
