@@ -176,8 +176,11 @@ def _bf16_base_device(model) -> str | None:
 
 
 def adapter_input_casting_off(model):
-    """Around forward *and* backward: peft leaves adapter inputs in the base dtype (bf16 bases only)."""
-    if _bf16_base_device(model) is None:
+    """Around forward *and* backward: peft leaves adapter inputs in the base dtype (bf16 bases with LoRA-family
+    adapters only: peft's switch exists on LoRA layers, an IA3 layer has no input cast to switch off)."""
+    configs = getattr(getattr(model, "module", model), "peft_config", {}) or {}
+    lora = bool(configs) and all(str(getattr(c, "peft_type", "")).endswith("LORA") for c in configs.values())
+    if _bf16_base_device(model) is None or not lora:
         return contextlib.nullcontext()
     from peft.helpers import disable_input_dtype_casting
 

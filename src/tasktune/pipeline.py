@@ -259,7 +259,8 @@ def base_for_training(p: Prepared, head: str) -> torch.nn.Module:
     for QLoRA (prepared as peft prescribes: norms and head in fp32, inputs requiring grad)."""
     quantization = get_method(p.recipe.train.method).quantization
     if head == "seqcls" or quantization:
-        model = load_model(p.recipe.model, p.recipe.dtype, head=head, num_labels=len(getattr(p.task, "label_names", ()) or (0, 1)),
+        labels = len(getattr(p.task, "label_names", ()) or (0, 1))
+        model = load_model(p.recipe.model, p.recipe.dtype, head=head, num_labels=labels,
                            trust_remote_code=p.recipe.trust_remote_code, quantization=quantization).model
         if quantization:
             from peft import prepare_model_for_kbit_training
