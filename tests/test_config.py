@@ -43,7 +43,7 @@ def test_parse_overrides_nests():
     ("justaword", "must look like key=value"),
     ("eval.perplexity=nowhere.txt", "eval.perplexity 'nowhere.txt' is neither `embedded` nor an existing text file"),
     ("eval.controls=[no_such_task]", "task 'no_such_task' is neither a shipped task"),
-    ("train.method=qlora", "train.method 'qlora' is not one of"),
+    ("train.method=galore", "train.method 'galore' is not one of"),
 ])
 def test_bad_values(tmp_path, override, message):
     with pytest.raises(TasktuneError, match=message):
