@@ -31,33 +31,33 @@ PERPLEXITY_MAX_TOKENS = 512
 def perplexity_documents(source: str, excluded_contexts: set[str], limit: int, seed: int,
                          trained_titles: set[str] = frozenset()) -> tuple[list[str], str]:
     """(documents, where they came from): held-out general text, never one of `excluded_contexts`."""
+    title_of: dict[str, str | None] = {}
     if source == "embedded":
         from tasktune.data import squad
         from tasktune.tasks.spec import load_spec
 
         rows, origin = squad.load(load_spec("squad_v2"), None)
         title_of = {r["context"]: r.get("title") for r in rows}
-        contexts = list(dict.fromkeys(r["context"] for r in rows))
-        docs = [c for c in contexts if c not in excluded_contexts]
+        docs = [c for c in dict.fromkeys(r["context"] for r in rows) if c not in excluded_contexts]
         if not docs:
             raise TasktuneError(f"eval.perplexity: every Wikipedia paragraph of {origin} is a context of this run's "
                                 "data; give a text file of general text (documents separated by blank lines)")
-        if len(docs) > limit:
-            docs = random.Random(seed).sample(docs, limit)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise TasktuneError(f"eval.perplexity: {source} is neither `embedded` nor a text file")
+        docs = [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+        if not docs:
+            raise TasktuneError(f"eval.perplexity: {path} has no documents (non-empty blocks separated by blank "
+                                "lines)")
+        origin = str(path)
+    if len(docs) > limit:
+        docs = random.Random(seed).sample(docs, limit)
+    if source == "embedded":
         related = sum(title_of[d] in trained_titles for d in docs)
         origin = (f"Wikipedia paragraphs of {origin} that no example of this run holds"
                   + (f" ({related} of {len(docs)} from articles it trains on)" if related else ""))
-        return docs, origin
-    path = Path(source)
-    if not path.is_file():
-        raise TasktuneError(f"eval.perplexity: {source} is neither `embedded` nor a text file")
-    text = path.read_text(encoding="utf-8")
-    docs = [d.strip() for d in text.split("\n\n") if d.strip()]
-    if not docs:
-        raise TasktuneError(f"eval.perplexity: {path} has no documents (non-empty blocks separated by blank lines)")
-    if len(docs) > limit:
-        docs = random.Random(seed).sample(docs, limit)
-    return docs, str(path)
+    return docs, origin
 
 
 def held_out_documents(recipe, examples: dict[str, list[dict]], split_rows: dict[str, list[dict]] | None = None
