@@ -176,7 +176,7 @@ def test_the_default_objective_follows_the_verbalizers(tiny_llama, sst2_tsv, tmp
         assert report["config"]["train"]["objective"] == expected
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "rslora", "ia3", "qlora"])
+@pytest.mark.parametrize("method", ["lora", "dora", "rslora", "ia3", "qlora", "pissa", "full"])
 def test_every_method_trains_resumes_evaluates_exports_and_is_counted(tiny_llama, sst2_tsv, tmp_path, method):
     """Each method end to end on the tiny model: train, params (its own count formula), eval --run, export
     --merge, and a resume of a run whose train stage is redone."""
@@ -196,8 +196,19 @@ def test_every_method_trains_resumes_evaluates_exports_and_is_counted(tiny_llama
     trained_on = json.loads((run / "train" / "summary.json").read_text())["quantized_linear_layers"]
     assert (trained_on > 0) == (method == "qlora")
     if method == "qlora":  # trained on 4 bits, evaluated and exported merged into the dequantized base
-        assert json.loads((run / "adapter" / "tasktune_base.json").read_text()) == {"quantization": "nf4"}
+        assert json.loads((run / "adapter" / "tasktune_base.json").read_text()) == {"method": "qlora",
+                                                                                   "quantization": "nf4"}
         assert params["frozen"]["identical"] > 0  # the dequantized base's other weights, bit for bit
+    if method == "pissa":  # trained at rank 4 on the residual base, saved as plain LoRA of rank 8 on the original
+        assert json.loads((run / "adapter" / "tasktune_base.json").read_text()) == {"method": "pissa",
+                                                                                   "trained_rank": 4}
+        assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 8
+        assert adapter["stored_parameters"] == 2 * adapter["parameters"] and adapter["r"] == 4
+        assert params["frozen"]["identical"] > 0  # the original base outside the targets, bit for bit
+    if method == "full":  # every weight trained and stored; no adapter
+        assert adapter["parameters"] == params["counts"]["base"] == adapter["formula"]
+        assert not (run / "adapter" / "adapter_config.json").exists()
+        assert {"embed_tokens", "q_proj", "down_proj", "input_layernorm"} <= set(adapter["target_modules"])
     if method == "ia3":  # the MLP's down projection scales its inputs, every other target its outputs
         assert {m["type"]: m["scaled"] for m in params["analysis"]["modules"]}["down_proj"] == "input"
         assert adapter["parameters"] == sum(m["shape"][1] if m["type"] == "down_proj" else m["shape"][0]
@@ -210,10 +221,13 @@ def test_every_method_trains_resumes_evaluates_exports_and_is_counted(tiny_llama
     card = (tmp_path / f"{method}-export" / "README.md").read_text()
     assert f"method `{method}`" in card
     assert ("merged into that 4-bit base dequantized" in card) == (method == "qlora")
+    assert ("Full fine-tune of" in card) == (method == "full")
+    weights = "model.safetensors" if method == "full" else "adapter_model.safetensors"
+    assert (tmp_path / f"{method}-export" / "model.safetensors").is_file()  # merged: a whole model
     # Resume: drop the stages after zero-shot, as a kill during training leaves them; same weights again.
     from safetensors.torch import load_file
 
-    before = load_file(run / "adapter" / "adapter_model.safetensors")
+    before = load_file(run / "adapter" / weights)
     partial = tmp_path / f".{method}.partial"
     run.rename(partial)
     stages = json.loads((partial / "stages.json").read_text())
@@ -223,13 +237,13 @@ def test_every_method_trains_resumes_evaluates_exports_and_is_counted(tiny_llama
 
     shutil.rmtree(partial / "adapter")
     assert main(tiny_run(tiny_llama, sst2_tsv, tmp_path, method, f"train.method={method}", "train.lora_r=4")) == 0
-    after = load_file(run / "adapter" / "adapter_model.safetensors")
+    after = load_file(run / "adapter" / weights)
     assert before.keys() == after.keys() and all(before[k].equal(after[k]) for k in before)
 
 
 def test_an_unknown_method_is_one_line(tiny_llama, sst2_tsv, tmp_path, capsys):
     assert main(tiny_run(tiny_llama, sst2_tsv, tmp_path, "m", "train.method=galore")) == 2
-    assert "train.method 'galore' is not one of ['dora', 'ia3', 'lora', 'none', 'qlora', 'rslora']" in capsys.readouterr().err
+    assert "train.method 'galore' is not one of ['dora', 'full', 'ia3', 'lora', 'none', 'pissa', 'qlora', 'rslora']" in capsys.readouterr().err
 
 
 def test_controls_and_perplexity_show_what_an_adaptation_cost(tiny_llama, tmp_path, monkeypatch):
@@ -283,7 +297,7 @@ def test_controls_and_perplexity_show_what_an_adaptation_cost(tiny_llama, tmp_pa
     assert gentle_cell.startswith(f"{quiet['difference']:+.4f} [")
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "rslora", "ia3", "qlora"])
+@pytest.mark.parametrize("method", ["lora", "dora", "rslora", "ia3", "qlora", "pissa", "full"])
 def test_every_method_trains_on_a_bf16_base(tiny_llama, sst2_tsv, tmp_path, method):
     """The CPU recipes' dtype: bf16 weights, fp32 adapter weights under bf16 autocast (IA3 once failed here:
     peft's input-cast switch exists on LoRA layers only, and the other tests train in fp32)."""

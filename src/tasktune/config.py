@@ -70,8 +70,10 @@ class TrainConfig:
     objective: str | None = opt(None, "the loss (README: Training objectives); unset: the task type's default "
                                       "(classification `verbalizer`, extractive QA `answer`)")
     method: str = opt("lora", "adaptation method: `lora`, `dora` (weight-decomposed LoRA), `rslora` (rank-stabilised "
-                              "scaling), `ia3` (one scale vector per target; the lora_* keys do not apply) or `qlora` "
-                              "(LoRA on a 4-bit NF4 base, needs the qlora extra); see tasktune/methods.py")
+                              "scaling), `pissa` (LoRA initialised on the principal singular vectors), `ia3` (one "
+                              "scale vector per target; the lora_* keys do not apply), `qlora` (LoRA on a 4-bit NF4 "
+                              "base, needs the qlora extra) or `full` (every weight, fp32 master weights; the lora_* "
+                              "keys do not apply); see tasktune/methods.py")
     lora_r: int = opt(16, "LoRA rank r of each adapter")
     lora_alpha: int = opt(32, "LoRA alpha (the update is scaled by alpha / r)")
     lora_dropout: float = opt(0.05, "dropout on the LoRA input")

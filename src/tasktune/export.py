@@ -24,7 +24,9 @@ def dataset_of(report: dict, task) -> tuple[str, str]:
     return task.name, f"local file {Path(report['data']['source'].split(', ')[0]).name}"
 
 
-def _merge_note(quantization: str | None, merged: bool) -> str:
+def _merge_note(quantization: str | None, merged: bool, method: str = "lora") -> str:
+    if method == "full":
+        return "; every weight trained, so the model has the base's count"
     if quantization:
         return ("; trained on the base in 4-bit NF4 (bitsandbytes, double quantization); "
                 + ("merged into that 4-bit base dequantized (not into the original weights), so the model has the "
@@ -119,7 +121,7 @@ def model_card(report: dict, name: str, merged: bool, task):
     proto = report["protocol"]
     body = [
         f"# {name}", "",
-        f"{f'Merged {title} fine-tune' if merged else f'{title} adapter'} of {origin}, for {report['task']}, made with "
+        f"{'Full fine-tune' if method == 'full' else f'Merged {title} fine-tune' if merged else f'{title} adapter'} of {origin}, for {report['task']}, made with "
         "[tasktune](https://pypi.org/project/tasktune/).", "",
         "## Results (the same test split and protocol before and after fine-tuning)", "",
         "Each figure with its 95% bootstrap interval over the test examples.", "",
@@ -131,7 +133,7 @@ def model_card(report: dict, name: str, merged: bool, task):
         "## Parameters", "",
         f"- base model: {base_total:,} parameters" if base_total else "- base model: (not recorded)",
         f"- {title} (trainable): {adapted.get('trainable', 0):,} ({100 * adapted.get('trainable_share', 0):.3f}% of "
-        f"{adapted.get('total', 0):,})" + _merge_note(get_method(method).quantization, merged), "",
+        f"{adapted.get('total', 0):,})" + _merge_note(get_method(method).quantization, merged, method), "",
         "## Training", "",
         f"- data: `{report['data']['source']}` ({report['data'].get('train')} training examples, split seed "
         f"{cfg['data']['seed']})",
@@ -151,11 +153,12 @@ def model_card(report: dict, name: str, merged: bool, task):
 
 
 def export_run(run_dir: Path, out: Path, merge: bool = False, overwrite: bool = False) -> Path:
-    from tasktune.run_layout import RunLayout, load_adapted_model
+    from tasktune.run_layout import RunLayout, is_full_fine_tune, load_adapted_model
 
-    run_dir = require_finished_run(Path(run_dir), needs=("report.json", "adapter/adapter_config.json"))
+    run_dir = require_finished_run(Path(run_dir), needs=("report.json", "adapter"))
     layout = RunLayout(run_dir)
     adapter = layout.adapter
+    merge = merge or is_full_fine_tune(adapter)  # a full fine-tune is exported whole: it has no adapter
     report = json.loads(layout.report.read_text())
     check_outside(Path(out), {"run": run_dir, "model": report["model"]})
     staging = StagingDir(Path(out), overwrite=overwrite, kind="export")  # refuse a bad --out before loading
@@ -165,7 +168,7 @@ def export_run(run_dir: Path, out: Path, merge: bool = False, overwrite: bool = 
     lm = adapted.lm
     with staging as work:
         if merge:
-            model = adapted.model.merge_and_unload()
+            model = adapted.model.merge_and_unload() if hasattr(adapted.model, "merge_and_unload") else adapted.model
             model.save_pretrained(work, safe_serialization=True)
         else:
             for file in adapter.iterdir():

@@ -1,4 +1,5 @@
-"""What changed: parameter counts and per-module update statistics (LoRA family and IA3), computed by streaming.
+"""What changed: parameter counts and per-module update statistics (LoRA family, IA3, full fine-tuning), computed
+by streaming.
 
 Only one base weight and one LoRA pair are in memory at a time, so this runs on a 1B+ model on a small
 machine. ΔW = B·A·scale is never formed densely for its statistics: with QR factors B = Q_b R_b and
@@ -17,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from tasktune.errors import TasktuneError
-from tasktune.run_layout import adapter_base_quantization
+from tasktune.run_layout import FULL_WEIGHTS, read_adapter_base
 
 LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.default)?\.weight$")
 IA3_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.ia3_l(?:\.default)?$")
@@ -118,6 +119,9 @@ def module_type(module: str) -> str:
 
 def analyse(base_path: str, adapter_dir: Path, rank_tol: float = 1e-6) -> dict:
     """Counts, the method's formula check, and per-module ΔW statistics for one saved adapter."""
+    record = read_adapter_base(Path(adapter_dir))
+    if record.get("method") == "full":
+        return analyse_full(base_path, Path(adapter_dir))
     config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
     if config.get("peft_type") == "IA3":
         return analyse_ia3(base_path, Path(adapter_dir), config)
@@ -164,14 +168,25 @@ def analyse_lora(base_path: str, adapter_dir: Path, rank_tol: float = 1e-6) -> d
         raise TasktuneError(f"DoRA magnitude parameters {magnitudes} differ from the sum of output features "
                             f"{expected_magnitudes}")
     extra = sum(meta["other_tensors"].values()) - magnitudes
+    record = read_adapter_base(adapter_dir)
+    method = record.get("method") or ("qlora" if record.get("quantization") else "dora" if cfg.get("use_dora")
+                                      else "rslora" if cfg.get("use_rslora") else "lora")
+    trained_rank = record.get("trained_rank", r)
+    stored = counted + magnitudes
+    if method == "pissa":  # converted to plain LoRA: rank 2r holds B·A − B₀·A₀; r×(in+out) were trained
+        if r != 2 * trained_rank:
+            raise TasktuneError(f"{adapter_dir}: a converted PiSSA adapter has rank 2×{trained_rank}, found {r}")
+        counted, formula = counted // 2, formula // 2
     return {
-        "adapter": {"method": ("qlora" if adapter_base_quantization(adapter_dir) else "dora" if cfg.get("use_dora")
-                               else "rslora" if cfg.get("use_rslora") else "lora"),
-                    "r": r, "alpha": alpha, "scale": scale, "target_modules": sorted({m["type"] for m in modules}),
+        "adapter": {"method": method, "r": trained_rank, "alpha": alpha if method != "pissa" else alpha / 2,
+                    "scale": scale, "target_modules": sorted({m["type"] for m in modules}),
                     "modules": len(modules), "parameters": counted + magnitudes, "formula": formula + magnitudes,
                     "formula_text": "r×(in+out)" + (" + out per target (DoRA magnitudes)" if magnitudes else ""),
                     "formula_matches": formula == counted and magnitudes == expected_magnitudes,
-                    "magnitude_parameters": magnitudes, "other_trainable": extra},
+                    "magnitude_parameters": magnitudes, "other_trainable": extra, "stored_parameters": stored,
+                    "settings": f"r={trained_rank}, alpha={alpha if method != 'pissa' else alpha / 2:g} (scale "
+                                f"{scale:.3g})" + ("; saved converted to plain LoRA of rank "
+                                                   f"{r} on the original base" if method == "pissa" else "")},
         "by_type": _by_type(modules),
         "modules": modules,
     }
@@ -213,7 +228,53 @@ def analyse_ia3(base_path: str, adapter_dir: Path, cfg: dict) -> dict:
                     "feedforward_modules": sorted(feedforward), "modules": len(modules), "parameters": counted,
                     "formula": formula, "formula_text": "out per target (in for feedforward targets)",
                     "formula_matches": formula == counted, "magnitude_parameters": 0,
-                    "other_trainable": sum(extra.values())},
+                    "other_trainable": sum(extra.values()), "settings": "one scale vector per target"},
+        "by_type": _by_type(modules),
+        "modules": modules,
+    }
+
+
+def analyse_full(base_path: str, adapter_dir: Path) -> dict:
+    """A full fine-tune: ΔW = W_tuned − W_base for every stored tensor, one pair in memory at a time. The count
+    check: the fine-tune trained as many parameters as the base stores (plus a fresh classification head)."""
+    base = BaseWeights(base_path)
+
+    def base_name(key: str) -> str | None:
+        if key in base.location:
+            return key
+        try:
+            return base.find(key[: -len(".weight")]) if key.endswith(".weight") else None
+        except TasktuneError:
+            return None
+
+    modules, counted, fresh = [], 0, 0
+    with safe_open(Path(adapter_dir) / FULL_WEIGHTS, framework="pt") as f:
+        for key in sorted(f.keys(), key=_layer_order):
+            tuned = f.get_tensor(key).double()
+            counted += tuned.numel()
+            name = base_name(key)
+            if name is None:  # a fresh classification head: no base weight to compare with
+                fresh += tuned.numel()
+                continue
+            W = base.get(name).double()
+            if W.shape != tuned.shape:
+                raise TasktuneError(f"{key} has shape {tuple(tuned.shape)} in the fine-tune, {tuple(W.shape)} in the "
+                                    "base: fine-tune and base model differ")
+            module = key[: -len(".weight")] if key.endswith(".weight") else key
+            delta, w_norm = float(torch.linalg.vector_norm(tuned - W)), float(torch.linalg.vector_norm(W))
+            layer = LAYER.search(module + ".")
+            modules.append({"module": module, "type": module_type(module) if key.endswith(".weight") else
+                            f"{module_type(module.rsplit('.', 1)[0])}.{module_type(module)}",
+                            "layer": int(layer[1]) if layer else None, "shape": list(W.shape), "delta_fro": delta,
+                            "weight_fro": w_norm, "relative": delta / w_norm if w_norm else 0.0})
+            del W, tuned
+    formula = base.numel() + fresh
+    return {
+        "adapter": {"method": "full", "target_modules": sorted({m["type"] for m in modules}), "modules": len(modules),
+                    "parameters": counted, "formula": formula, "formula_text": "every weight of the base"
+                    + (" + the fresh classification head" if fresh else ""), "formula_matches": formula == counted,
+                    "magnitude_parameters": 0, "other_trainable": fresh, "stored_parameters": counted,
+                    "settings": "every weight"},
         "by_type": _by_type(modules),
         "modules": modules,
     }

@@ -14,18 +14,27 @@ Built in, all through peft (an adapter saved beside the frozen base, merged for 
 - `qlora`: LoRA trained on the base loaded in 4-bit NF4 with double quantization (bitsandbytes, CPU or CUDA;
   `pip install "tasktune[qlora]"`), matmuls in the run's dtype. Evaluated, analysed and exported as the
   adapter merged into the *dequantized* 4-bit base (what a merged QLoRA model is), so its gain over the
-  zero-shot base includes the quantization's own effect. Not in sweeps yet (they reuse one loaded base).
+  zero-shot base includes the quantization's own effect.
+- `pissa`: LoRA initialised on the principal singular vectors of each target (peft `init_lora_weights="pissa"`,
+  exact SVD): the base is rewritten to its residual W − B₀A₀ at initialisation, so it trains on a base of its
+  own; saved through peft's conversion as a plain LoRA adapter of rank 2r on the *original* base, so that
+  evaluation, the analysis and export treat it as LoRA.
+- `full`: every weight trained (fp32 master weights, the run's bf16/fp16 as autocast), saved as the whole model
+  in the run's dtype; the analysis gives ΔW of every tensor against the base.
 
-Not built in yet (the analysis and the sweep's reuse of one base assume a frozen base and a saved adapter):
-full fine-tuning and PiSSA (which rewrites the base weights at initialisation).
+Methods that rewrite or re-load the base (`own_base`) train on a copy loaded for them, so the run's zero-shot
+base, and a sweep's shared base, stay as loaded.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from tasktune.atomic import write_json
 from tasktune.errors import TasktuneError
+from tasktune.run_layout import ADAPTER_BASE, FULL_WEIGHTS
 
 # The MLP's down projection under the names the common decoders give it: IA3 scales its *input* (the expanded
 # hidden state), peft's "feedforward" modules; every other target has its output scaled.
@@ -39,10 +48,30 @@ class Method(ABC):
     description: str
     trains: bool = True           # False: `none`, prompting only (sweeps)
     quantization: str | None = None  # how the base is loaded for training (models.load_model)
+    own_base: bool = False        # trains on a base loaded for it alone (it rewrites or re-quantizes the base)
+    master_dtype: str | None = None  # the trained base's dtype when not the run's (full: "fp32")
 
     @abstractmethod
     def peft_config(self, train_cfg, seqcls: bool):
         """The peft config that wraps the base model for training (None: nothing is trained)."""
+
+    def wrap(self, model, train_cfg, seqcls: bool, work: Path):
+        """The model the Trainer trains: the base wrapped by peft. `work`: the train stage's folder."""
+        from peft import get_peft_model
+
+        return get_peft_model(model, self.peft_config(train_cfg, seqcls))
+
+    def save(self, model, adapter_dir: Path, work: Path, head: str) -> None:
+        """Write the trained weights (main process only), and how they relate to the base where that is not
+        plain peft."""
+        model.save_pretrained(adapter_dir)  # safetensors
+        record = self.base_record(model, head)
+        if record:
+            write_json(Path(adapter_dir) / ADAPTER_BASE, record)
+
+    def base_record(self, model, head: str) -> dict:
+        """What `run_layout.read_adapter_base` reads back: {} for a plain peft adapter."""
+        return {"method": self.name, "quantization": self.quantization} if self.quantization else {}
 
     @abstractmethod
     def expected_parameters(self, r: int, modules: list[tuple[str, tuple[int, int]]]) -> int:
@@ -78,8 +107,80 @@ class LoraFamily(Method):
             target_modules=list(train_cfg.target_modules), bias="none", task_type=_task_type(seqcls),
             **self.lora_options)
 
+    own_base: bool = False
+
     def expected_parameters(self, r: int, modules: list[tuple[str, tuple[int, int]]]) -> int:
         return sum(r * (out + inp) + (out if self.magnitude_vectors else 0) for _, (out, inp) in modules)
+
+
+@dataclass(frozen=True)
+class PiSSA(LoraFamily):
+    name: str = "pissa"
+    title: str = "PiSSA"
+    lora_options: dict = field(default_factory=lambda: {"init_lora_weights": "pissa"})
+    description: str = ("LoRA initialised on each target's principal singular vectors (the base keeps the "
+                        "residual); saved converted to plain LoRA of rank 2r on the original base")
+    own_base: bool = True
+    INITIAL = "pissa_initial"  # the adapter at initialisation, beside the checkpoints: what the conversion subtracts
+
+    def wrap(self, model, train_cfg, seqcls: bool, work: Path):
+        from accelerate import PartialState
+
+        model = super().wrap(model, train_cfg, seqcls, work)
+        if PartialState().is_main_process:
+            # peft's recipe for the conversion: the initial A₀, B₀ saved with init_lora_weights=True, so that the
+            # converted adapter loads onto the original base (PeftModel.save_pretrained's
+            # path_initial_model_for_weight_conversion).
+            config = model.peft_config["default"]
+            config.init_lora_weights = True
+            model.save_pretrained(Path(work) / self.INITIAL)
+            config.init_lora_weights = "pissa"
+        return model
+
+    def save(self, model, adapter_dir: Path, work: Path, head: str) -> None:
+        # ΔW = B·A − B₀·A₀ as one LoRA of rank 2r: [B, −B₀]·[A; A₀], with the original base weights.
+        model.save_pretrained(adapter_dir, path_initial_model_for_weight_conversion=str(Path(work) / self.INITIAL))
+        write_json(Path(adapter_dir) / ADAPTER_BASE, self.base_record(model, head))
+
+    def base_record(self, model, head: str) -> dict:
+        return {"method": "pissa", "trained_rank": int(model.peft_config["default"].r)}
+
+
+@dataclass(frozen=True)
+class FullFineTune(Method):
+    name: str = "full"
+    title: str = "full fine-tuning"
+    description: str = "every weight trained (fp32 master weights under the run's bf16/fp16 autocast)"
+    own_base: bool = True
+    master_dtype: str | None = "fp32"
+
+    def peft_config(self, train_cfg, seqcls: bool):
+        return None
+
+    def wrap(self, model, train_cfg, seqcls: bool, work: Path):
+        return model.requires_grad_(True)
+
+    def save(self, model, adapter_dir: Path, work: Path, head: str) -> None:
+        from safetensors.torch import save_model
+
+        Path(adapter_dir).mkdir(parents=True, exist_ok=True)
+        save_model(model, str(Path(adapter_dir) / FULL_WEIGHTS))  # tied weights once (lm_head = embeddings)
+        write_json(Path(adapter_dir) / ADAPTER_BASE, self.base_record(model, head))
+
+    def base_record(self, model, head: str) -> dict:
+        return {"method": "full", "head": head}
+
+    def expected_parameters(self, r: int, modules: list[tuple[str, tuple[int, int]]]) -> int:
+        total = 0
+        for _, shape in modules:
+            count = 1
+            for d in shape:
+                count *= d
+            total += count
+        return total
+
+    def settings(self, train_cfg: dict) -> str:
+        return "every weight"
 
 
 @dataclass(frozen=True)
@@ -144,7 +245,9 @@ for _method in (
     LoraFamily("rslora", "rsLoRA", {"use_rslora": True}, description="LoRA with rank-stabilised scaling alpha/sqrt(r)"),
     LoraFamily("qlora", "QLoRA", description="LoRA on a base whose linear layers are 4-bit NF4 with double "
                                              "quantization (bitsandbytes); merged into the dequantized base",
-               quantization="nf4"),
+               quantization="nf4", own_base=True),
+    PiSSA(),
+    FullFineTune(),
     IA3(),
     Prompting(),
 ):

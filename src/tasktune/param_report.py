@@ -1,4 +1,4 @@
-"""The `params` stage: counts, LoRA ΔW statistics and the frozen-weights check, written to params.json."""
+"""The `params` stage: counts, ΔW statistics of the method and the frozen-weights check, written to params.json."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ def parameter_report(base_path: str, adapter_dir: Path, base_count: int, merged_
         raise AssertionError(f"merged model has {merged:,} parameters, base has {base_count:,}: merging must "
                              "not change the parameter count")
     modules = {m["module"] for m in analysis["modules"]}
+    if analysis["adapter"]["method"] == "full":  # every weight was trained: any may differ from the base
+        modules = {name.rsplit(".", 1)[0] for name in merged_model.state_dict()}
     reference = None
     if adapter_base_quantization(adapter_dir):
         # QLoRA: the merged model's base is the dequantized 4-bit base; that, not the original weights, is what
@@ -56,7 +58,7 @@ def params_for_run(run_dir: Path) -> dict:
     from tasktune.run_layout import RunLayout, load_adapted_model
 
     layout = RunLayout(run_dir)
-    if not layout.report.is_file() or not layout.adapter_config.is_file():
+    if not layout.report.is_file() or not layout.adapter.is_dir():
         raise TasktuneError(f"{run_dir} is not a finished tasktune run (needs report.json and adapter/)")
     report = json.loads(layout.report.read_text())
     adapted = load_adapted_model(layout.adapter, report["model"], report["config"].get("dtype", "auto"),

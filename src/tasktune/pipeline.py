@@ -20,14 +20,14 @@ from accelerate import PartialState
 from tasktune._version import __version__
 from tasktune.config import Recipe
 from tasktune.costs import held_out_documents
-from tasktune.infer import merge_for_inference
+from tasktune.infer import merge_for_inference, unwrap
 from tasktune.data.split import overlap_warning
 from tasktune.errors import TasktuneError
 from tasktune.memory import MemoryLog, StepMemory
 from tasktune.models import LoadedModel, count_parameters, load_model, model_identity
 from tasktune.param_report import parameter_report
 from tasktune.methods import get_method
-from tasktune.run_layout import BASE_QUANTIZATION, RunLayout, adapter_head, load_adapted_model
+from tasktune.run_layout import RunLayout, adapter_head, load_adapted_model
 from tasktune.runlog import RunLog
 from tasktune.rundir import RunDir, write_json, write_jsonl, write_text
 from tasktune.tasks import PromptBuilder, get_task
@@ -190,9 +190,10 @@ def logged_figures(task, metrics: dict | None) -> dict:
 
 def train_stage(p: Prepared, work: Path, logs=None, features: list[dict] | None = None,
                 callbacks: tuple = ()) -> tuple[torch.nn.Module, dict, str]:
-    """LoRA fine-tuning (resuming from a checkpoint when one exists); writes adapter/ and train/summary.json.
-    `features`: the tokenized training rows when the caller has them (a sweep caches them across trials)."""
-    from tasktune.train import add_lora
+    """Fine-tuning with the recipe's method (resuming from a checkpoint when one exists); writes adapter/ and
+    train/summary.json. `features`: the tokenized training rows when the caller has them (a sweep caches them
+    across trials)."""
+    from tasktune.train import wrap_for_training
 
     cfg = p.recipe.train
     head = objective_head(cfg.objective)
@@ -202,12 +203,11 @@ def train_stage(p: Prepared, work: Path, logs=None, features: list[dict] | None 
         features = p.task.train_features(p.builder, p.examples["train"], cfg.objective, cfg.max_length,
                                          p.label_token_ids)
     torch.manual_seed(cfg.seed)  # LoRA initialisation
-    model = add_lora(base, cfg, cfg.objective)
+    model = wrap_for_training(base, cfg, cfg.objective, work / "train")
     try:
         return _train_adapted(p, work, logs, features, callbacks, model, head, base_count)
     except BaseException:
-        if base is p.lm.model:
-            model.unload()  # the loaded base comes back without adapters (a sweep trains on it again)
+        release_base(p, model)
         raise
 
 
@@ -226,26 +226,36 @@ def _train_adapted(p: Prepared, work: Path, logs, features: list[dict], callback
         runner = Runner(m, p.lm.tokenizer, p.recipe.eval.batch_size, shard=False)
         return evaluation.validation_metrics(p.task, runner, p.builder, p.examples["validation"], head)
 
+    method = get_method(cfg.method)
     summary = fit(model, p.lm.tokenizer, features, val_features, cfg, work / "train", cfg.objective, validate,
                   p.task.metric_for_best, p.label_token_ids, logs=logs,
-                  callbacks=[StepMemory(p.memory), *callbacks])
+                  callbacks=[StepMemory(p.memory), *callbacks],
+                  autocast=p.lm.dtype if method.master_dtype and p.lm.dtype != torch.float32 else None)
+    if method.master_dtype:  # evaluated, analysed and saved in the run's dtype, as the zero-shot base was
+        model = model.to(p.lm.dtype)
     summary.pop("log_history")
     # What was trained on: QLoRA's 4-bit linear layers are counted, so that a silent fall-back to 16 bits shows.
     quantized = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
     summary.update(parameters=params, base_parameters_before_lora=base_count, head=head,
                    quantized_linear_layers=quantized)
     state = process_state()
-    quantization = get_method(cfg.method).quantization
     if state.is_main_process:
-        model.save_pretrained(RunLayout(work).adapter)  # safetensors
-        if quantization:
-            write_json(RunLayout(work).adapter / BASE_QUANTIZATION, {"quantization": quantization})
+        method.save(model, RunLayout(work).adapter, work / "train", head)
         write_json(RunLayout(work).summary, summary)
     state.wait_for_everyone()
-    if quantization:  # evaluated as it is exported: the adapter on the dequantized 4-bit base, merged
+    if method.quantization or method.name == "pissa":
+        # Evaluated as it is exported: QLoRA's adapter on the dequantized 4-bit base; PiSSA's converted adapter
+        # on the original base (checks the conversion, and the merged model is the same either way).
         del model
         model, _, head = load_trained(p, work)
     return model, summary, head
+
+
+def release_base(p: Prepared, model) -> None:
+    """Take the adapter off the run's loaded base when `model` wraps it, so that a sweep trains on it again
+    (methods with a base of their own, and classification heads, leave it untouched)."""
+    if hasattr(model, "unload") and unwrap(model) is p.lm.model:
+        model.unload()
 
 
 def objective_head(objective: str) -> str:
@@ -255,12 +265,14 @@ def objective_head(objective: str) -> str:
 
 
 def base_for_training(p: Prepared, head: str) -> torch.nn.Module:
-    """The loaded base (a causal-LM head), or a base of its own: with a fresh classification head, or in 4 bits
-    for QLoRA (prepared as peft prescribes: norms and head in fp32, inputs requiring grad)."""
-    quantization = get_method(p.recipe.train.method).quantization
-    if head == "seqcls" or quantization:
+    """The loaded base (a causal-LM head), or a base of its own: with a fresh classification head, in 4 bits
+    for QLoRA (prepared as peft prescribes: norms and head in fp32, inputs requiring grad), rewritten by the
+    method (PiSSA), or in fp32 master weights (full)."""
+    method = get_method(p.recipe.train.method)
+    quantization = method.quantization
+    if head == "seqcls" or method.own_base:
         labels = len(getattr(p.task, "label_names", ()) or (0, 1))
-        model = load_model(p.recipe.model, p.recipe.dtype, head=head, num_labels=labels,
+        model = load_model(p.recipe.model, method.master_dtype or p.recipe.dtype, head=head, num_labels=labels,
                            trust_remote_code=p.recipe.trust_remote_code, quantization=quantization).model
         if quantization:
             from peft import prepare_model_for_kbit_training
@@ -504,7 +516,7 @@ def evaluate_run(run_dir: Path, out: Path, data_path: str | None = None, overwri
 
     from tasktune.ownership import check_outside
 
-    run_dir = require_finished_run(Path(run_dir), needs=("report.json", "adapter/adapter_config.json",
+    run_dir = require_finished_run(Path(run_dir), needs=("report.json", "adapter",
                                                          "train/summary.json"))
     check_outside(Path(out), {"run": run_dir, "data": data_path})
     staging = StagingDir(Path(out), overwrite=overwrite)  # refuse a bad --out before loading anything

@@ -253,8 +253,9 @@ def render_markdown(report, task, params, figures, changes, history: list[dict],
     ]
     if params:
         adapter = adapter_section(params)
-        settings = (f"r={adapter['r']}, alpha={adapter['alpha']} (scale {adapter['scale']:.3g})" if "r" in adapter
-                    else "one scale vector per target")
+        settings = adapter.get("settings") or (  # runs before 2026-12-03 have no `settings`
+            f"r={adapter['r']}, alpha={adapter['alpha']} (scale {adapter['scale']:.3g})" if "r" in adapter
+            else "one scale vector per target")
         lines += [f"| merged model | {_fmt(params['counts']['merged'])} (equals base: {params['counts']['merged_equals_base']}) |",
                   "", f"Method `{adapter.get('method', 'lora')}`: {settings} on {adapter['modules']} modules "
                   f"({', '.join(adapter['target_modules'])}); {adapter['formula_text']} = {_fmt(adapter['formula'])} = "

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasktune.errors import TasktuneError
-from tasktune.methods import METHODS, get_method
+from tasktune.methods import get_method
 
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
@@ -220,17 +220,14 @@ def load_sweep(path: str, overrides: list[str] = ()) -> SweepSpec:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", spec.name):
         raise TasktuneError(f"{where}: name {spec.name!r} must be a plain directory name")
     if spec.sampler == "grid":
+        # The base recipe is trial 0 and is not a grid point to Optuna (it suggests nothing), so the whole grid
+        # takes one trial more.
         size = math.prod(len(param.grid()) for param in spec.space)
-        spec.trials = min(spec.trials, size)
-    base = base_recipe(spec)  # the base recipe and its overrides are valid
+        spec.trials = min(spec.trials, size + 1)
+    base_recipe(spec)  # the base recipe and its overrides are valid
     for param in spec.space:
         for value in param.corners():
             trial_recipe(spec, {param.key: value}, where=f"{where}: space.{param.key}={value!r}")
-    methods = {base.train.method} | {c for p in spec.space if p.key == "train.method" for c in p.choices or []}
-    quantized = sorted(m for m in methods if m in METHODS and METHODS[m].quantization)
-    if quantized:  # trials share one loaded base; a 4-bit base per trial is not built yet
-        raise TasktuneError(f"{where}: train.method {quantized[0]} is not searchable in a sweep yet (trials share "
-                            "one loaded base model); run it with `tasktune run`")
     return spec
 
 
@@ -320,7 +317,10 @@ class TrialSeededSampler:
             def before_trial(self, study, trial):
                 alive = [t for t in study.get_trials(deepcopy=False)
                          if t.state != optuna.trial.TrialState.FAIL and t.number <= trial.number]
-                self.inner = self._make(spec.seed + len(alive))
+                # The grid keeps one seed: Optuna's GridSampler gives trial n the n-th point of an order it
+                # shuffles with its seed, so a seed per trial would repeat points and skip others (seen: a
+                # 4-point grid ran `lora` twice and never `full`). Its choices depend only on the study then.
+                self.inner = self._make(spec.seed if spec.sampler == "grid" else spec.seed + len(alive))
                 self.inner.before_trial(study, trial)
 
             def infer_relative_search_space(self, study, trial):
@@ -374,7 +374,8 @@ def _alive(pid) -> bool:
 # --- trials ---------------------------------------------------------------------------------------------------
 
 class Trials:
-    """One loaded model and one split for every trial; a fresh adapter per trial."""
+    """One loaded model and one split for every trial; a fresh adapter per trial (methods with a base of their
+    own, `methods.Method.own_base`, load it per trial and leave the shared one untouched)."""
 
     def __init__(self, spec: SweepSpec, sweep_dir: Path, prepared):
         self.spec, self.dir, self.base = spec, sweep_dir, prepared
@@ -434,7 +435,7 @@ class Trials:
         validation figure. Pruned trials stop at a validation step."""
         import optuna
 
-        from tasktune.pipeline import train_stage
+        from tasktune.pipeline import release_base, train_stage
         from tasktune.rundir import mark_as_ours, write_json
 
         base_values = trial.user_attrs.get("base_values") or {}
@@ -468,7 +469,7 @@ class Trials:
                 if limit is not None:
                     cost = self.perplexity_increase(p, model, head)
             finally:
-                model.unload() if head == "causal_lm" else None  # the shared base, clean for the next trial
+                release_base(p, model)  # the shared base, clean for the next trial
         record = {"trial": trial.number, "params": params, "validation": figure, "steps": summary["global_step"],
                   "wall_s": round(time.perf_counter() - start, 2), "train_s": summary.get("train_runtime_s"),
                   "pruned": False}
@@ -735,6 +736,7 @@ def _test_trial(trials: Trials, spec: SweepSpec, row: dict, out_dir: Path, prist
     from peft import PeftModel
 
     from tasktune.infer import merge_for_inference
+    from tasktune.run_layout import adapter_base_quantization, is_full_fine_tune
 
     recipe = trial_recipe(spec, row["params"], row["trial"])
     p = trials.prepared_for(recipe)
@@ -742,7 +744,9 @@ def _test_trial(trials: Trials, spec: SweepSpec, row: dict, out_dir: Path, prist
         return evaluate_test(p, p.lm.model, out_dir)  # prompting: the base model with the trial's shots
     folder = Path(trials.dir / "trials" / str(row["trial"]))
     summary = json.loads((folder / "train" / "summary.json").read_text())
-    if summary["head"] != "causal_lm":
+    adapter = folder / "adapter"
+    if summary["head"] != "causal_lm" or is_full_fine_tune(adapter) or adapter_base_quantization(adapter):
+        # A base of its own: a classification head, a full fine-tune's weights, QLoRA's dequantized 4-bit base.
         from tasktune.pipeline import load_trained
 
         model, _, head = load_trained(p, folder)

@@ -20,13 +20,20 @@ from tasktune.infer import left_pad, position_ids_from_mask
 from tasktune.losses import adapter_autocast, adapter_input_casting_off, get_objective, objective_loss
 
 def add_lora(model, train_cfg, objective: str):
-    """Wrap `model` for training with the recipe's method (methods.py: LoRA, DoRA, rsLoRA through peft)."""
+    """Wrap `model` with the peft config of the recipe's method (LoRA, DoRA, rsLoRA, IA3): the benchmarks' way."""
     from peft import get_peft_model
 
     from tasktune.methods import get_method
 
     config = get_method(train_cfg.method).peft_config(train_cfg, seqcls=get_objective(objective).head == "seqcls")
     return get_peft_model(model, config)
+
+
+def wrap_for_training(model, train_cfg, objective: str, work: Path):
+    """The model the Trainer trains, as the recipe's method makes it (methods.py; `work`: the train folder)."""
+    from tasktune.methods import get_method
+
+    return get_method(train_cfg.method).wrap(model, train_cfg, get_objective(objective).head == "seqcls", work)
 
 
 class LeftPadCollator:
@@ -156,9 +163,11 @@ class TestMetricLogs(TrainerCallback):
             self.trainer.log({f"test_finetuned/{k}": v for k, v in figures.items()})
 
 
-def training_arguments(train_cfg, output_dir: Path, metric: str, fp16: bool = False) -> TrainingArguments:
+def training_arguments(train_cfg, output_dir: Path, metric: str, fp16: bool = False,
+                       bf16: bool = False) -> TrainingArguments:
     """`fp16`: the base weights are fp16 (dtype auto on a pre-Ampere card, or set): the Trainer trains with
-    fp16 autocast and a gradient scaler, the trainable weights in fp32 (see `fit`)."""
+    fp16 autocast and a gradient scaler, the trainable weights in fp32 (see `fit`). `bf16`: the Trainer's bf16
+    autocast over fp32 weights (full fine-tuning of a bf16 run)."""
     # TensorBoard gets its own callback below (to write into the run directory); the others go as named.
     report_to = [name for name in train_cfg.report_to if name not in ("none", "tensorboard")] or "none"
     return TrainingArguments(
@@ -174,6 +183,7 @@ def training_arguments(train_cfg, output_dir: Path, metric: str, fp16: bool = Fa
         optim="adamw_torch",
         logging_steps=train_cfg.logging_steps,
         fp16=fp16,
+        bf16=bf16,
         eval_strategy="steps",
         eval_steps=train_cfg.eval_steps,
         save_strategy="steps",
@@ -199,18 +209,20 @@ def training_arguments(train_cfg, output_dir: Path, metric: str, fp16: bool = Fa
 
 def fit(model, tokenizer, train_features: list[dict], val_features: list[dict], train_cfg, output_dir: Path,
         objective: str, validate: Callable, metric: str, label_token_ids: list[int] | None = None,
-        logs: "TestMetricLogs | None" = None, callbacks: list[TrainerCallback] = ()) -> dict:
-    """Train `model` (already LoRA-wrapped) in place and return the Trainer's log history and timings.
+        logs: "TestMetricLogs | None" = None, callbacks: list[TrainerCallback] = (),
+        autocast: torch.dtype | None = None) -> dict:
+    """Train `model` (already wrapped by its method) in place and return the Trainer's log history and timings.
+    `autocast`: the Trainer's mixed precision over fp32 weights (full fine-tuning: the run's bf16 or fp16).
 
     Resumes from the last complete checkpoint in `output_dir/checkpoints` when there is one.
     """
     checkpoints = output_dir / "checkpoints"
-    fp16 = any(p.dtype == torch.float16 for p in model.parameters())
+    fp16 = autocast == torch.float16 or any(p.dtype == torch.float16 for p in model.parameters())
     if fp16:  # the scaler unscales fp32 gradients only: a trainable fp16 weight (a seqcls head) is kept in fp32
         for param in model.parameters():
             if param.requires_grad and param.dtype == torch.float16:
                 param.data = param.data.float()
-    args = training_arguments(train_cfg, checkpoints, metric, fp16=fp16)
+    args = training_arguments(train_cfg, checkpoints, metric, fp16=fp16, bf16=autocast == torch.bfloat16)
     stopper = StopOnSignal()
     callbacks = [EarlyStoppingCallback(early_stopping_patience=train_cfg.patience), SealCheckpoints(), stopper,
                  *callbacks]
