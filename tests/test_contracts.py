@@ -241,6 +241,26 @@ def test_every_method_trains_resumes_evaluates_exports_and_is_counted(tiny_llama
     assert before.keys() == after.keys() and all(before[k].equal(after[k]) for k in before)
 
 
+def test_full_fine_tuning_of_a_tied_embedding_model_counts_every_weight_once(tiny_models, sst2_tsv, tmp_path):
+    """Gemma ties the LM head to the input embeddings: the saved fine-tune stores that matrix once, under
+    whichever name, and the analysis compares it with the base's embeddings (not as a fresh head)."""
+    import os
+    import stat
+
+    run = tmp_path / "tied"
+    assert main(tiny_run(tiny_models["gemma3"], sst2_tsv, tmp_path, "tied", "train.method=full",
+                         "train.learning_rate=1e-3")) == 0
+    params = json.loads((run / "params.json").read_text())
+    adapter = params["analysis"]["adapter"]
+    assert adapter["formula_matches"] and adapter["other_trainable"] == 0
+    assert adapter["parameters"] == params["counts"]["base"]
+    assert "embed_tokens" in adapter["target_modules"] or "lm_head" in adapter["target_modules"]
+    mode = stat.S_IMODE((run / "adapter" / "model.safetensors").stat().st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask  # written like every other file: atomically, the usual mode
+
+
 def test_an_unknown_method_is_one_line(tiny_llama, sst2_tsv, tmp_path, capsys):
     assert main(tiny_run(tiny_llama, sst2_tsv, tmp_path, "m", "train.method=galore")) == 2
     assert "train.method 'galore' is not one of ['dora', 'full', 'ia3', 'lora', 'none', 'pissa', 'qlora', 'rslora']" in capsys.readouterr().err

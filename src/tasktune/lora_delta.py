@@ -242,10 +242,15 @@ def analyse_full(base_path: str, adapter_dir: Path) -> dict:
     def base_name(key: str) -> str | None:
         if key in base.location:
             return key
-        try:
-            return base.find(key[: -len(".weight")]) if key.endswith(".weight") else None
-        except TasktuneError:
-            return None
+        candidates = [key[: -len(".weight")]] if key.endswith(".weight") else []
+        if key.endswith("lm_head.weight"):  # tied to the input embeddings: stored once, maybe under this name
+            candidates.append("embed_tokens")
+        for module in candidates:
+            try:
+                return base.find(module)
+            except TasktuneError:
+                continue
+        return None
 
     modules, counted, fresh = [], 0, 0
     with safe_open(Path(adapter_dir) / FULL_WEIGHTS, framework="pt") as f:

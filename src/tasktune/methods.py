@@ -32,7 +32,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasktune.atomic import write_json
+from tasktune.atomic import write_json, write_with
 from tasktune.errors import TasktuneError
 from tasktune.run_layout import ADAPTER_BASE, FULL_WEIGHTS
 
@@ -163,8 +163,8 @@ class FullFineTune(Method):
     def save(self, model, adapter_dir: Path, work: Path, head: str) -> None:
         from safetensors.torch import save_model
 
-        Path(adapter_dir).mkdir(parents=True, exist_ok=True)
-        save_model(model, str(Path(adapter_dir) / FULL_WEIGHTS))  # tied weights once (lm_head = embeddings)
+        # Tied weights are stored once (safetensors keeps one name of lm_head / embed_tokens).
+        write_with(Path(adapter_dir) / FULL_WEIGHTS, lambda tmp: save_model(model, tmp))
         write_json(Path(adapter_dir) / ADAPTER_BASE, self.base_record(model, head))
 
     def base_record(self, model, head: str) -> dict:
