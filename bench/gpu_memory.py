@@ -9,6 +9,13 @@ peak(N) = peak(1) + (N - 1) * (peak(2) - peak(1)). Activations grow linearly wit
 the batch gives the cost of one more row, and from it the largest batch per card. The frozen base weights are
 counted exactly at full depth.
 
+Methods: LoRA is measured as above. QLoRA and full fine-tuning are derived from LoRA's measured step with exact
+byte counts of the model's tensors: QLoRA stores the decoder's linear weights in NF4 with double quantization
+(4 bits + one 8-bit absmax per 64 weights + one fp32 per 256 absmaxes) and dequantizes one layer's weight at a
+time; full fine-tuning holds fp32 weights, fp32 gradients, two fp32 AdamW moments and the bf16 copies autocast
+makes for the step. In a tasktune run the 16-bit base that the zero-shot and fine-tuned evaluations use stays
+loaded beside a base of the method's own (QLoRA, full), so "need in a run" adds it for those.
+
 Live tensor bytes are what `torch.cuda.max_memory_allocated()` reports. A card also needs the CUDA context and
 the caching allocator's slack on top: the table adds 2 GiB for that before deciding what fits. Both
 extrapolations are checked against direct measurements on a narrower model (reported). Where a GPU is available,
@@ -29,7 +36,9 @@ from model_shapes import CONFIGS, RECIPES  # noqa: E402,F401
 
 GIB = 2**30
 CUDA_OVERHEAD_GIB = 2.0  # CUDA context + caching-allocator slack, added before deciding what fits
-CARDS_GIB = {"24 GB": 24e9 / GIB, "80 GB": 80e9 / GIB}
+CARDS_GIB = {"16 GB": 16e9 / GIB, "24 GB": 24e9 / GIB, "80 GB": 80e9 / GIB}
+METHODS = ("lora", "qlora", "full")
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # bitsandbytes NF4, double quantization, blocksize 64
 ANSWER_TOKENS = 8  # SQuAD rows: the loss covers the answer tokens at the end of the row
 
 # The GPU recipes and the model config (in gpu_check.py) each one trains.
@@ -165,8 +174,39 @@ def estimate(model_name: str, train_cfg, batch: int, seq_len: int) -> dict:
     return {"weights": weights, "step": full, "per_row": per_row, "fixed": full - batch * per_row}
 
 
+def tensor_counts(model_name: str) -> dict:
+    """Exact element counts of the plain model (meta device): all parameters (tied ones once), the decoder's
+    linear weights (what bitsandbytes quantizes; the LM head stays 16-bit) and the largest of them."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    cls_name, kwargs = CONFIGS[model_name]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**kwargs), dtype=torch.bfloat16)
+    linear = [m.weight.numel() for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and ".layers." in f".{name}."]
+    return {"params": sum(p.numel() for p in model.parameters()), "linear": sum(linear), "largest": max(linear)}
+
+
+def method_estimate(lora: dict, counts: dict, method: str) -> dict:
+    """weights / step / per_row / fixed of `method`, from LoRA's measured figures (see the module docstring),
+    and `in_run`: the bytes a tasktune run holds beside it (the 16-bit base of the evaluations)."""
+    if method == "lora":
+        return {**lora, "in_run": 0}
+    base_16bit = counts["params"] * 2
+    if method == "qlora":
+        weights = lora["weights"] - counts["linear"] * 2 + counts["linear"] * NF4_BYTES
+        extra_step = counts["largest"] * 2  # one dequantized weight at a time
+    else:  # full: fp32 weights; gradients, AdamW moments and autocast's bf16 copies live in the step
+        weights = counts["params"] * 4
+        extra_step = counts["params"] * (4 + 8 + 2)
+    return {"weights": weights, "step": lora["step"] + extra_step, "per_row": lora["per_row"],
+            "fixed": lora["fixed"] + extra_step, "in_run": base_16bit}
+
+
 def largest_batch(est: dict, card_gib: float) -> int:
-    room = card_gib * GIB - CUDA_OVERHEAD_GIB * GIB - est["weights"] - est["fixed"]
+    room = card_gib * GIB - CUDA_OVERHEAD_GIB * GIB - est["weights"] - est["fixed"] - est.get("in_run", 0)
     return max(int(room // est["per_row"]), 0)
 
 
@@ -192,20 +232,26 @@ def main() -> None:
     rows = []
     for recipe in recipes:
         train_cfg = recipe_train_config(recipe)
+        train_cfg.method = "lora"
         batch, seq_len = (2, 16) if args.quick else (train_cfg.batch_size, train_cfg.max_length)
+        counts = tensor_counts(RECIPES[recipe])
         for checkpointing in (False, True):
             train_cfg.gradient_checkpointing = checkpointing
-            est = estimate(RECIPES[recipe], train_cfg, batch, seq_len)
-            need = (est["weights"] + est["step"]) / GIB + CUDA_OVERHEAD_GIB
-            rows.append([recipe, train_cfg.objective, seq_len, "on" if checkpointing else "off", est["weights"] / GIB,
-                         batch,
-                         est["step"] / GIB, need, *(largest_batch(est, size) for size in CARDS_GIB.values())])
-    body = common.table(["recipe", "objective", "max length", "grad. checkpointing", "weights GiB", "batch",
-                         "step peak GiB (live tensors)", f"need GiB (+{CUDA_OVERHEAD_GIB:.0f} CUDA)",
+            lora = estimate(RECIPES[recipe], train_cfg, batch, seq_len)
+            for method in METHODS:
+                est = method_estimate(lora, counts, method)
+                need = (est["weights"] + est["step"] + est["in_run"]) / GIB + CUDA_OVERHEAD_GIB
+                rows.append([recipe, method, seq_len, "on" if checkpointing else "off", est["weights"] / GIB, batch,
+                             est["step"] / GIB, need, *(largest_batch(est, size) for size in CARDS_GIB.values())])
+    body = common.table(["recipe", "method", "max length", "grad. checkpointing", "weights GiB", "batch",
+                         "step peak GiB (live tensors)", f"need in a run GiB (+{CUDA_OVERHEAD_GIB:.0f} CUDA)",
                          *(f"largest batch, {card}" for card in CARDS_GIB)], rows)
-    body += ("\n\nEvery row at the maximum length (the worst batch); the recipes' batch is per device. Extrapolation "
-             "checks (Llama-shaped, narrower, answer loss): 4 layers from 1 and 2 vs measured directly "
-             f"{check['depth']:+.2%}; twice the batch from batch and batch/2 vs measured directly {check['batch']:+.2%}.")
+    body += ("\n\nEvery row at the maximum length (the worst batch); the recipes' batch is per device; a largest batch "
+             "of 0 means it does not fit. lora: measured (live tensors of tasktune's step on CPU); qlora and full: "
+             "LoRA's measured step with exact byte counts (module docstring), and in a run the 16-bit base of the "
+             "evaluations beside them. Extrapolation checks (Llama-shaped, narrower, answer loss): 4 layers from 1 "
+             f"and 2 vs measured directly {check['depth']:+.2%}; twice the batch from batch and batch/2 vs measured "
+             f"directly {check['batch']:+.2%}.")
     print(body)
     if not args.quick:
         common.record_results("GPU recipe memory (estimated on CPU)", "python bench/gpu_memory.py", body,

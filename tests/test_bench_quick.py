@@ -32,6 +32,11 @@ def test_gpu_memory_estimate_quick():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| sst2-llama3.2-1b.yaml |" in proc.stdout
+    rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| sst2-llama3.2-1b.yaml |")]
+    weights = {(r[1], r[3]): float(r[4]) for r in rows}
+    assert sorted({r[1] for r in rows}) == ["full", "lora", "qlora"]
+    # 4-bit decoder weights are smaller than LoRA's 16-bit base; full fine-tuning holds fp32 weights.
+    assert weights[("qlora", "off")] < weights[("lora", "off")] < weights[("full", "off")]
     errors = [float(e) for e in re.findall(r"measured directly ([+-][\d.]+)%", proc.stdout)]
     assert len(errors) == 2 and all(abs(e) < 5.0 for e in errors)
     assert (ROOT / "bench" / "RESULTS.md").read_text() == before
@@ -89,4 +94,26 @@ def test_methods_table_quick():
                                                                                "ia3", "qlora", "full"]
     assert [row.split(" | ")[1] for row in rows] == ["0.0002"] * 4 + ["0.003", "0.0002", "5e-05"]
     assert "qlora (4-bit base: " in proc.stdout and "McNemar" in proc.stdout
+    assert (ROOT / "bench" / "RESULTS.md").read_text() == before
+
+
+def test_sweep_overhead_reads_a_finished_sweep(tiny_llama, tmp_path):
+    """bench/sweep_overhead.py on a tiny sweep: one row per finished trial, overhead = wall − training, and the
+    fresh-run costs measured in a fresh process; --no-record writes nothing."""
+    from test_sweep import write_sweep
+    from tiny import write_sst2_tsv
+
+    from tasktune.cli import main
+
+    before = (ROOT / "bench" / "RESULTS.md").read_text()
+    spec = write_sweep(tmp_path, tiny_llama, write_sst2_tsv(tmp_path / "train.tsv", n=120), trials=2, pruner="none")
+    assert main(["sweep", str(spec)]) == 0
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "sweep_overhead.py"), str(tmp_path / "sweeps" / "tiny"),
+                           "--no-record"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split(" | ") for line in proc.stdout.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert [int(r[0].strip("| ")) for r in rows] == [0, 1]
+    for r in rows:
+        assert float(r[4]) == pytest.approx(float(r[2]) - float(r[3]), abs=0.11)
+    assert "A fresh `tasktune run` per trial would add" in proc.stdout
     assert (ROOT / "bench" / "RESULTS.md").read_text() == before

@@ -241,6 +241,29 @@ def test_every_method_trains_resumes_evaluates_exports_and_is_counted(tiny_llama
     assert before.keys() == after.keys() and all(before[k].equal(after[k]) for k in before)
 
 
+@pytest.mark.parametrize("objective", ["lm", "seqcls"])
+@pytest.mark.parametrize("method", ["dora", "pissa", "ia3", "qlora", "full"])
+def test_every_method_trains_with_the_other_heads_and_objectives(tiny_llama, sst2_tsv, tmp_path, method, objective):
+    """The method test above trains label_lm; the label-token loss (`lm`) and a fresh classification head
+    (`seqcls`, trained and saved with the adapter, or with every weight) work with every method too, or are
+    refused in one line before anything loads (PiSSA with a classification head)."""
+    if method == "pissa" and objective == "seqcls":
+        assert main(tiny_run(tiny_llama, sst2_tsv, tmp_path, "m", "train.method=pissa", "train.objective=seqcls")) == 2
+        assert not (tmp_path / "m").exists() and not (tmp_path / ".m.partial").exists()
+        return
+    assert main(tiny_run(tiny_llama, sst2_tsv, tmp_path, "m", f"train.method={method}", f"train.objective={objective}",
+                         "train.lora_r=4")) == 0
+    report = json.loads((tmp_path / "m" / "report.json").read_text())
+    assert report["config"]["train"]["objective"] == objective and report["training"]["global_step"] == 4
+    params = json.loads((tmp_path / "m" / "params.json").read_text())
+    assert params["analysis"]["adapter"]["method"] == method and params["counts"]["merged_equals_base"]
+    assert not params["frozen"]["unexpected_changes"]
+    assert main(["eval", "--run", str(tmp_path / "m"), "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    column = "classifier" if objective == "seqcls" else "score"  # a classification head reads no verbalizer
+    assert again[column]["accuracy"] == report["finetuned"][column]["accuracy"]
+
+
 def test_full_fine_tuning_of_a_tied_embedding_model_counts_every_weight_once(tiny_models, sst2_tsv, tmp_path):
     """Gemma ties the LM head to the input embeddings: the saved fine-tune stores that matrix once, under
     whichever name, and the analysis compares it with the base's embeddings (not as a fresh head)."""
@@ -419,3 +442,22 @@ def test_a_run_parses_its_task_spec_once_and_records_the_bytes_it_read(tiny_llam
     assert (run / "task.yaml").read_bytes() == spec.read_bytes()
     fingerprint = json.loads((run / "fingerprint.json").read_text())
     assert fingerprint["task_sha256"] == hashlib.sha256(spec.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not valid JSON"),
+    ('["nf4"]', "expected a JSON object, got list"),
+    ('{"quantisation": "nf4"}', "key 'quantisation' is not one of"),
+    ('{"trained_rank": "4"}', "key 'trained_rank' is not one of"),
+    ('{"method": "galore"}', "method must be one of ['qlora', 'pissa', 'full']"),
+    ('{"method": "full"}', "a full fine-tune's record needs its head"),
+])
+def test_a_malformed_adapter_base_record_is_one_line(tiny_llama, sst2_tsv, tmp_path, capsys, content, message):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "tasktune_base.json").write_text(content)
+    assert main(["eval", "--task", "sst2", "--model", str(tiny_llama), "--data", str(sst2_tsv), "--adapter",
+                 str(adapter), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tasktune_base.json" in err[0] and message in err[0], err
+    assert not (tmp_path / "out").exists()

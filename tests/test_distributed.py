@@ -16,31 +16,34 @@ ROOT = Path(__file__).parents[1]
 RECIPE = "sst2-gemma3-270m-cpu"
 
 
-def overrides(model, data, out, name, batch, objective):
-    return [f"train.objective={objective}", f"model={model}", f"data.path={data}", f"output_dir={out}", f"name={name}", "dtype=fp32",
+def overrides(model, data, out, name, batch, objective, method="lora"):
+    return [f"train.objective={objective}", f"train.method={method}", f"model={model}", f"data.path={data}", f"output_dir={out}", f"name={name}", "dtype=fp32",
             "data.val_size=16", "data.limit_train=null", "eval.limit_generate=null", "train.max_steps=6",
             "train.eval_steps=3", f"train.batch_size={batch}", "train.lora_dropout=0.0", "train.shuffle=false",
             "train.learning_rate=1e-3", "train.warmup_ratio=0.0"]
 
 
-@pytest.mark.parametrize("objective", ["label_lm", "verbalizer"])  # both take the DDP branch of objective_loss
-def test_two_processes_match_one_with_the_same_global_batch(tiny_llama, tmp_path, objective):
+# Both objectives take the DDP branch of objective_loss; full fine-tuning and PiSSA train a base of their own.
+@pytest.mark.parametrize("objective, method", [("label_lm", "lora"), ("verbalizer", "lora"), ("label_lm", "full"),
+                                               ("label_lm", "pissa")])
+def test_two_processes_match_one_with_the_same_global_batch(tiny_llama, tmp_path, objective, method):
     from tiny import write_sst2_tsv
 
     data = write_sst2_tsv(tmp_path / "train.tsv", n=150)
-    assert main(["run", RECIPE, "eval.controls=[]", "eval.perplexity=null", *overrides(tiny_llama, data, tmp_path, "single", 8, objective)]) == 0
+    assert main(["run", RECIPE, "eval.controls=[]", "eval.perplexity=null", *overrides(tiny_llama, data, tmp_path, "single", 8, objective, method)]) == 0
     # `--multi_gpu` selects accelerate's torchrun launcher; on a machine without CUDA the processes join a gloo
     # group (accelerate's `--cpu` would start a single process unless an MPI hostfile is given).
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tasktune", "run", RECIPE, "eval.controls=[]", "eval.perplexity=null",
-               *overrides(tiny_llama, data, tmp_path, "ddp", 4, objective)]
+               *overrides(tiny_llama, data, tmp_path, "ddp", 4, objective, method)]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Gradients averaged over 2 × 4 examples equal the single process's mean over 8 (fp32 reduction order).
-    single = load_file(tmp_path / "single" / "adapter" / "adapter_model.safetensors")
-    ddp = load_file(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors")
+    weights = "model.safetensors" if method == "full" else "adapter_model.safetensors"
+    single = load_file(tmp_path / "single" / "adapter" / weights)
+    ddp = load_file(tmp_path / "ddp" / "adapter" / weights)
     assert single.keys() == ddp.keys()
     for key in single:
         torch.testing.assert_close(ddp[key], single[key], atol=1e-5, rtol=1e-4)

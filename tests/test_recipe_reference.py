@@ -1,6 +1,7 @@
 """docs/recipe-reference.md covers every recipe key and is not stale; --print-config; run --task --model."""
 
 import dataclasses
+import math
 import typing
 from pathlib import Path
 
@@ -78,3 +79,58 @@ def test_task_without_a_shipped_recipe_uses_the_defaults(capsys):
 def test_task_model_misuse_is_one_line(capsys, argv, message):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("gpu_gib, picked", [(None, "sst2-gemma2-2b"), (79.2, "sst2-gemma2-2b"),
+                                             (14.6, "sst2-gemma2-2b-16gb"), (22.0, "sst2-gemma2-2b-16gb")])
+def test_task_and_model_pick_the_recipe_that_fits_the_gpu(capsys, monkeypatch, gpu_gib, picked):
+    """A T4 (14.6 GiB) or a 24 GB card gets the 16 GB recipe of Gemma-2-2B; an 80 GB card the full one."""
+    from tasktune import models
+
+    monkeypatch.setattr(models, "gpu_memory_gib", lambda: gpu_gib)
+    assert main(["run", "--task", "sst2", "--model", "gemma2-2b", "--print-config"]) == 0
+    out = capsys.readouterr()
+    printed = yaml.safe_load(out.out)
+    assert f"shipped recipe {picked} for" in out.err
+    assert printed["train"]["gradient_checkpointing"] == picked.endswith("-16gb")
+    assert printed["gpu_memory_gib"] <= (gpu_gib or math.inf)
+
+
+def test_a_recipe_too_big_for_the_gpu_stops_before_loading_and_names_one_that_fits(capsys, monkeypatch, tmp_path):
+    from tasktune import models, pipeline
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(models, "gpu_memory_gib", lambda: 14.6)
+    monkeypatch.setattr(pipeline, "prepare", no_loading)
+    monkeypatch.setattr(models, "load_model", no_loading)
+    assert main(["run", "squad2-gemma2-2b", f"output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs about 56.1 GiB of GPU memory" in err[0] and "has 14.6 GiB" in err[0]
+    assert "run the shipped recipe squad2-gemma2-2b-16gb instead" in err[0]
+    assert not list(tmp_path.iterdir())  # nothing written
+    # The check can be switched off, and then the run goes on (here to the stubbed loader).
+    with pytest.raises(AssertionError, match="a model was loaded"):
+        main(["run", "squad2-gemma2-2b", f"output_dir={tmp_path}", "gpu_memory_gib=null"])
+
+
+def test_every_gpu_recipe_states_the_memory_its_bench_row_measured():
+    """gpu_memory_gib in each GPU recipe is the LoRA row of bench/gpu_memory.py in bench/RESULTS.md (the -16gb
+    recipes: checkpointing on), to the digit it is written with."""
+    text = (ROOT / "bench" / "RESULTS.md").read_text()
+    section = text.split("## GPU recipe memory (estimated on CPU)", 1)[1].split("\n## ", 1)[0]
+    need = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) > 7 and cells[0].endswith(".yaml") and cells[1] == "lora":
+            need[(cells[0].removesuffix(".yaml"), cells[3])] = float(cells[7])
+    recipes = [p for p in (ROOT / "src" / "tasktune" / "recipes").glob("*.yaml") if not p.stem.endswith("-cpu")]
+    assert len(recipes) == 8
+    for path in recipes:
+        data = yaml.safe_load(path.read_text())
+        base, checkpointing = path.stem.removesuffix("-16gb"), "on" if path.stem.endswith("-16gb") else "off"
+        assert data["train"]["gradient_checkpointing"] == (checkpointing == "on"), path.name
+        assert data["gpu_memory_gib"] == round(need[(base, checkpointing)], 1), path.name
+        if checkpointing == "on":
+            assert data["gpu_memory_gib"] <= 16e9 / 2**30 - 1, f"{path.name} must fit a 16 GB card with room"

@@ -323,11 +323,10 @@ def recipe_source(args) -> tuple[str | None, list[str]]:
                             "its task and model (override them with task=... model=...)")
     if not args.task or not args.model:
         raise TasktuneError("--task and --model go together (e.g. --task sst2 --model llama3.2-1b)")
-    import torch
+    from tasktune import models, recipes
 
-    from tasktune import recipes
-
-    default = recipes.default_for(args.task, args.model, torch.cuda.is_available())
+    gpu_gib = models.gpu_memory_gib()
+    default = recipes.default_for(args.task, args.model, gpu_gib is not None, gpu_gib)
     name = "-".join(Path(text).name.removesuffix(".yaml").removesuffix(".gguf") for text in (args.task, args.model))
     if default is not None:
         print(f"[tasktune] using the settings of the shipped recipe {default.stem} for --task {args.task} "

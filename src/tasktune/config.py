@@ -118,6 +118,10 @@ class Recipe:
                              "elsewhere), or bf16, fp16, fp32")
     trust_remote_code: bool = opt(False, "run a hub model's own Python code: only for models you trust")
     output_dir: str = opt("runs", "where run directories go")
+    gpu_memory_gib: float | None = opt(None, "GPU memory this recipe's training needs on one device, estimated by "
+                                             "bench/gpu_memory.py (live tensors + 2 GiB for CUDA): on a smaller GPU "
+                                             "the run stops before loading anything and names a shipped recipe "
+                                             "that fits; null: no check")
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -130,7 +134,7 @@ class Recipe:
         return Path(self.output_dir) / self.name
 
 
-POSITIVE = {"keep_checkpoints", "perplexity_docs", "control_rows", "val_size", "batch_size", "lora_r", "lora_alpha", "grad_accum", "eval_steps", "logging_steps",
+POSITIVE = {"gpu_memory_gib", "keep_checkpoints", "perplexity_docs", "control_rows", "val_size", "batch_size", "lora_r", "lora_alpha", "grad_accum", "eval_steps", "logging_steps",
             "max_length", "max_prompt_tokens", "pad_to_multiple_of", "limit_train", "limit_test", "limit_generate", "max_steps",
             "learning_rate", "epochs"}
 NON_NEGATIVE = {"patience", "shots", "weight_decay", "seed"}
@@ -175,6 +179,10 @@ def validate(recipe: Recipe, source: str) -> Recipe:
 
     if recipe.train.method not in METHODS:
         raise TasktuneError(f"{source}: train.method {recipe.train.method!r} is not one of {sorted(METHODS)}")
+    refused = METHODS[recipe.train.method].refuses.get(recipe.train.objective)
+    if refused:
+        raise TasktuneError(f"{source}: train.method {recipe.train.method} with train.objective "
+                            f"{recipe.train.objective}: {refused}")
     if METHODS[recipe.train.method].quantization:
         import importlib.util
 

@@ -50,6 +50,10 @@ class Method(ABC):
     quantization: str | None = None  # how the base is loaded for training (models.load_model)
     own_base: bool = False        # trains on a base loaded for it alone (it rewrites or re-quantizes the base)
     master_dtype: str | None = None  # the trained base's dtype when not the run's (full: "fp32")
+    # Evaluated as saved, reloaded from adapter/: the saved adapter sits on another base than the trained one
+    # (QLoRA: the dequantized 4-bit base; PiSSA: converted to the original base).
+    evaluate_as_saved: bool = False
+    refuses: dict = {}  # {objective: why}: objectives this method cannot train, refused before anything loads
 
     @abstractmethod
     def peft_config(self, train_cfg, seqcls: bool):
@@ -98,6 +102,8 @@ class LoraFamily(Method):
     magnitude_vectors: bool = False                      # DoRA: one trainable vector of out-features per target
     description: str = ""
     quantization: str | None = None                      # QLoRA: `nf4`, the base's linear layers in 4 bits
+    own_base: bool = False
+    evaluate_as_saved: bool = False
 
     def peft_config(self, train_cfg, seqcls: bool):
         from peft import LoraConfig
@@ -106,8 +112,6 @@ class LoraFamily(Method):
             r=train_cfg.lora_r, lora_alpha=train_cfg.lora_alpha, lora_dropout=train_cfg.lora_dropout,
             target_modules=list(train_cfg.target_modules), bias="none", task_type=_task_type(seqcls),
             **self.lora_options)
-
-    own_base: bool = False
 
     def expected_parameters(self, r: int, modules: list[tuple[str, tuple[int, int]]]) -> int:
         return sum(r * (out + inp) + (out if self.magnitude_vectors else 0) for _, (out, inp) in modules)
@@ -121,6 +125,11 @@ class PiSSA(LoraFamily):
     description: str = ("LoRA initialised on each target's principal singular vectors (the base keeps the "
                         "residual); saved converted to plain LoRA of rank 2r on the original base")
     own_base: bool = True
+    evaluate_as_saved: bool = True
+    # peft 0.21's conversion (save_pretrained with path_initial_model_for_weight_conversion) raises a KeyError on
+    # a classification head's modules_to_save (`base_model.model.score.weight`): seen in the method tests.
+    refuses: dict = field(default_factory=lambda: {"seqcls": "peft cannot convert a PiSSA adapter that carries a "
+                                                            "classification head; use lora, or another objective"})
     INITIAL = "pissa_initial"  # the adapter at initialisation, beside the checkpoints: what the conversion subtracts
 
     def wrap(self, model, train_cfg, seqcls: bool, work: Path):
@@ -245,7 +254,7 @@ for _method in (
     LoraFamily("rslora", "rsLoRA", {"use_rslora": True}, description="LoRA with rank-stabilised scaling alpha/sqrt(r)"),
     LoraFamily("qlora", "QLoRA", description="LoRA on a base whose linear layers are 4-bit NF4 with double "
                                              "quantization (bitsandbytes); merged into the dequantized base",
-               quantization="nf4", own_base=True),
+               quantization="nf4", own_base=True, evaluate_as_saved=True),
     PiSSA(),
     FullFineTune(),
     IA3(),

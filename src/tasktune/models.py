@@ -43,6 +43,14 @@ DTYPES = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp3
 
 
 
+def gpu_memory_gib() -> float | None:
+    """Total memory of the CUDA device this process trains on (LOCAL_RANK under a launcher), in GiB; None
+    without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory / 2**30
+
+
 def cpu_supports_bf16() -> bool:
     """bf16 matmuls are only fast on CPUs with AVX512-BF16 or AMX; elsewhere they are emulated."""
     try:

@@ -243,7 +243,7 @@ def _train_adapted(p: Prepared, work: Path, logs, features: list[dict], callback
         method.save(model, RunLayout(work).adapter, work / "train", head)
         write_json(RunLayout(work).summary, summary)
     state.wait_for_everyone()
-    if method.quantization or method.name == "pissa":
+    if method.evaluate_as_saved:
         # Evaluated as it is exported: QLoRA's adapter on the dequantized 4-bit base; PiSSA's converted adapter
         # on the original base (checks the conversion, and the merged model is the same either way).
         del model
@@ -339,6 +339,10 @@ def _run(recipe: Recipe, state: PartialState, log: RunLog | None, overwrite: boo
     if not get_method(recipe.train.method).trains:
         raise TasktuneError(f"train.method={recipe.train.method} trains nothing: it is for sweeps, where prompting "
                             "competes with fine-tuning; to evaluate prompting alone use `tasktune eval --shots K`")
+    from tasktune import models
+    from tasktune.recipes import check_gpu_fits
+
+    check_gpu_fits(recipe, models.gpu_memory_gib())  # before anything loads: not an out-of-memory error later
     main = state.is_main_process
     say = print if main else (lambda *_: None)
     p = prepare(recipe)

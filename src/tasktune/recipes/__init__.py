@@ -29,32 +29,67 @@ def find(name: str) -> Path | None:
     return shipped().get(name.removesuffix(".yaml"))
 
 
-def default_for(task: str, model: str, cuda: bool) -> Path | None:
-    """The shipped recipe for `tasktune run --task T --model M`: the one for this task and model if it exists,
-    else the task's CPU recipe on a machine without CUDA and its first GPU recipe on one with it; None when no
-    shipped recipe trains this task (then the recipe defaults apply)."""
-    import yaml
-
+def _same_model(a: str, b: str) -> bool:
     from tasktune.models import KNOWN_MODELS
 
-    def same_model(a: str, b: str) -> bool:
-        ids = {name: (KNOWN_MODELS[name].hub_id if name in KNOWN_MODELS else name) for name in (a, b)}
-        return ids[a] == ids[b]
+    ids = {name: (KNOWN_MODELS[name].hub_id if name in KNOWN_MODELS else name) for name in (a, b)}
+    return ids[a] == ids[b]
 
-    candidates = []
+
+def _candidates(task: str) -> list[tuple[str, Path, dict]]:
+    """(name, file, parsed) of the shipped recipes for `task`, in name order."""
+    import yaml
+
+    found = []
     for name, path in shipped().items():
         if "/" in name:  # accelerate configs
             continue
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         if data.get("task") == task:
-            candidates.append((name, path, str(data.get("model", ""))))
-    for _, path, recipe_model in candidates:
-        if same_model(recipe_model, model):
+            found.append((name, path, data))
+    return found
+
+
+def _fits(data: dict, gpu_gib: float | None) -> bool:
+    need = data.get("gpu_memory_gib")
+    return gpu_gib is None or need is None or need <= gpu_gib
+
+
+def default_for(task: str, model: str, cuda: bool, gpu_gib: float | None = None) -> Path | None:
+    """The shipped recipe for `tasktune run --task T --model M`: of those for this task and model, the most
+    demanding whose `gpu_memory_gib` fits this GPU (`gpu_gib`; None: no GPU, no check), else the most
+    demanding (the run's own check then says what fits); else the task's CPU
+    recipe on a machine without CUDA and its first GPU recipe on one with it; None when no shipped recipe
+    trains this task (then the recipe defaults apply)."""
+    candidates = _candidates(task)
+    same = [(path, data) for _, path, data in candidates if _same_model(str(data.get("model", "")), model)]
+    # The most demanding first (the recipe as designed, then its -16gb variant): the first that fits wins.
+    same.sort(key=lambda item: -(item[1].get("gpu_memory_gib") or float("inf")))
+    for path, data in same:
+        if _fits(data, gpu_gib):
             return path
+    if same:
+        return same[0][0]  # none fits: the run's own check names the problem in one line
     for name, path, _ in candidates:
         if name.endswith("-cpu") != cuda:
             return path
     return candidates[0][1] if candidates else None
+
+
+def check_gpu_fits(recipe, gpu_gib: float | None) -> None:
+    """A recipe that needs more GPU memory than this GPU has stops here, before any model loads, naming a
+    shipped recipe for the same task and model that fits (or what to change)."""
+    need = recipe.gpu_memory_gib
+    if gpu_gib is None or need is None or need <= gpu_gib:
+        return
+    fitting = [name for name, _, data in _candidates(recipe.task)
+               if _same_model(str(data.get("model", "")), recipe.model) and data.get("gpu_memory_gib") is not None
+               and data["gpu_memory_gib"] <= gpu_gib]
+    advice = (f"run the shipped recipe {fitting[0]} instead" if fitting else
+              "set train.gradient_checkpointing=true or a smaller train.batch_size (with train.grad_accum)")
+    raise TasktuneError(f"recipe {recipe.name}: needs about {need:g} GiB of GPU memory (gpu_memory_gib, estimated "
+                        f"by bench/gpu_memory.py), this GPU has {gpu_gib:.1f} GiB: {advice}; gpu_memory_gib=null "
+                        "skips this check")
 
 
 def copy(name: str, dest: str) -> Path:

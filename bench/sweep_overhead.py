@@ -1,0 +1,80 @@
+"""Per-trial overhead of a sweep, against what a fresh `tasktune run` per trial would pay on top.
+
+A sweep runs its trials in one process: the model is loaded once, the split made once, training rows tokenized
+once per distinct tokenization. Per trial it still wraps the base with a fresh adapter, builds a Trainer, saves
+the adapter and evaluates the validation slice once more for the trial's figure. This reads a finished sweep
+directory: per finished trial its wall time (`trial.json`), the Trainer's own training time (its validations
+included), and the rest, the per-trial overhead. Then, in a fresh process, it times what a `tasktune run` per
+trial would add: imports, data, split, model load and tokenization of the base recipe (`pipeline.prepare` and
+`train_features`). Usage: python bench/sweep_overhead.py SWEEP_DIR [--no-record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+FRESH = r"""
+import json, sys, time
+t0 = time.perf_counter()
+from tasktune.config import load_recipe
+from tasktune.pipeline import prepare
+t1 = time.perf_counter()
+recipe = load_recipe(sys.argv[1], sys.argv[2:])
+p = prepare(recipe)
+t2 = time.perf_counter()
+cfg = recipe.train
+p.task.train_features(p.builder, p.examples["train"], cfg.objective, cfg.max_length, p.label_token_ids)
+t3 = time.perf_counter()
+print(json.dumps({"imports_s": t1 - t0, "data_s": p.timings.get("data_s"), "model_load_s": p.timings.get("model_load_s"),
+                  "prepare_s": t2 - t1, "tokenize_s": t3 - t2}))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("--no-record", action="store_true", help="print only, no RESULTS.md entry")
+    args = parser.parse_args()
+    spec = json.loads((args.sweep_dir / "spec.json").read_text())
+    records = [json.loads(p.read_text()) for p in sorted((args.sweep_dir / "trials").glob("*/trial.json"))]
+    finished = [r for r in records if not r.get("pruned") and r.get("train_s")]
+    if not finished:
+        raise SystemExit(f"{args.sweep_dir}: no finished trial with a training time")
+    rows = []
+    for r in sorted(finished, key=lambda r: r["trial"]):
+        overhead = r["wall_s"] - r["train_s"]
+        rows.append([r["trial"], r["steps"], f"{r['wall_s']:.1f}", f"{r['train_s']:.1f}", f"{overhead:.1f}",
+                     f"{100 * overhead / r['wall_s']:.1f}%"])
+    overheads = [r["wall_s"] - r["train_s"] for r in finished]
+    walls = [r["wall_s"] for r in finished]
+    overrides = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in (spec.get("overrides") or {}).items()]
+    proc = subprocess.run([sys.executable, "-c", FRESH, spec["recipe"], *overrides], capture_output=True, text=True,
+                          check=True)
+    fresh = json.loads(proc.stdout.strip().splitlines()[-1])
+    extra = fresh["imports_s"] + fresh["prepare_s"] + fresh["tokenize_s"]
+    body = common.table(["trial", "steps", "wall s", "training s (with its validations)", "overhead s", "overhead"],
+                        rows)
+    body += (f"\n\nMedian per-trial overhead {statistics.median(overheads):.1f} s of a median trial of "
+             f"{statistics.median(walls):.1f} s ({100 * statistics.median(overheads) / statistics.median(walls):.1f}%; "
+             f"range {min(overheads):.1f}–{max(overheads):.1f} s): adapter wrap, Trainer set-up, adapter save and the "
+             "trial's own validation figure. A fresh `tasktune run` per trial would add "
+             f"{extra:.1f} s more (imports {fresh['imports_s']:.1f}, data {fresh['data_s']:.1f}, model load "
+             f"{fresh['model_load_s']:.1f}, the rest of prepare {fresh['prepare_s'] - fresh['data_s'] - fresh['model_load_s']:.1f}, "
+             f"tokenizing the training rows {fresh['tokenize_s']:.1f}), "
+             f"{100 * extra / statistics.median(walls):.1f}% of a median trial, plus its zero-shot and test stages.")
+    print(body)
+    if not args.no_record:
+        common.record_results(f"Sweep overhead per trial ({spec['name']})", "python bench/sweep_overhead.py "
+                              + str(args.sweep_dir), body, common.machine())
+
+
+if __name__ == "__main__":
+    main()
