@@ -117,3 +117,18 @@ def test_sweep_overhead_reads_a_finished_sweep(tiny_llama, tmp_path):
         assert float(r[4]) == pytest.approx(float(r[2]) - float(r[3]), abs=0.11)
     assert "A fresh `tasktune run` per trial would add" in proc.stdout
     assert (ROOT / "bench" / "RESULTS.md").read_text() == before
+
+
+def test_gpu_check_tiny_runs_every_part_on_cpu():
+    """bench/gpu_check.py --tiny (the CUDA script's smoke test on CPU): throughput per objective and method
+    (full fine-tuning under autocast), the recipes' memory steps, and the T4 part running each -16gb recipe in
+    fp16 with a gradient scaler; no RESULTS.md entry."""
+    before = (ROOT / "bench" / "RESULTS.md").read_text()
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--tiny"], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    methods = {line.split(" | ")[1] for line in proc.stdout.splitlines() if line.startswith("| llama-3.2-1b |")}
+    assert methods == {"lora", "dora", "full"}
+    t4 = [line for line in proc.stdout.splitlines() if "-16gb |" in line]
+    assert len(t4) == 4 and all(line.rstrip(" |").endswith("yes") for line in t4)
+    assert (ROOT / "bench" / "RESULTS.md").read_text() == before

@@ -253,7 +253,7 @@ def render_markdown(report, task, params, figures, changes, history: list[dict],
     ]
     if params:
         adapter = adapter_section(params)
-        settings = adapter.get("settings") or (  # runs before 2026-12-03 have no `settings`
+        settings = adapter.get("settings") or (  # runs before commit bdb1bbc have no `settings`
             f"r={adapter['r']}, alpha={adapter['alpha']} (scale {adapter['scale']:.3g})" if "r" in adapter
             else "one scale vector per target")
         lines += [f"| merged model | {_fmt(params['counts']['merged'])} (equals base: {params['counts']['merged_equals_base']}) |",

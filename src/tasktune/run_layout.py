@@ -65,7 +65,7 @@ class RunLayout:
 
 ADAPTER_BASE = "tasktune_base.json"  # beside the trained weights; peft ignores it
 FULL_WEIGHTS = "model.safetensors"   # `full`: the whole fine-tuned model, saved by safetensors' save_model
-# What ADAPTER_BASE may say: QLoRA's 4-bit base ({"quantization": "nf4"} alone before 2026-12-03), a PiSSA
+# What ADAPTER_BASE may say: QLoRA's 4-bit base ({"quantization": "nf4"} alone before commit bdb1bbc), a PiSSA
 # adapter converted to plain LoRA on the original base, a full fine-tune's head.
 _ADAPTER_BASE_KEYS = {"method": str, "quantization": str, "trained_rank": int, "head": str}
 
