@@ -255,13 +255,13 @@ def analyse_full(base_path: str, adapter_dir: Path) -> dict:
     modules, counted, fresh = [], 0, 0
     with safe_open(Path(adapter_dir) / FULL_WEIGHTS, framework="pt") as f:
         for key in sorted(f.keys(), key=_layer_order):
-            tuned = f.get_tensor(key).double()
+            tuned = f.get_tensor(key).float()  # fp32, not double: Gemma-2-2B's embeddings are 590M numbers
             counted += tuned.numel()
             name = base_name(key)
             if name is None:  # a fresh classification head: no base weight to compare with
                 fresh += tuned.numel()
                 continue
-            W = base.get(name).double()
+            W = base.get(name).float()
             if W.shape != tuned.shape:
                 raise TasktuneError(f"{key} has shape {tuple(tuned.shape)} in the fine-tune, {tuple(W.shape)} in the "
                                     "base: fine-tune and base model differ")
