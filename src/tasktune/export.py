@@ -119,9 +119,10 @@ def model_card(report: dict, name: str, merged: bool, task):
     adapted = (report.get("parameters") or {}).get("adapted") or {}
     base_total = ((report.get("parameters") or {}).get("base") or {}).get("total")
     proto = report["protocol"]
+    what = "Full fine-tune" if method == "full" else f"Merged {title} fine-tune" if merged else f"{title} adapter"
     body = [
         f"# {name}", "",
-        f"{'Full fine-tune' if method == 'full' else f'Merged {title} fine-tune' if merged else f'{title} adapter'} of {origin}, for {report['task']}, made with "
+        f"{what} of {origin}, for {report['task']}, made with "
         "[tasktune](https://pypi.org/project/tasktune/).", "",
         "## Results (the same test split and protocol before and after fine-tuning)", "",
         "Each figure with its 95% bootstrap interval over the test examples.", "",
