@@ -362,8 +362,12 @@ def test_sigint_during_zero_shot_is_one_line_and_resumable(tiny_llama, tmp_path)
     data = write_sst2_tsv(tmp_path / "train.tsv", n=2000)
     command = [sys.executable, "-m", "tasktune", *run_args(tiny_llama, data, tmp_path, "int", "eval.batch_size=1",
                                                            "eval.protocols=score,generate")]
+    # SIGINT back to its default in the child: a test run started in the background by a shell without job
+    # control inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler (seen: the run
+    # finished with exit 0 under `nohup bash -c '... &'`).
     proc = subprocess.Popen(command, env={**ENV, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in proc.stdout:
         seen.append(line)
