@@ -209,6 +209,38 @@ def test_concurrent_atomic_writes_never_collide(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["stages.json"]
 
 
+@pytest.mark.parametrize("failure", [KeyboardInterrupt(), OSError(28, "No space left on device")])
+def test_a_failed_library_write_removes_only_its_own_temp_file(tmp_path, failure):
+    """atomic.write_with (a library's save function into a temp file of ours): when the writer fails, the one
+    file it deletes is the temp file mkstemp made for it. The file it was replacing, a look-alike temp file of
+    someone else's and every other file stay byte for byte; a full disk names the target."""
+    from tasktune.atomic import write_with
+
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"the previous weights")
+    lookalike = tmp_path / ".model.safetensors.someone.tmp"  # the pattern our temp files have, not ours
+    lookalike.write_bytes(b"not ours")
+    other = tmp_path / "notes.txt"
+    other.write_text("keep")
+    made = []
+
+    def failing_writer(tmp):
+        made.append(Path(tmp))
+        Path(tmp).write_bytes(b"half a file")
+        raise failure
+
+    with pytest.raises(type(failure)) as raised:
+        write_with(target, failing_writer)
+    if isinstance(failure, OSError):
+        assert raised.value.filename == str(target)
+    assert len(made) == 1 and made[0].parent == tmp_path and not made[0].exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, lookalike.name, other.name])
+    assert target.read_bytes() == b"the previous weights" and lookalike.read_bytes() == b"not ours"
+    assert other.read_text() == "keep"
+    write_with(target, lambda tmp: Path(tmp).write_bytes(b"new"))  # and a writer that succeeds replaces it
+    assert target.read_bytes() == b"new" and lookalike.exists()
+
+
 def test_out_of_memory_is_one_line_naming_the_batch_size(tiny_llama, sst2_tsv, tmp_path, monkeypatch, capsys):
     import tasktune.train as train
 

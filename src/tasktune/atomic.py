@@ -32,15 +32,17 @@ def _umask() -> int:
     return mask
 
 
-def write_bytes(path: Path, data: bytes) -> None:
+def write_with(path: Path, writer) -> None:
+    """`writer(temp_path)` writes the file (our bytes, or a library's own save function) into a temp file of
+    ours beside `path`; then fsync, the usual mode, rename, fsync the folder."""
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        os.close(fd)
+        writer(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
@@ -57,22 +59,8 @@ def write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def write_with(path: Path, writer) -> None:
-    """`writer(temp_path)` writes the file (a library's own save function), then the same fsync and rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        writer(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)  # our own temp file only
-        raise
-    fsync_dir(path.parent)
+def write_bytes(path: Path, data: bytes) -> None:
+    write_with(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def write_text(path: Path, text: str) -> None:
