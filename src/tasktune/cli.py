@@ -325,8 +325,7 @@ def recipe_source(args) -> tuple[str | None, list[str]]:
         raise TasktuneError("--task and --model go together (e.g. --task sst2 --model llama3.2-1b)")
     from tasktune import models, recipes
 
-    gpu_gib = models.gpu_memory_gib()
-    default = recipes.default_for(args.task, args.model, gpu_gib is not None, gpu_gib)
+    default = recipes.default_for(args.task, args.model, models.gpu_memory_gib())
     name = "-".join(Path(text).name.removesuffix(".yaml").removesuffix(".gguf") for text in (args.task, args.model))
     if default is not None:
         print(f"[tasktune] using the settings of the shipped recipe {default.stem} for --task {args.task} "

@@ -50,28 +50,32 @@ def _candidates(task: str) -> list[tuple[str, Path, dict]]:
     return found
 
 
-def _fits(data: dict, gpu_gib: float | None) -> bool:
-    need = data.get("gpu_memory_gib")
+def _fits(need: float | None, gpu_gib: float | None) -> bool:
     return gpu_gib is None or need is None or need <= gpu_gib
 
 
-def default_for(task: str, model: str, cuda: bool, gpu_gib: float | None = None) -> Path | None:
+def _for_model(task: str, model: str) -> list[tuple[str, Path, dict]]:
+    """The shipped recipes for this task and model, the most demanding first (the recipe as designed, then its
+    -16gb variant)."""
+    same = [c for c in _candidates(task) if _same_model(str(c[2].get("model", "")), model)]
+    return sorted(same, key=lambda c: -(c[2].get("gpu_memory_gib") or float("inf")))
+
+
+def default_for(task: str, model: str, gpu_gib: float | None = None) -> Path | None:
     """The shipped recipe for `tasktune run --task T --model M`: of those for this task and model, the most
     demanding whose `gpu_memory_gib` fits this GPU (`gpu_gib`; None: no GPU, no check), else the most
-    demanding (the run's own check then says what fits); else the task's CPU
-    recipe on a machine without CUDA and its first GPU recipe on one with it; None when no shipped recipe
-    trains this task (then the recipe defaults apply)."""
-    candidates = _candidates(task)
-    same = [(path, data) for _, path, data in candidates if _same_model(str(data.get("model", "")), model)]
-    # The most demanding first (the recipe as designed, then its -16gb variant): the first that fits wins.
-    same.sort(key=lambda item: -(item[1].get("gpu_memory_gib") or float("inf")))
-    for path, data in same:
-        if _fits(data, gpu_gib):
+    demanding (the run's own check then says what fits); else the task's CPU recipe on a machine without CUDA
+    and its first GPU recipe on one with it; None when no shipped recipe trains this task (then the recipe
+    defaults apply)."""
+    same = _for_model(task, model)
+    for _, path, data in same:
+        if _fits(data.get("gpu_memory_gib"), gpu_gib):
             return path
     if same:
-        return same[0][0]  # none fits: the run's own check names the problem in one line
+        return same[0][1]  # none fits: the run's own check names the problem in one line
+    candidates = _candidates(task)
     for name, path, _ in candidates:
-        if name.endswith("-cpu") != cuda:
+        if name.endswith("-cpu") != (gpu_gib is not None):
             return path
     return candidates[0][1] if candidates else None
 
@@ -80,11 +84,10 @@ def check_gpu_fits(recipe, gpu_gib: float | None) -> None:
     """A recipe that needs more GPU memory than this GPU has stops here, before any model loads, naming a
     shipped recipe for the same task and model that fits (or what to change)."""
     need = recipe.gpu_memory_gib
-    if gpu_gib is None or need is None or need <= gpu_gib:
+    if _fits(need, gpu_gib):
         return
-    fitting = [name for name, _, data in _candidates(recipe.task)
-               if _same_model(str(data.get("model", "")), recipe.model) and data.get("gpu_memory_gib") is not None
-               and data["gpu_memory_gib"] <= gpu_gib]
+    fitting = [name for name, _, data in _for_model(recipe.task, recipe.model)
+               if data.get("gpu_memory_gib") is not None and _fits(data["gpu_memory_gib"], gpu_gib)]
     advice = (f"run the shipped recipe {fitting[0]} instead" if fitting else
               "set train.gradient_checkpointing=true or a smaller train.batch_size (with train.grad_accum)")
     raise TasktuneError(f"recipe {recipe.name}: needs about {need:g} GiB of GPU memory (gpu_memory_gib, estimated "
