@@ -111,10 +111,11 @@ def adapter_head(adapter_dir: Path) -> str:
     """`seqcls` for an adapter saved with a classification head, else `causal_lm`."""
     from tasktune.errors import TasktuneError
 
-    if is_full_fine_tune(adapter_dir):
+    record = read_adapter_base(adapter_dir)
+    if record.get("method") == "full":
         if not (Path(adapter_dir) / FULL_WEIGHTS).is_file():
             raise TasktuneError(f"{adapter_dir} is a full fine-tune without its weights ({FULL_WEIGHTS})")
-        return read_adapter_base(adapter_dir)["head"]
+        return record["head"]
     config = Path(adapter_dir) / "adapter_config.json"
     if not config.is_file():
         raise TasktuneError(f"{adapter_dir} is not an adapter directory (no adapter_config.json, and no "
@@ -140,7 +141,8 @@ def load_adapted_model(adapter_dir: Path, model: str, dtype: str, num_labels: in
     from tasktune.models import count_parameters, load_model
 
     head = adapter_head(adapter_dir)
-    if is_full_fine_tune(adapter_dir):
+    record = read_adapter_base(adapter_dir)
+    if record.get("method") == "full":
         from safetensors.torch import load_model as load_weights
 
         lm = load_model(model, dtype, head=head, num_labels=num_labels, trust_remote_code=trust_remote_code)
@@ -154,7 +156,7 @@ def load_adapted_model(adapter_dir: Path, model: str, dtype: str, num_labels: in
             raise TasktuneError(f"{Path(adapter_dir) / FULL_WEIGHTS}: the fine-tuned weights do not fit the base "
                                 f"model {model!r}: {reason}") from exc
         return AdaptedModel(lm.model, head, lm, count)
-    quantized = adapter_base_quantization(adapter_dir)
+    quantized = record.get("quantization")
     lm = None
     if base is None or head == "seqcls" or quantized:
         # A QLoRA adapter goes onto the 4-bit base it was trained on, dequantized (then merged like LoRA).

@@ -733,26 +733,19 @@ def finish(spec: SweepSpec, sweep_dir: Path, study, prepared) -> dict:
 
 
 def _test_trial(trials: Trials, spec: SweepSpec, row: dict, out_dir: Path, pristine: dict) -> dict:
-    from peft import PeftModel
-
     from tasktune.infer import merge_for_inference
-    from tasktune.run_layout import adapter_base_quantization, is_full_fine_tune
+    from tasktune.pipeline import load_trained
 
     recipe = trial_recipe(spec, row["params"], row["trial"])
     p = trials.prepared_for(recipe)
     if not get_method(recipe.train.method).trains:
         return evaluate_test(p, p.lm.model, out_dir)  # prompting: the base model with the trial's shots
-    folder = Path(trials.dir / "trials" / str(row["trial"]))
-    summary = json.loads((folder / "train" / "summary.json").read_text())
-    adapter = folder / "adapter"
-    if summary["head"] != "causal_lm" or is_full_fine_tune(adapter) or adapter_base_quantization(adapter):
-        # A base of its own: a classification head, a full fine-tune's weights, QLoRA's dequantized 4-bit base.
-        from tasktune.pipeline import load_trained
-
-        model, _, head = load_trained(p, folder)
-        return evaluate_test(p, merge_for_inference(model), out_dir, head=head)
-    model = merge_for_inference(PeftModel.from_pretrained(p.lm.model, folder / "adapter"))
+    # The trial's model as every command loads it: a plain adapter on the shared base, or a base of its own (a
+    # classification head, a full fine-tune, QLoRA's dequantized 4-bit base).
+    model, _, head = load_trained(p, Path(trials.dir / "trials" / str(row["trial"])))
+    merged = merge_for_inference(model)
     try:
-        return evaluate_test(p, model, out_dir)
+        return evaluate_test(p, merged, out_dir, head=head)
     finally:
-        p.lm.model.load_state_dict(pristine)  # merged in place: back to the base weights
+        if merged is p.lm.model:
+            p.lm.model.load_state_dict(pristine)  # merged into the shared base in place: back to its weights
