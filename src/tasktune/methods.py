@@ -28,6 +28,7 @@ base, and a sweep's shared base, stay as loaded.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,13 +181,7 @@ class FullFineTune(Method):
         return {"method": "full", "head": head}
 
     def expected_parameters(self, r: int, modules: list[tuple[str, tuple[int, int]]]) -> int:
-        total = 0
-        for _, shape in modules:
-            count = 1
-            for d in shape:
-                count *= d
-            total += count
-        return total
+        return sum(math.prod(shape) for _, shape in modules)
 
     def settings(self, train_cfg: dict) -> str:
         return "every weight"
