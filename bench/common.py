@@ -169,7 +169,9 @@ def commit() -> str:
 
 def record_results(title: str, command: str, body: str, facts: dict) -> None:
     """Write this benchmark's entry into bench/RESULTS.md (never in --quick mode): it replaces the entry of the
-    same title and command line, so the file holds current figures; history stays in git."""
+    same title, command line and machine kind (CPU model and GPU: the AMD EPYC and the Intel Xeon with AMX
+    differ 3-4x in bf16 matmul rate, so each keeps its entry), so the file holds current figures per machine;
+    history stays in git."""
     import re
 
     from tasktune.atomic import write_text
@@ -177,16 +179,28 @@ def record_results(title: str, command: str, body: str, facts: dict) -> None:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = command.strip()
     entry = "\n".join([f"## {title} — {stamp}, commit {commit()}", "", f"Command: `{command}`", "",
-                       "Machine: " + ", ".join(f"{k} {v}" for k, v in facts.items()), "", body.rstrip(), ""])
+                       "Machine: " + (this_machine := ", ".join(f"{k} {v}" for k, v in facts.items())), "",
+                       body.rstrip(), ""])
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results: the current figures\n\n"
     head, *entries = re.split(r"(?m)^(?=## )", text)
 
-    def same(old: str) -> bool:
+    def kind(machine_line: str) -> tuple:
+        return tuple(re.findall(r"\b(cpu|gpu) ([^,]*)", machine_line))
+
+    def same_command(old: str) -> bool:
         found = re.search(r"(?m)^Command: `(.*)`", old)
         return old.startswith(f"## {title} — ") and found is not None and found.group(1).strip() == command
 
+    def same(old: str) -> bool:
+        machine_line = re.search(r"(?m)^Machine: (.*)$", old)
+        return (same_command(old) and machine_line is not None
+                and kind(machine_line.group(1)) == kind(this_machine))
+
     kept = [e.rstrip() + "\n" for e in entries if not same(e)]
-    at = next((i for i, e in enumerate(entries) if same(e)), len(kept))
+    # In place of its own entry; else after the same command's entry from another machine; else at the end.
+    at = next((i for i, e in enumerate(entries) if same(e)), None)
+    if at is None:
+        at = next((i + 1 for i in reversed(range(len(kept))) if same_command(kept[i])), len(kept))
     kept.insert(min(at, len(kept)), entry)
     write_text(RESULTS, head.rstrip() + "\n\n" + "\n".join(kept))
 

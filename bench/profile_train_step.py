@@ -61,6 +61,7 @@ def profile(model_name: str, batch: int, steps: int, warmup: int, top: int, quic
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     step, tokens, shape = build_step(model_name, batch, quick)
+    rank = 16  # build_step's LoRA rank
     for _ in range(warmup):
         step()
     start = time.perf_counter()
@@ -75,6 +76,10 @@ def profile(model_name: str, batch: int, steps: int, warmup: int, top: int, quic
     matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS)
     count = sum(e.count for e in events)
     ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as shaped:
+        for _ in range(steps):
+            step()
+    by_shape = matmul_by_shape(shaped.key_averages(group_by_input_shape=True), steps, rank)
     matmul_s = matmul / 1e6 / steps  # profiler times are in microseconds
     summary = [batch, f"{shape[0]}×{shape[1]}", tokens, plain_s, batch / plain_s, f"{100 * matmul / total:.0f}%",
                f"{100 * matmul_s / plain_s:.0f}%", round(count / steps)]
@@ -82,8 +87,36 @@ def profile(model_name: str, batch: int, steps: int, warmup: int, top: int, quic
              f"CPU time, share of the profiled step", "",
              common.table(["operator", "calls per step", "self time share"],
                           [[e.key, round(e.count / steps), f"{100 * e.self_cpu_time_total / total:.1f}%"]
-                           for e in ranked])]
+                           for e in ranked]),
+             "", f"micro-batch {batch}: `aten::mm` by shape (a second profiled pass, shapes recorded; LoRA's "
+             f"products are those with a rank-{rank} side)", "", by_shape]
     return summary, "\n".join(lines)
+
+
+def matmul_by_shape(events, steps: int, rank: int, top: int = 10) -> str:
+    """The matrix products grouped by their operands' shapes: calls and milliseconds per step and the rate each
+    shape reached inside the step, with LoRA's rank-r products summed apart from the base's: which products
+    keep the step from the matmul rate measured alone."""
+    groups = {}
+    for e in events:
+        if e.key != "aten::mm" or len(e.input_shapes) < 2 or len(e.input_shapes[0]) != 2:
+            continue
+        (m, k), (_, n) = e.input_shapes[0], e.input_shapes[1]
+        entry = groups.setdefault((m, k, n), [0, 0.0])
+        entry[0] += e.count
+        entry[1] += e.self_cpu_time_total / 1e6
+    rows, totals = [], {"LoRA (a rank side)": [0, 0.0, 0.0], "base weights and the rest": [0, 0.0, 0.0]}
+    for (m, k, n), (count, seconds) in sorted(groups.items(), key=lambda kv: -kv[1][1]):
+        flops = 2 * m * k * n * count
+        total = totals["LoRA (a rank side)" if rank in (m, k, n) else "base weights and the rest"]
+        total[0], total[1], total[2] = total[0] + count, total[1] + seconds, total[2] + flops
+        if len(rows) < top:
+            rows.append([f"{m}×{k} @ {k}×{n}", round(count / steps), f"{1000 * seconds / steps:.1f}",
+                         f"{flops / seconds / 1e12:.3f}"])
+    for name, (count, seconds, flops) in totals.items():
+        rows.append([f"**all {name}**", round(count / steps), f"{1000 * seconds / steps:.1f}",
+                     f"{flops / seconds / 1e12:.3f}" if seconds else "—"])
+    return common.table(["operands", "calls per step", "ms per step", "TFLOP/s inside the step"], rows)
 
 
 def matmul_rates(config, token_counts: list[int], seconds: float = 1.0) -> str:

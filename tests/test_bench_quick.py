@@ -63,23 +63,30 @@ def test_training_variants_parse():
         parse_config("label_lm+x64", 16)
 
 
-def test_results_hold_the_current_entry_per_benchmark_and_command(tmp_path, monkeypatch):
-    """A benchmark replaces its own entry (same title and command), in place; another command adds one."""
+def test_results_hold_the_current_entry_per_benchmark_command_and_machine(tmp_path, monkeypatch):
+    """A benchmark replaces its own entry (same title, command and machine kind), in place; another command
+    adds one; another machine kind adds one beside the first (the AMD and the AMX machine both keep theirs)."""
     sys.path.insert(0, str(ROOT / "bench"))
     import common
 
     results = tmp_path / "RESULTS.md"
+    amd = "Machine: cpu AMD EPYC, cores 2, gpu None"
     results.write_text("# Benchmark results: the current figures\n\nintro\n\n"
-                       "## A — 2026-11-27 10:00 UTC\n\nCommand: `python bench/a.py`\n\nold a\n\n"
-                       "## B — 2026-11-27 11:00 UTC\n\nCommand: `python bench/b.py`\n\nold b\n")
+                       f"## A — 2026-11-27 10:00 UTC\n\nCommand: `python bench/a.py`\n\n{amd}\n\nold a\n\n"
+                       f"## B — 2026-11-27 11:00 UTC\n\nCommand: `python bench/b.py`\n\n{amd}\n\nold b\n")
     monkeypatch.setattr(common, "RESULTS", results)
-    common.record_results("A", "python bench/a.py ", "new a", {"cpu": "x"})
-    common.record_results("A", "python bench/a.py --repeats 5", "other a", {"cpu": "x"})
+    common.record_results("A", "python bench/a.py ", "new a", {"cpu": "AMD EPYC", "cores": 4, "gpu": None})
+    common.record_results("A", "python bench/a.py --repeats 5", "other a", {"cpu": "AMD EPYC", "gpu": None})
+    common.record_results("A", "python bench/a.py", "amx a", {"cpu": "Intel Xeon", "gpu": None})
     text = results.read_text()
     assert "old a" not in text and "old b" in text and "intro" in text
     titles = re.findall(r"(?m)^## (\w) — .*, commit \w+", text)
-    assert titles == ["A", "A"] and text.index("new a") < text.index("old b") < text.index("other a")
-    assert len(re.findall(r"(?m)^## ", text)) == 3
+    assert titles == ["A", "A", "A"]
+    assert text.index("new a") < text.index("amx a") < text.index("old b") < text.index("other a")
+    assert len(re.findall(r"(?m)^## ", text)) == 4
+    common.record_results("A", "python bench/a.py", "amx a again", {"cpu": "Intel Xeon", "gpu": None})
+    text = results.read_text()
+    assert "amx a again" in text and "amx a\n" not in text and "new a" in text
 
 
 def test_methods_table_quick():

@@ -132,6 +132,43 @@ def test_methods_with_a_base_of_their_own_compete_in_a_sweep(sweep_inputs, tmp_p
     assert result["test"]["winner"]["n"] == result["test_rows"] > 0
 
 
+def test_a_trial_figure_is_its_best_checkpoint_validation_pass(sweep_inputs, tmp_path, monkeypatch):
+    """A trial's figure is the best checkpoint's own validation pass, equal to a fresh pass over the trained
+    model; a second pass runs only where the evaluated model is not the one validated in training (full: cast
+    to the run's dtype; PiSSA, QLoRA: evaluated as saved)."""
+    from tasktune import pipeline
+    from tasktune import sweeper as sweep_module
+
+    model, data = sweep_inputs
+    real_figure, real_release = sweep_module.validation_figure, pipeline.release_base
+    second_passes, fresh = [], []
+
+    def counted(p, m, head):
+        second_passes.append(p.recipe.train.method)
+        return real_figure(p, m, head)
+
+    def release(p, m):  # the trained model, before the trial lets go of it: one pass more, for the comparison
+        fresh.append(real_figure(p, m, "causal_lm"))
+        return real_release(p, m)
+
+    monkeypatch.setattr(sweep_module, "validation_figure", counted)
+    monkeypatch.setattr(pipeline, "release_base", release)
+    spec = write_sweep(tmp_path, model, data, trials=5, pruner="none", sampler="grid",
+                       space={"train.method": {"type": "categorical", "choices": ["lora", "full", "pissa", "qlora"]}})
+    body = yaml.safe_load(spec.read_text())
+    body["overrides"].update({"train.max_steps": 16, "train.learning_rate": 3e-3})  # 4 validations per trial
+    spec.write_text(yaml.safe_dump(body, sort_keys=False))
+    assert main(["sweep", str(spec)]) == 0
+    folder = tmp_path / "sweeps" / "tiny"
+    records = [json.loads((folder / "trials" / str(n) / "trial.json").read_text()) for n in range(5)]
+    assert [r["validation"] for r in records] == fresh
+    assert sorted(second_passes) == ["full", "pissa", "qlora"]
+    summaries = [json.loads((folder / "trials" / str(n) / "train" / "summary.json").read_text()) for n in range(5)]
+    reused = [s for s, r in zip(summaries, records) if r["params"]["train.method"] == "lora"]
+    assert len(reused) == 2 and all(s["best_validation"] == r["validation"] for s, r in zip(summaries, records)
+                                    if r["params"]["train.method"] == "lora")
+
+
 def test_a_killed_sweep_resumes_to_the_same_leaderboard(sweep_inputs, tmp_path):
     model, data = sweep_inputs
     reference = tmp_path / "ref"

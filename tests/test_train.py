@@ -230,3 +230,66 @@ def test_collator_rounds_lengths_up_without_changing_the_loss(tiny_models):
     assert not rounded["attention_mask"][:, :-width].any() and (rounded["labels"][:, :-width] == -100).all()
     with torch.no_grad():
         torch.testing.assert_close(objective_loss(lm.model, rounded, "answer"), objective_loss(lm.model, exact, "answer"))
+
+
+def test_the_best_checkpoint_keeps_its_own_validation_records(tiny_llama, tmp_path):
+    """ValidationRecords hands back the records of the pass that made a checkpoint the best, which is the
+    checkpoint the Trainer reloads at the end (not the last pass): the sweep reads a trial's figure from it."""
+    from safetensors.torch import load_file
+
+    from tasktune.train import ValidationRecords
+
+    lm, task, builder, label_ids, head = setup(tiny_llama, "label_lm")
+    cfg = TrainConfig(objective="label_lm", lora_r=4, lora_alpha=8, lora_dropout=0.1, batch_size=8, max_steps=8,
+                      eval_steps=2, logging_steps=1, learning_rate=1e-3, warmup_ratio=0.0, patience=5)
+    model = add_lora(lm.model, cfg, "label_lm")
+    features = task.train_features(builder, rows(48), "label_lm", 64, label_ids)
+    validations, scripted = ValidationRecords(), iter([0.6, 0.9, 0.7, 0.8])  # the best is the 2nd of 4 passes
+
+    def validate(m):
+        validations.latest = [{"pass": len(validations.by_step) + 1}]
+        return {"accuracy": next(scripted)}
+
+    summary = fit(model, lm.tokenizer, features, features[:1], cfg, tmp_path, "label_lm", validate, "accuracy",
+                  label_ids, callbacks=[validations])
+    assert sorted(validations.by_step) == [2, 4, 6, 8]
+    assert summary["best_checkpoint"] == "checkpoint-4"
+    assert validations.of_checkpoint(summary["best_checkpoint"]) == [{"pass": 2}]
+    assert validations.of_checkpoint("checkpoint-10") is None and validations.of_checkpoint(None) is None
+    saved = load_file(tmp_path / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors")
+    now = {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
+    assert saved.keys() == now.keys() and all(torch.equal(saved[k], now[k]) for k in saved)  # what was reloaded
+
+
+def test_train_compile_compiles_the_training_steps_only(tiny_llama, tmp_path):
+    """train.compile: the decoder layers run compiled in the training steps (graphs are compiled), eager in the
+    validations and after training, and the trained adapter matches eager training's within float tolerance."""
+    from tasktune.infer import unwrap
+
+    trained, graphs = {}, {}
+    for compiled in (False, True):
+        lm, task, builder, label_ids, head = setup(tiny_llama, "label_lm")
+        cfg = TrainConfig(objective="label_lm", lora_r=4, lora_alpha=8, lora_dropout=0.0, batch_size=8,
+                          max_steps=4, eval_steps=2, logging_steps=1, learning_rate=1e-3, warmup_ratio=0.0,
+                          compile=compiled, seed=3)
+        torch.manual_seed(3)
+        model = add_lora(lm.model, cfg, "label_lm")
+        layers = unwrap(model).model.layers
+        eager_in_validation = []
+
+        def validate(m):
+            eager_in_validation.append(all(layer._compiled_call_impl is None for layer in layers))
+            return validation(task, m, builder, rows(8, seed=1), head)
+
+        features = task.train_features(builder, rows(40), "label_lm", 64, label_ids)
+        summary = fit(model, lm.tokenizer, features, features[:1], cfg, tmp_path / str(compiled), "label_lm",
+                      validate, "accuracy", label_ids)
+        assert eager_in_validation == [True, True]
+        assert all(layer._compiled_call_impl is None for layer in layers)  # eager after training
+        trained[compiled] = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+        graphs[compiled] = summary["compiled_graphs"]
+    assert graphs[False] is None and graphs[True] >= 1
+    assert trained[True].keys() == trained[False].keys()
+    assert any(not torch.equal(v, torch.zeros_like(v)) for v in trained[True].values())
+    for name, value in trained[True].items():
+        torch.testing.assert_close(value, trained[False][name], atol=1e-4, rtol=1e-3)

@@ -96,6 +96,8 @@ class TrainConfig:
     group_by_length: bool = opt(True, "batches of rows of similar length (less padding)")
     shuffle: bool = opt(True, "false: rows in file order (to compare several processes with one)")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward: much less memory, ~30% slower")
+    compile: bool = opt(False, "compile each decoder layer with torch.compile for the training steps (validation "
+                               "and evaluation stay eager); bench/RESULTS.md has what it bought on each CPU")
     max_length: int = opt(256, "longest training row in tokens (prompts are cut from the start)")
     pad_to_multiple_of: int = opt(1, "round each training batch's length up to a multiple of this: fewer distinct "
                                      "shapes, so fewer compiled CPU kernels held in memory (the SQuAD CPU recipe "

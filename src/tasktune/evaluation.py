@@ -42,10 +42,20 @@ def choose_threshold(task, runner: Runner, builder, validation: list[dict]) -> f
     return task.choose_threshold(records)
 
 
+def validation_records(task, runner: Runner, builder, validation: list[dict], head: str = "causal_lm") -> list[dict]:
+    """The prediction records of the validation slice, under the task's validation protocol."""
+    records, _ = predict(task, runner, builder, validation, [task.validation_protocol(head)], head)
+    return records
+
+
 def validation_metrics(task, runner: Runner, builder, validation: list[dict], head: str = "causal_lm") -> dict:
     """The metric early stopping reads, on the validation slice."""
-    records, _ = predict(task, runner, builder, validation, [task.validation_protocol(head)], head)
-    return task.validation_metrics(records)
+    return task.validation_metrics(validation_records(task, runner, builder, validation, head))
+
+
+def validation_figure(task, records: list[dict], head: str = "causal_lm") -> dict:
+    """The validation slice's figure (the task's metric with its 95% interval and n) from its records."""
+    return task.figure(task.score(records), column=task.validation_protocol(head))
 
 
 def evaluate(task, runner: Runner, builder, examples: list[dict], protocols: list[str], head: str = "causal_lm",

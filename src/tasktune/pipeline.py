@@ -213,27 +213,36 @@ def train_stage(p: Prepared, work: Path, logs=None, features: list[dict] | None 
 
 def _train_adapted(p: Prepared, work: Path, logs, features: list[dict], callbacks: tuple, model, head: str,
                    base_count: int) -> tuple[torch.nn.Module, dict, str]:
-    from tasktune.train import fit
+    from tasktune import evaluation
+    from tasktune.train import ValidationRecords, fit
 
     cfg = p.recipe.train
     params = count_parameters(model)
     val_features = features[:1]  # the Trainer wants an eval set; validation runs through `validate`
+    validations = ValidationRecords()
 
     def validate(m):  # each process runs the whole validation slice (the Trainer evaluates on every process)
-        from tasktune import evaluation
         from tasktune.runner import Runner
 
         runner = Runner(m, p.lm.tokenizer, p.recipe.eval.batch_size, shard=False)
-        return evaluation.validation_metrics(p.task, runner, p.builder, p.examples["validation"], head)
+        validations.latest = evaluation.validation_records(p.task, runner, p.builder, p.examples["validation"], head)
+        return p.task.validation_metrics(validations.latest)
 
     method = get_method(cfg.method)
     summary = fit(model, p.lm.tokenizer, features, val_features, cfg, work / "train", cfg.objective, validate,
                   p.task.metric_for_best, p.label_token_ids, logs=logs,
-                  callbacks=[StepMemory(p.memory), *callbacks],
+                  callbacks=[StepMemory(p.memory), validations, *callbacks],
                   autocast=p.lm.dtype if method.master_dtype and p.lm.dtype != torch.float32 else None)
     if method.master_dtype:  # evaluated, analysed and saved in the run's dtype, as the zero-shot base was
         model = model.to(p.lm.dtype)
     summary.pop("log_history")
+    # The best checkpoint's validation figure from its own pass, where that pass saw the model as it now is
+    # (the Trainer reloaded that checkpoint's weights); not for a model cast after training (full) or
+    # evaluated as saved (QLoRA, PiSSA), nor for a checkpoint validated before a resume.
+    records = validations.of_checkpoint(summary.get("best_checkpoint"))
+    summary["best_validation"] = (evaluation.validation_figure(p.task, records, head)
+                                  if records is not None and not method.master_dtype
+                                  and not method.evaluate_as_saved else None)
     # What was trained on: QLoRA's 4-bit linear layers are counted, so that a silent fall-back to 16 bits shows.
     quantized = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
     summary.update(parameters=params, base_parameters_before_lora=base_count, head=head,

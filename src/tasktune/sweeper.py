@@ -465,7 +465,8 @@ class Trials:
             model, summary, head = train_stage(p, folder, features=self.train_features(p),
                                                callbacks=(PruneOnValidation(trial, p.task.metric_for_best),))
             try:
-                figure = validation_figure(p, model, head)
+                # The best checkpoint's own validation pass when it saw this model; else one pass now.
+                figure = summary.get("best_validation") or validation_figure(p, model, head)
                 if limit is not None:
                     cost = self.perplexity_increase(p, model, head)
             finally:
@@ -511,9 +512,8 @@ def validation_figure(p, model, head: str) -> dict:
     from tasktune.runner import Runner
 
     runner = Runner(model.eval(), p.lm.tokenizer, p.recipe.eval.batch_size, shard=False)
-    protocol = p.task.validation_protocol(head)
-    records, _ = evaluation.predict(p.task, runner, p.builder, p.examples["validation"], [protocol], head)
-    return figure_of(p.task, p.task.score(records), column=protocol)
+    records = evaluation.validation_records(p.task, runner, p.builder, p.examples["validation"], head)
+    return evaluation.validation_figure(p.task, records, head)
 
 
 def figure_of(task, metrics: dict, column: str | None = None) -> dict:
