@@ -142,3 +142,25 @@ def test_gpu_check_tiny_runs_every_part_on_cpu():
     t4 = [line for line in proc.stdout.splitlines() if "-16gb |" in line]
     assert len(t4) == 4 and all(line.rstrip(" |").endswith("yes") for line in t4)
     assert (ROOT / "bench" / "RESULTS.md").read_text() == before
+
+
+def test_gpu_peers_tiny_runs_the_baseline_and_tasktune_and_names_missing_peers():
+    """bench/gpu_peers.py --tiny on CPU: the HF + peft baseline and tasktune (eager and compiled) train and get
+    a ratio to the baseline; a peer that cannot be imported here (Unsloth, Liger: CUDA and Triton) is a row
+    saying why, not a crash and not a silent gap; no RESULTS.md entry."""
+    before = (ROOT / "bench" / "RESULTS.md").read_text()
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_peers.py"), "--tiny", "--models",
+                           "llama-3.2-1b,gemma-2-2b"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in proc.stdout.splitlines()
+            if line.startswith("| llama-3.2-1b |") or line.startswith("| gemma-2-2b |")}
+    assert set(rows) == {(m, c) for m in ("llama-3.2-1b", "gemma-2-2b")
+                         for c in ("hf", "hf+liger", "unsloth", "tasktune", "tasktune+compile")}
+    for model in ("llama-3.2-1b", "gemma-2-2b"):
+        for config in ("hf", "tasktune", "tasktune+compile"):
+            cells = [c.strip() for c in rows[(model, config)].split("|")[1:-1]]
+            assert float(cells[2].replace(",", "")) > 0 and cells[6].endswith(")"), cells  # tokens/s, × hf
+        for peer in ("hf+liger", "unsloth"):
+            cells = [c.strip() for c in rows[(model, peer)].split("|")[1:-1]]
+            assert cells[2].startswith("not run: ") and len(cells[2]) > len("not run: "), cells
+    assert (ROOT / "bench" / "RESULTS.md").read_text() == before
