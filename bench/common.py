@@ -13,6 +13,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,6 +106,31 @@ def ratio_of_medians(results: dict[str, list[dict]], config: str, key: str, base
     per_repeat = [r[key] / b[key] for r, b in zip(results[config], results[baseline])]
     center = median([r[key] for r in results[config]]) / median([b[key] for b in results[baseline]])
     return f"{center:.2f}× ({min(per_repeat):.2f}–{max(per_repeat):.2f})"
+
+
+def timed_steps(model, loss_of, steps: int, sync, scaler=None) -> float:
+    """Seconds for `steps` AdamW steps on `loss_of()` after two untimed ones (compilation and allocator warm-up);
+    `scaler`: a gradient scaler for fp16 autocast. `sync`: the device's synchronize (a no-op on CPU)."""
+    import torch
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+    start = time.perf_counter()
+    for step in range(steps + 2):
+        if step == 2:
+            sync()
+            start = time.perf_counter()
+        loss = loss_of()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    sync()
+    return time.perf_counter() - start
 
 
 def rss_mib() -> float:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -94,33 +93,19 @@ def train_steps(model, inputs: dict, objective: str, steps: int, sync, autocast=
 
     from tasktune.losses import adapter_autocast, adapter_input_casting_off, objective_loss
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     device = next(model.parameters()).device.type
     scaler = torch.amp.GradScaler(device) if autocast == torch.float16 else None
-    model.train()
-    start = time.perf_counter()
-    for step in range(steps + 2):
-        if step == 2:
-            sync()
-            start = time.perf_counter()
+
+    def loss_of():
         mixed = torch.autocast(device, dtype=autocast) if autocast is not None else contextlib.nullcontext()
         if objective == "lm":  # peft's own fp32 adapter path, as a hand-written script runs it
             with mixed:
-                loss = objective_loss(model, inputs, "lm")
-        else:
-            with adapter_input_casting_off(model), mixed:
-                with adapter_autocast(model):
-                    loss = objective_loss(model, inputs, objective, [11, 12])
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    sync()
-    return time.perf_counter() - start
+                return objective_loss(model, inputs, "lm")
+        with adapter_input_casting_off(model), mixed:
+            with adapter_autocast(model):
+                return objective_loss(model, inputs, objective, [11, 12])
+
+    return common.timed_steps(model, loss_of, steps, sync, scaler)
 
 
 def throughput(name: str, objective: str, args, device: str, method: str = "lora") -> list:

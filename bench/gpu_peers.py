@@ -33,7 +33,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 import traceback
 from pathlib import Path
 
@@ -111,7 +110,7 @@ def hf_model(path: Path, device: str, liger: bool):
     model_type = AutoConfig.from_pretrained(path).model_type
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
                                                  attn_implementation=attention_implementation(model_type, device))
-    return get_peft_model(model.to(device), lora_config()), "own_forward"
+    return get_peft_model(model.to(device), lora_config())
 
 
 def unsloth_model(path: Path, seq_len: int):
@@ -119,50 +118,47 @@ def unsloth_model(path: Path, seq_len: int):
 
     model, _ = FastLanguageModel.from_pretrained(model_name=str(path), max_seq_length=seq_len, dtype=None,
                                                  load_in_4bit=False)
-    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
-                                             bias="none", use_gradient_checkpointing=False, random_state=0)
-    return model, "own_forward"
+    return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
+                                            bias="none", use_gradient_checkpointing=False, random_state=0)
 
 
-def tasktune_model(path: Path, device: str, compiled: bool):
-    from tasktune.config import TrainConfig
-    from tasktune.models import load_model
-    from tasktune.train import CompiledLayers, add_lora
-
-    lm = load_model(str(path), "bf16")
-    model = add_lora(lm.model.to(device), TrainConfig(lora_r=16, lora_alpha=32, lora_dropout=0.0,
-                                                      target_modules=TARGETS), "answer")
-    return model, CompiledLayers(model) if compiled else None
-
-
-def steps_seconds(model, inputs: dict, how, steps: int, device: str) -> float:
-    """Seconds for `steps` optimizer steps after two untimed ones (compilation and allocator warm-up)."""
-    import contextlib
-
+def own_forward_loss(model, inputs: dict, device: str):
+    """The peers' loss: the model's forward computes it from `labels`, under the Trainer's bf16 autocast."""
     import torch
 
-    from tasktune.losses import adapter_autocast, adapter_input_casting_off, objective_loss
+    def loss_of():
+        with torch.autocast(device, dtype=torch.bfloat16):
+            return model(**inputs).loss
 
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    model.train()
-    start = time.perf_counter()
-    for step in range(steps + 2):
-        if step == 2:
-            sync()
-            start = time.perf_counter()
-        if how == "own_forward":  # the peers: the model's forward computes the loss from `labels`
-            with torch.autocast(device, dtype=torch.bfloat16):
-                loss = model(**inputs).loss
-        else:  # tasktune: its objective, compiled layers active inside the step as in TaskTrainer
-            compiled = how.active() if how is not None else contextlib.nullcontext()
-            with adapter_input_casting_off(model), compiled, adapter_autocast(model):
-                loss = objective_loss(model, inputs, "answer")
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    sync()
-    return time.perf_counter() - start
+    return loss_of
+
+
+def tasktune_model(path: Path, device: str):
+    from tasktune.config import TrainConfig
+    from tasktune.models import load_model
+    from tasktune.train import add_lora
+
+    lm = load_model(str(path), "bf16")
+    return add_lora(lm.model.to(device), TrainConfig(lora_r=16, lora_alpha=32, lora_dropout=0.0,
+                                                     target_modules=TARGETS), "answer")
+
+
+def tasktune_loss(model, inputs: dict, compiled: bool):
+    """tasktune's step: its `answer` objective, the adapter under autocast, and with `compiled` the layers
+    compiled inside the step as TaskTrainer runs them (`train.compile`)."""
+    import contextlib
+
+    from tasktune.losses import adapter_autocast, adapter_input_casting_off, objective_loss
+    from tasktune.train import CompiledLayers
+
+    layers = CompiledLayers(model) if compiled else None
+
+    def loss_of():
+        active = layers.active() if layers is not None else contextlib.nullcontext()
+        with adapter_input_casting_off(model), active, adapter_autocast(model):
+            return objective_loss(model, inputs, "answer")
+
+    return loss_of
 
 
 def worker(config_name: str, model_name: str, path: Path, args) -> dict:
@@ -172,15 +168,18 @@ def worker(config_name: str, model_name: str, path: Path, args) -> dict:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     try:
-        if config_name in ("hf", "hf+liger"):
-            model, how = hf_model(path, device, liger=config_name == "hf+liger")
-        elif config_name == "unsloth":
-            model, how = unsloth_model(path, args.seq_len)
+        if config_name == "unsloth":
+            model = unsloth_model(path, args.seq_len)
+        elif config_name.startswith("hf"):
+            model = hf_model(path, device, liger=config_name == "hf+liger")
         else:
-            model, how = tasktune_model(path, device, compiled=config_name == "tasktune+compile")
-        config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+            model = tasktune_model(path, device)
+        config = model.get_base_model().config
         inputs = batch(config, args.batch, args.seq_len, device)
-        seconds = steps_seconds(model, inputs, how, args.steps, device)
+        loss_of = (tasktune_loss(model, inputs, compiled=config_name == "tasktune+compile")
+                   if config_name.startswith("tasktune") else own_forward_loss(model, inputs, device))
+        seconds = common.timed_steps(model, loss_of, args.steps,
+                                     torch.cuda.synchronize if device == "cuda" else (lambda: None))
     except Exception as error:  # a config that cannot run here is a row that says why (the test requires
         # numbers for hf and tasktune, so their failures still fail it)
         return {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200],
