@@ -37,7 +37,7 @@ def one_error_line(capsys) -> str:
 
 
 def run_args(model, data, out, name="r", *extra):
-    return ["run", "sst2-gemma3-270m-cpu", "eval.controls=[]", "eval.perplexity=null", f"model={model}", f"data.path={data}", f"output_dir={out}", f"name={name}",
+    return ["run", "sst2-gemma3-270m-cpu", "eval.controls=[]", "eval.perplexity=null", "train.compile=false", f"model={model}", f"data.path={data}", f"output_dir={out}", f"name={name}",
             "dtype=fp32", "data.val_size=16", "data.limit_train=null", "eval.limit_generate=null",
             "eval.protocols=score", "train.max_steps=4", "train.eval_steps=2", "train.batch_size=4", *extra]
 
@@ -397,6 +397,22 @@ def test_a_full_disk_during_run_is_one_line_and_the_run_stays_resumable(tiny_lla
     assert "File too large" in lines[0] and "same command resumes it" in lines[0]
     assert (tmp_path / ".full.partial").is_dir()
     assert main(run_args(tiny_llama, sst2_tsv, tmp_path, "full")) == 0  # without the limit it resumes
+
+
+def test_a_full_disk_while_torch_compile_builds_kernels_is_one_line(tiny_llama, sst2_tsv, tmp_path):
+    """train.compile: inductor's C++ compiler killed by the file-size limit is one line (exit 3), not
+    torch's traceback, and the unfinished run is kept."""
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+
+    command = [sys.executable, "-m", "tasktune", *run_args(tiny_llama, sst2_tsv, tmp_path, "c", "train.compile=true")]
+    env = {**ENV, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}  # a cached kernel would skip the compiler
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, preexec_fn=small_files, timeout=300)
+    assert proc.returncode == 3, proc.stderr
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "torch.compile could not build" in lines[0] and "File size limit exceeded" in lines[0], lines[0]
+    assert "same command resumes it" in lines[0] and (tmp_path / ".c.partial").is_dir()
 
 
 @pytest.mark.parametrize("text, message", [

@@ -90,7 +90,7 @@ def test_importing_metrics_and_tasks_loads_no_torch():
 
 
 def tiny_run(model, data, out, name, *extra):
-    return ["run", "sst2-gemma3-270m-cpu", "eval.controls=[]", "eval.perplexity=null", f"model={model}", f"data.path={data}", f"output_dir={out}", f"name={name}",
+    return ["run", "sst2-gemma3-270m-cpu", "eval.controls=[]", "eval.perplexity=null", "train.compile=false", f"model={model}", f"data.path={data}", f"output_dir={out}", f"name={name}",
             "dtype=fp32", "data.val_size=16", "data.limit_train=null", "eval.limit_generate=null",
             "eval.protocols=score", "train.max_steps=4", "train.eval_steps=2", "train.batch_size=4", *extra]
 

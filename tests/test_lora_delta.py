@@ -86,7 +86,7 @@ def finished_run(tiny_llama, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("run")
     data = write_sst2_tsv(root / "train.tsv")
-    assert main(["run", RECIPE, "eval.controls=[]", "eval.perplexity=null", f"model={tiny_llama}", f"data.path={data}", f"output_dir={root}", "name=r",
+    assert main(["run", RECIPE, "eval.controls=[]", "eval.perplexity=null", "train.compile=false", f"model={tiny_llama}", f"data.path={data}", f"output_dir={root}", "name=r",
                  "data.val_size=16", "data.limit_train=null", "eval.limit_generate=null", "train.eval_steps=4",
                  "train.max_steps=8", "train.batch_size=8", "dtype=fp32", "train.learning_rate=5e-3"]) == 0
     return root / "r", data
@@ -170,7 +170,7 @@ def test_push_offline_fails_clearly_and_keeps_export(finished_run, tmp_path, cap
 
 def test_compare(finished_run, tiny_llama, tmp_path):
     run, data = finished_run
-    assert main(["run", RECIPE, "eval.controls=[]", "eval.perplexity=null", f"model={tiny_llama}", f"data.path={data}", f"output_dir={tmp_path}", "name=other",
+    assert main(["run", RECIPE, "eval.controls=[]", "eval.perplexity=null", "train.compile=false", f"model={tiny_llama}", f"data.path={data}", f"output_dir={tmp_path}", "name=other",
                  "data.val_size=16", "data.limit_train=null", "eval.limit_generate=null", "train.eval_steps=4",
                  "train.max_steps=4", "train.batch_size=8", "dtype=fp32", "train.learning_rate=1e-5"]) == 0
     assert main(["compare", str(run), str(tmp_path / "other"), "--out", str(tmp_path / "cmp")]) == 0

@@ -70,12 +70,13 @@ def test_short_finetune_beats_zero_shot(tmp_path):
     before, after = report["zeroshot"]["score"]["accuracy"], report["finetuned"]["score"]["accuracy"]
     assert after > before + 0.1, (before, after)
     assert report["paired"]["score"]["mcnemar"]["p_value"] < 0.01
+    assert report["training"]["compiled_graphs"] is not None  # the shipped recipe as is: its layers compiled
 
 
 def test_few_step_run_on_real_data(shared_data, tmp_path):
     from tasktune.cli import main
 
-    code = main(["run", str(RECIPE), "eval.controls=[]", "eval.perplexity=null", f"output_dir={tmp_path}", "name=real", "data.limit_train=32",
+    code = main(["run", str(RECIPE), "eval.controls=[]", "eval.perplexity=null", "train.compile=false", f"output_dir={tmp_path}", "name=real", "data.limit_train=32",
                  "data.limit_test=32", "data.val_size=16", "eval.limit_generate=16", "train.max_steps=4",
                  "train.batch_size=8", "train.eval_steps=2", "eval.batch_size=16",
                  f"data.path={shared_data / 'sst2' / 'train.tsv'}"])

@@ -18,7 +18,7 @@ RECIPE = "sst2-gemma3-270m-cpu"
 
 
 def args(model, data, out, name, *extra):
-    return ["run", RECIPE, "eval.controls=[]", "eval.perplexity=null", f"model={model}", f"data.path={data}", f"output_dir={out}", f"name={name}", "dtype=fp32",
+    return ["run", RECIPE, "eval.controls=[]", "eval.perplexity=null", "train.compile=false", f"model={model}", f"data.path={data}", f"output_dir={out}", f"name={name}", "dtype=fp32",
             "data.val_size=16", "data.limit_train=null", "eval.limit_generate=null", "eval.protocols=score",
             "train.max_steps=60", "train.eval_steps=5", "train.batch_size=4", "train.lora_dropout=0.1",
             "train.patience=100", *extra]

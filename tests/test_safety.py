@@ -117,7 +117,7 @@ def test_commands_on_a_directory_that_is_not_a_finished_run(tmp_path, capsys, co
 
 
 def run_args(model, data, out, name="r", *extra):
-    return ["run", "sst2-gemma3-270m-cpu", "eval.controls=[]", "eval.perplexity=null", f"model={model}", f"data.path={data}", f"output_dir={out}", f"name={name}",
+    return ["run", "sst2-gemma3-270m-cpu", "eval.controls=[]", "eval.perplexity=null", "train.compile=false", f"model={model}", f"data.path={data}", f"output_dir={out}", f"name={name}",
             "dtype=fp32", "data.val_size=16", "data.limit_train=null", "eval.limit_generate=null",
             "eval.protocols=score", "train.max_steps=4", "train.eval_steps=2", "train.batch_size=4", *extra]
 

@@ -22,7 +22,7 @@ def write_sweep(folder: Path, model: Path, data: Path, **extra) -> Path:
     spec = {
         "name": "tiny", "recipe": "sst2-gemma3-270m-cpu", "output_dir": str(folder / "sweeps"),
         "overrides": {"model": str(model), "data.path": str(data), "dtype": "fp32", "data.val_size": 16,
-                      "eval.controls": [], "eval.perplexity": None,
+                      "eval.controls": [], "eval.perplexity": None, "train.compile": False,
                       "data.limit_train": None, "data.limit_test": None, "eval.limit_generate": None,
                       "eval.protocols": ["score"], "train.max_steps": 12, "train.eval_steps": 4,
                       "train.batch_size": 4, "train.lora_dropout": 0.1},
@@ -300,7 +300,7 @@ def test_prompting_competes_with_fine_tuning_in_one_table(sweep_inputs, tmp_path
 
 def test_method_none_is_refused_outside_a_sweep(sweep_inputs, tmp_path, capsys):
     model, data = sweep_inputs
-    args = ["run", "sst2-gemma3-270m-cpu", "eval.controls=[]", "eval.perplexity=null", f"model={model}", f"data.path={data}", f"output_dir={tmp_path}",
+    args = ["run", "sst2-gemma3-270m-cpu", "eval.controls=[]", "eval.perplexity=null", "train.compile=false", f"model={model}", f"data.path={data}", f"output_dir={tmp_path}",
             "train.method=none", "dtype=fp32"]
     assert main(args) == 2
     assert "trains nothing: it is for sweeps" in capsys.readouterr().err

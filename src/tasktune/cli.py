@@ -457,10 +457,28 @@ def main(argv: list[str] | None = None) -> int:
         if wrapped is not None:  # safetensors reports I/O errors as its own type, naming no file
             print(f"tasktune: error: {file_system_message(wrapped, args)}", file=sys.stderr)
             return 3 if wrapped.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else 2
+        failed = compile_failure(exc)
+        if failed is not None:
+            print(f"tasktune: error: {failed[0]}", file=sys.stderr)
+            return failed[1]
         if not is_out_of_memory(exc):
             raise
         print(f"tasktune: error: {out_of_memory_message(args)}", file=sys.stderr)
         return 3
+
+
+def compile_failure(exc: Exception) -> tuple[str, int] | None:
+    """`train.compile`'s failure to build kernels (torch's inductor runs a C++ compiler on a CPU): one line and
+    exit 3 where the compiler ran out of disk or file size, else 1. Inductor's error carries the compiler's
+    output; its first `error:` line says why."""
+    if not type(exc).__module__.startswith(("torch._inductor", "torch._dynamo")):
+        return None
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    cause = next((line for line in lines[1:] if "error:" in line), lines[0] if lines else type(exc).__name__)
+    full = any(text in str(exc) for text in ("File size limit exceeded", "No space left on device"))
+    hint = "free some space or raise the file-size limit" if full else "set train.compile=false to train eager"
+    return (f"train.compile: torch.compile could not build the decoder layers' kernels ({cause[:240]}); {hint}: "
+            "the unfinished run is kept and the same command resumes it"), 3 if full else 1
 
 
 def wrapped_os_error(exc: Exception) -> OSError | None:
