@@ -2,11 +2,12 @@
 
 A sweep runs its trials in one process: the model is loaded once, the split made once, training rows tokenized
 once per distinct tokenization. Per trial it still wraps the base with a fresh adapter, builds a Trainer, saves
-the adapter and evaluates the validation slice once more for the trial's figure. This reads a finished sweep
-directory: per finished trial its wall time (`trial.json`), the Trainer's own training time (its validations
-included), and the rest, the per-trial overhead. Then, in a fresh process, it times what a `tasktune run` per
-trial would add: imports, data, split, model load and tokenization of the base recipe (`pipeline.prepare` and
-`train_features`). Usage: python bench/sweep_overhead.py SWEEP_DIR [--no-record]
+the adapter, and takes the trial's figure from its best checkpoint's validation pass (one more pass only where
+that pass did not see the final model). This reads a finished sweep directory: per finished trial its wall time
+(`trial.json`), the Trainer's own training time (its validations included), and the first step's excess over the
+median step (compile, warm-up); the time outside training plus that excess is the per-trial overhead. Then, in a
+fresh process, it times what a `tasktune run` per trial would add: imports, data, split, model load and
+tokenization of the base recipe (`pipeline.prepare` and `train_features`). Usage: python bench/sweep_overhead.py SWEEP_DIR [--no-record]
 """
 
 from __future__ import annotations
@@ -48,24 +49,32 @@ def main() -> None:
     finished = [r for r in records if not r.get("pruned") and r.get("train_s")]
     if not finished:
         raise SystemExit(f"{args.sweep_dir}: no finished trial with a training time")
+
+    def overhead(r: dict) -> float:
+        # outside the Trainer's training time, plus inside it the first step's excess over the median step
+        # (compiling the layers with train.compile, and warm-up); trials before 2026-12-03 did not record it
+        return r["wall_s"] - r["train_s"] + max(r.get("first_step_extra_s") or 0.0, 0.0)
+
     rows = []
     for r in sorted(finished, key=lambda r: r["trial"]):
-        overhead = r["wall_s"] - r["train_s"]
-        rows.append([r["trial"], r["steps"], f"{r['wall_s']:.1f}", f"{r['train_s']:.1f}", f"{overhead:.1f}",
-                     f"{100 * overhead / r['wall_s']:.1f}%"])
-    overheads = [r["wall_s"] - r["train_s"] for r in finished]
+        first = r.get("first_step_extra_s")
+        rows.append([r["trial"], r["steps"], f"{r['wall_s']:.1f}", f"{r['train_s']:.1f}",
+                     f"{first:.1f}" if first is not None else "—", f"{overhead(r):.1f}",
+                     f"{100 * overhead(r) / r['wall_s']:.1f}%"])
+    overheads = [overhead(r) for r in finished]
     walls = [r["wall_s"] for r in finished]
     overrides = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in (spec.get("overrides") or {}).items()]
     proc = subprocess.run([sys.executable, "-c", FRESH, spec["recipe"], *overrides], capture_output=True, text=True,
                           check=True)
     fresh = json.loads(proc.stdout.strip().splitlines()[-1])
     extra = fresh["imports_s"] + fresh["prepare_s"] + fresh["tokenize_s"]
-    body = common.table(["trial", "steps", "wall s", "training s (with its validations)", "overhead s", "overhead"],
-                        rows)
+    body = common.table(["trial", "steps", "wall s", "training s (with its validations)",
+                         "first step's extra s (compile, warm-up)", "overhead s", "overhead"], rows)
     body += (f"\n\nMedian per-trial overhead {statistics.median(overheads):.1f} s of a median trial of "
              f"{statistics.median(walls):.1f} s ({100 * statistics.median(overheads) / statistics.median(walls):.1f}%; "
-             f"range {min(overheads):.1f}–{max(overheads):.1f} s): adapter wrap, Trainer set-up, adapter save and the "
-             "trial's own validation figure. A fresh `tasktune run` per trial would add "
+             f"range {min(overheads):.1f}–{max(overheads):.1f} s): adapter wrap, Trainer set-up, the first step's extra "
+             "time (compile, warm-up), adapter save and, where no checkpoint's validation saw the final model, one "
+             "validation pass. A fresh `tasktune run` per trial would add "
              f"{extra:.1f} s more (imports {fresh['imports_s']:.1f}, data {fresh['data_s']:.1f}, model load "
              f"{fresh['model_load_s']:.1f}, the rest of prepare {fresh['prepare_s'] - fresh['data_s'] - fresh['model_load_s']:.1f}, "
              f"tokenizing the training rows {fresh['tokenize_s']:.1f}), "

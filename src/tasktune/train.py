@@ -8,6 +8,8 @@ accumulation), through `TaskTrainer.evaluate`.
 from __future__ import annotations
 
 import contextlib
+import statistics
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -166,6 +168,9 @@ class TaskTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.objective, self.label_token_ids, self.validate = objective, label_token_ids, validate
         self.compiled: CompiledLayers | None = None
+        # Forward and backward seconds of each micro-batch this process ran: the first one's excess over the
+        # median is what compiling (train.compile) and warm-up cost (host time; on CUDA kernels run async).
+        self.step_seconds: list[float] = []
         if self.args.fp16 and self.accelerator.device.type == "cpu" and self.accelerator.scaler is None:
             # accelerate leaves fp16 autocast and the gradient scaler off on a CPU (accelerator.py checks
             # `device.type != "cpu"`); torch has both there, so they are switched on as accelerate does on CUDA:
@@ -175,8 +180,11 @@ class TaskTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         compiled = self.compiled.active() if self.compiled is not None else contextlib.nullcontext()
+        start = time.perf_counter()
         with adapter_input_casting_off(model), compiled:
-            return super().training_step(model, inputs, num_items_in_batch)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        self.step_seconds.append(time.perf_counter() - start)
+        return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         with adapter_autocast(model):
@@ -333,6 +341,8 @@ def fit(model, tokenizer, train_features: list[dict], val_features: list[dict], 
         "train_samples_per_second": result.metrics.get("train_samples_per_second"),
         "train_loss": result.metrics.get("train_loss"),
         "compiled_graphs": trainer.compiled.graphs() if trainer.compiled is not None else None,
+        "first_step_s": trainer.step_seconds[0] if trainer.step_seconds else None,
+        "median_step_s": statistics.median(trainer.step_seconds) if trainer.step_seconds else None,
         # fp16 training: the gradient scaler's final scale (it halves on every overflowing step it skips)
         "grad_scaler_scale": (float(trainer.accelerator.scaler.get_scale())
                               if getattr(trainer.accelerator, "scaler", None) is not None else None),
