@@ -108,8 +108,8 @@ def test_methods_table_quick():
 
 
 def test_sweep_overhead_reads_a_finished_sweep(tiny_llama, tmp_path):
-    """bench/sweep_overhead.py on a tiny sweep: one row per finished trial, overhead = wall − training + the first
-    step's excess over the median step (recorded per trial), the fresh-run costs measured in a fresh process;
+    """bench/sweep_overhead.py on a tiny sweep: one row per finished trial, overhead = wall − training + compiling and
+    warm-up inside training (recorded per trial), the fresh-run costs measured in a fresh process;
     --no-record writes nothing."""
     from test_sweep import write_sweep
     from tiny import write_sst2_tsv
@@ -124,7 +124,7 @@ def test_sweep_overhead_reads_a_finished_sweep(tiny_llama, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line.split(" | ") for line in proc.stdout.splitlines() if re.match(r"\| \d+ \|", line)]
     assert [int(r[0].strip("| ")) for r in rows] == [0, 1]
-    for r in rows:  # trial, steps, wall, training, first step's extra, overhead, share
+    for r in rows:  # trial, steps, wall, training, compile and warm-up, overhead, share
         assert r[4].strip() != "—"  # recorded by the trial
         assert float(r[5]) == pytest.approx(float(r[2]) - float(r[3]) + max(float(r[4]), 0.0), abs=0.16)
     assert "A fresh `tasktune run` per trial would add" in proc.stdout

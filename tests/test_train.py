@@ -292,9 +292,18 @@ def test_train_compile_compiles_the_training_steps_only(tiny_llama, tmp_path):
         assert eager_in_validation == [True, True]
         assert all(layer._compiled_call_impl is None for layer in layers)  # eager after training
         trained[compiled] = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
-        graphs[compiled] = summary["compiled_graphs"]
-    assert graphs[False] is None and graphs[True] >= 1
+        graphs[compiled] = summary["compiled_graphs"], summary["compiling_steps"]
+    assert graphs[False] == (None, 0) and graphs[True][0] >= 1 and graphs[True][1] >= 1
     assert trained[True].keys() == trained[False].keys()
     assert any(not torch.equal(v, torch.zeros_like(v)) for v in trained[True].values())
     for name, value in trained[True].items():
         torch.testing.assert_close(value, trained[False][name], atol=1e-4, rtol=1e-3)
+
+
+def test_step_timings_count_the_first_step_and_the_compiling_ones_over_the_median():
+    from tasktune.train import step_timings
+
+    steps = [(5.0, True), (1.0, False), (1.2, False), (3.0, True), (0.9, False)]
+    assert step_timings(steps) == {"median_step_s": 1.0, "compiling_steps": 2, "compile_warmup_s": 6.0}
+    assert step_timings([(2.0, False)]) == {"median_step_s": 2.0, "compiling_steps": 0, "compile_warmup_s": 0.0}
+    assert step_timings([])["compile_warmup_s"] is None

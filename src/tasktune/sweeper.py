@@ -473,8 +473,7 @@ class Trials:
                 release_base(p, model)  # the shared base, clean for the next trial
         record = {"trial": trial.number, "params": params, "validation": figure, "steps": summary["global_step"],
                   "wall_s": round(time.perf_counter() - start, 2), "train_s": summary.get("train_runtime_s"),
-                  "first_step_extra_s": (round(summary["first_step_s"] - summary["median_step_s"], 2)
-                                         if summary.get("first_step_s") is not None else None),
+                  "compile_warmup_s": summary.get("compile_warmup_s"),
                   "pruned": False}
         if limit is not None:
             # Unmeasurable (a classification head has no LM head to read text with) counts as outside the limit.

@@ -83,6 +83,19 @@ class CompiledLayers:
         self.compiled = [None] * len(self.layers)
 
 
+def step_timings(steps: list[tuple[float, bool]]) -> dict:
+    """What compiling and warm-up cost inside training: the excess over the median ordinary step of the first
+    micro-batch and of every one that compiled a graph (train.compile recompiles for a new batch shape).
+    Host time: on CUDA, where kernels run asynchronously, it is the compile alone."""
+    if not steps:
+        return {"median_step_s": None, "compiling_steps": 0, "compile_warmup_s": None}
+    ordinary = [s for i, (s, compiled) in enumerate(steps) if i and not compiled] or [steps[0][0]]
+    median = statistics.median(ordinary)
+    extra = [s - median for i, (s, compiled) in enumerate(steps) if i == 0 or compiled]
+    return {"median_step_s": round(median, 4), "compiling_steps": sum(c for _, c in steps),
+            "compile_warmup_s": round(max(sum(extra), 0.0), 2)}
+
+
 class LeftPadCollator:
     """Left-pads `input_ids`; `labels` are class ids (one per row) or token labels padded with -100.
 
@@ -168,9 +181,8 @@ class TaskTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.objective, self.label_token_ids, self.validate = objective, label_token_ids, validate
         self.compiled: CompiledLayers | None = None
-        # Forward and backward seconds of each micro-batch this process ran: the first one's excess over the
-        # median is what compiling (train.compile) and warm-up cost (host time; on CUDA kernels run async).
-        self.step_seconds: list[float] = []
+        # (seconds, compiled a graph) of each micro-batch's forward and backward in this process: see step_timings
+        self.step_seconds: list[tuple[float, bool]] = []
         if self.args.fp16 and self.accelerator.device.type == "cpu" and self.accelerator.scaler is None:
             # accelerate leaves fp16 autocast and the gradient scaler off on a CPU (accelerator.py checks
             # `device.type != "cpu"`); torch has both there, so they are switched on as accelerate does on CUDA:
@@ -180,10 +192,12 @@ class TaskTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         compiled = self.compiled.active() if self.compiled is not None else contextlib.nullcontext()
+        graphs = self.compiled.graphs() if self.compiled is not None else 0
         start = time.perf_counter()
         with adapter_input_casting_off(model), compiled:
             loss = super().training_step(model, inputs, num_items_in_batch)
-        self.step_seconds.append(time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        self.step_seconds.append((seconds, self.compiled is not None and self.compiled.graphs() > graphs))
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -341,8 +355,7 @@ def fit(model, tokenizer, train_features: list[dict], val_features: list[dict], 
         "train_samples_per_second": result.metrics.get("train_samples_per_second"),
         "train_loss": result.metrics.get("train_loss"),
         "compiled_graphs": trainer.compiled.graphs() if trainer.compiled is not None else None,
-        "first_step_s": trainer.step_seconds[0] if trainer.step_seconds else None,
-        "median_step_s": statistics.median(trainer.step_seconds) if trainer.step_seconds else None,
+        **step_timings(trainer.step_seconds),
         # fp16 training: the gradient scaler's final scale (it halves on every overflowing step it skips)
         "grad_scaler_scale": (float(trainer.accelerator.scaler.get_scale())
                               if getattr(trainer.accelerator, "scaler", None) is not None else None),
