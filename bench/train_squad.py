@@ -5,10 +5,13 @@ baseline   THE BASELINE (headline ratios are against it): HF Trainer + peft LoRA
            weights with the Trainer's bf16 autocast
 padded     the tutorial version: every row padded to max_length, no length grouping (extra row)
 answer     tasktune: LM head applied only at the answer positions, dynamic left padding, length grouping
+answer+compile  the same with `train.compile` (decoder layers compiled inside the training steps); not in the
+           default set: its compile time lands in the warm-up steps (reported as "warm-up s"), and each new
+           batch length until dynamo marks the length dynamic compiles again, so give it --warmup 3
 
 Same model, questions, tokenized rows (tasktune's prompts with the answer), batch, max length, dtype, LoRA config,
 sampler seed and steps. Reported as in bench/train_sst2.py (tokens/s, MFU, peak RSS and what training adds).
-Usage: python bench/train_squad.py [--quick] [--repeats 3] [--steps 4]
+Usage: python bench/train_squad.py [--quick] [--repeats 3] [--steps 4] [--warmup 1] [--configs answer,answer+compile]
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from train_sst2 import common_args, lora_parameters, report, timer_callback  # noqa: E402
 
-CONFIGS = ["baseline", "padded", "answer"]
+CONFIGS = ["baseline", "padded", "answer"]  # the default set
+KNOWN = [*CONFIGS, "answer+compile"]
 
 
 def squad_rows(n: int, quick: bool) -> list[dict]:
@@ -64,7 +68,7 @@ def worker(config: str, model: str, batch: int, steps: int, warmup: int, max_len
 
     from flops import lora_training_flops
     from tasktune.config import TrainConfig
-    from tasktune.train import LeftPadCollator, TaskTrainer, add_lora
+    from tasktune.train import CompiledLayers, LeftPadCollator, TaskTrainer, add_lora
 
     rows = squad_rows(batch * (steps + warmup), quick)
     lm, features = features_for(model, rows, max_length, max_length if config == "padded" else None)
@@ -76,11 +80,13 @@ def worker(config: str, model: str, batch: int, steps: int, warmup: int, max_len
     timer = timer_callback(warmup)
     with tempfile.TemporaryDirectory() as out:
         args = common_args(out, steps + warmup, batch)
-        if config == "answer":
+        if config.startswith("answer"):
             args.train_sampling_strategy = "group_by_length"
             trainer = TaskTrainer(model=peft_model, args=args, train_dataset=features,
                                   data_collator=LeftPadCollator(pad), callbacks=[timer], objective="answer",
                                   validate=None)
+            if config == "answer+compile":
+                trainer.compiled = CompiledLayers(peft_model)
         else:
             if config == "baseline":
                 args.train_sampling_strategy = "group_by_length"
@@ -127,7 +133,10 @@ def main() -> None:
     worker_args = ["--model", args.model, "--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
                    str(args.warmup), "--max-length", str(args.max_length)] + (["--quick"] if args.quick else [])
     before = common.matmul_peak_tflops()
-    configs = ["baseline"] + [c for c in args.configs.split(",") if c in CONFIGS and c != "baseline"]
+    unknown = [c for c in args.configs.split(",") if c not in KNOWN]
+    if unknown:
+        raise SystemExit(f"--configs: unknown {', '.join(unknown)}; expected some of {', '.join(KNOWN)}")
+    configs = ["baseline"] + [c for c in args.configs.split(",") if c != "baseline"]
     results = common.interleaved(Path(__file__), configs, worker_args, args.repeats)
     # This machine's matmul rate drifts (a shared VM): MFU is against the faster of two measurements.
     after = common.matmul_peak_tflops()
