@@ -60,10 +60,10 @@ def main() -> None:
 
     rows = []
     for r in sorted(finished, key=lambda r: r["trial"]):
-        first = r.get("compile_warmup_s")
+        compiling, spent = r.get("compile_warmup_s"), overhead(r)
         rows.append([r["trial"], r["steps"], f"{r['wall_s']:.1f}", f"{r['train_s']:.1f}",
-                     f"{first:.1f}" if first is not None else "—", f"{overhead(r):.1f}",
-                     f"{100 * overhead(r) / r['wall_s']:.1f}%"])
+                     f"{compiling:.1f}" if compiling is not None else "—", f"{spent:.1f}",
+                     f"{100 * spent / r['wall_s']:.1f}%"])
     overheads = [overhead(r) for r in finished]
     walls = [r["wall_s"] for r in finished]
     overrides = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in (spec.get("overrides") or {}).items()]

@@ -385,10 +385,12 @@ def test_sigint_during_zero_shot_is_one_line_and_resumable(tiny_llama, tmp_path)
     assert (tmp_path / ".int.partial").is_dir() and not (tmp_path / ".int.lock").exists()
 
 
-def test_a_full_disk_during_run_is_one_line_and_the_run_stays_resumable(tiny_llama, sst2_tsv, tmp_path):
-    def small_files():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+def small_files():
+    """A full disk, as the child process sees it: writes past 60 kB fail with EFBIG (and SIGXFSZ for a compiler)."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
 
+
+def test_a_full_disk_during_run_is_one_line_and_the_run_stays_resumable(tiny_llama, sst2_tsv, tmp_path):
     command = [sys.executable, "-m", "tasktune", *run_args(tiny_llama, sst2_tsv, tmp_path, "full")]
     proc = subprocess.run(command, env=ENV, capture_output=True, text=True, preexec_fn=small_files, timeout=300)
     assert proc.returncode == 3, proc.stderr
@@ -402,9 +404,6 @@ def test_a_full_disk_during_run_is_one_line_and_the_run_stays_resumable(tiny_lla
 def test_a_full_disk_while_torch_compile_builds_kernels_is_one_line(tiny_llama, sst2_tsv, tmp_path):
     """train.compile: inductor's C++ compiler killed by the file-size limit is one line (exit 3), not
     torch's traceback, and the unfinished run is kept."""
-    def small_files():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
-
     command = [sys.executable, "-m", "tasktune", *run_args(tiny_llama, sst2_tsv, tmp_path, "c", "train.compile=true")]
     env = {**ENV, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}  # a cached kernel would skip the compiler
     proc = subprocess.run(command, env=env, capture_output=True, text=True, preexec_fn=small_files, timeout=300)

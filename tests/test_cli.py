@@ -6,7 +6,8 @@ import pytest
 from tasktune.cli import main
 
 RECIPE = "sst2-gemma3-270m-cpu"
-NO_COST = ["eval.controls=[]", "eval.perplexity=null", "train.compile=false"]  # the recipe's cost checks, not what these tests are about
+# the recipe's cost checks and its compiled training: not what these tests are about
+NO_COST = ["eval.controls=[]", "eval.perplexity=null", "train.compile=false"]
 
 
 def tiny_run_args(model, data, out, *extra):

@@ -89,7 +89,7 @@ def test_multi_token_verbalizers_have_no_single_token_ids(tiny_llama, sst2_tsv, 
     assert task.label_token_ids(builder, row) is None
     assert [len(t) for t in task.verbalizer_tokens(builder, row)] == [1, 2]
     # The fast objectives need one token per label: refused in one line before training.
-    assert main(["run", "sst2-gemma3-270m-cpu", "eval.controls=[]", "eval.perplexity=null", "train.compile=false", f"model={tiny_llama}", f"data.path={sst2_tsv}",
+    assert main(["run", "sst2-gemma3-270m-cpu", "eval.controls=[]", "eval.perplexity=null", f"model={tiny_llama}", f"data.path={sst2_tsv}",
                  f"output_dir={tmp_path}", "name=m", "eval.verbalizers=[' negative', ' very positive']",
                  "train.objective=verbalizer"]) == 2
     assert "needs single-token verbalizers" in capsys.readouterr().err

@@ -47,7 +47,7 @@ def test_run_log_has_what_was_printed_without_progress_bars(tiny_llama, sst2_tsv
 
 @pytest.mark.parametrize("value, message", [("[nonsense]", "is not one of"), ("[swanlab]", "not installed")])
 def test_unknown_or_missing_logger_fails_before_loading_anything(tmp_path, capsys, value, message):
-    assert main(["run", "sst2-gemma3-270m-cpu", "eval.controls=[]", "eval.perplexity=null", "train.compile=false", f"train.report_to={value}", "model=/nonexistent",
+    assert main(["run", "sst2-gemma3-270m-cpu", "eval.controls=[]", "eval.perplexity=null", f"train.report_to={value}", "model=/nonexistent",
                  f"output_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert message in err and "report_to" in err and "/nonexistent" not in err

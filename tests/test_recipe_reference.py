@@ -40,7 +40,7 @@ def test_reference_covers_every_key_with_a_meaning():
 
 
 def test_print_config_prints_the_resolved_recipe_and_runs_nothing(tmp_path, capsys):
-    assert main(["run", "sst2-gemma3-270m-cpu", "eval.controls=[]", "eval.perplexity=null", "train.compile=false", "train.learning_rate=1e-4", f"output_dir={tmp_path}",
+    assert main(["run", "sst2-gemma3-270m-cpu", "eval.controls=[]", "eval.perplexity=null", "train.learning_rate=1e-4", f"output_dir={tmp_path}",
                  "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["train"]["learning_rate"] == 1e-4 and printed["train"]["objective"] == "label_lm"
@@ -72,7 +72,7 @@ def test_task_without_a_shipped_recipe_uses_the_defaults(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["run", "sst2-gemma3-270m-cpu", "eval.controls=[]", "eval.perplexity=null", "train.compile=false", "--task", "sst2", "--model", "x"], "not both"),
+    (["run", "sst2-gemma3-270m-cpu", "eval.controls=[]", "eval.perplexity=null", "--task", "sst2", "--model", "x"], "not both"),
     (["run", "--task", "sst2"], "go together"),
     (["run"], "name a recipe"),
 ])

@@ -300,7 +300,7 @@ def test_prompting_competes_with_fine_tuning_in_one_table(sweep_inputs, tmp_path
 
 def test_method_none_is_refused_outside_a_sweep(sweep_inputs, tmp_path, capsys):
     model, data = sweep_inputs
-    args = ["run", "sst2-gemma3-270m-cpu", "eval.controls=[]", "eval.perplexity=null", "train.compile=false", f"model={model}", f"data.path={data}", f"output_dir={tmp_path}",
+    args = ["run", "sst2-gemma3-270m-cpu", "eval.controls=[]", "eval.perplexity=null", f"model={model}", f"data.path={data}", f"output_dir={tmp_path}",
             "train.method=none", "dtype=fp32"]
     assert main(args) == 2
     assert "trains nothing: it is for sweeps" in capsys.readouterr().err
