@@ -8,12 +8,12 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tasktune.cli import main
+from tiny import run_args
 
 ROOT = Path(__file__).parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
@@ -34,12 +34,6 @@ def one_error_line(capsys) -> str:
     assert len(lines) == 1 and "Traceback" not in err, err
     assert err.rstrip("\n").endswith(lines[0]), f"the error must be one line, and the last: {err!r}"
     return lines[0]
-
-
-def run_args(model, data, out, name="r", *extra):
-    return ["run", "sst2-gemma3-270m-cpu", "eval.controls=[]", "eval.perplexity=null", "train.compile=false", f"model={model}", f"data.path={data}", f"output_dir={out}", f"name={name}",
-            "dtype=fp32", "data.val_size=16", "data.limit_train=null", "eval.limit_generate=null",
-            "eval.protocols=score", "train.max_steps=4", "train.eval_steps=2", "train.batch_size=4", *extra]
 
 
 @pytest.fixture(scope="module")

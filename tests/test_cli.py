@@ -1,19 +1,13 @@
 import json
-from pathlib import Path
 
 import pytest
 
 from tasktune.cli import main
-
-RECIPE = "sst2-gemma3-270m-cpu"
-# the recipe's cost checks and its compiled training: not what these tests are about
-NO_COST = ["eval.controls=[]", "eval.perplexity=null", "train.compile=false"]
+from tiny import run_args
 
 
 def tiny_run_args(model, data, out, *extra):
-    return ["run", str(RECIPE), f"model={model}", f"data.path={data}", f"output_dir={out}", "name=t", *NO_COST,
-            "data.val_size=16", "data.limit_train=null", "eval.limit_generate=null", "train.eval_steps=4",
-            "train.max_steps=8", "train.batch_size=8", "dtype=fp32", *extra]
+    return run_args(model, data, out, "t", *extra, steps=8, eval_steps=4, batch_size=8, protocols=None)
 
 
 @pytest.mark.parametrize("objective", ["verbalizer", "label_lm", "lm", "seqcls"])

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tasktune.cli import main
+from tiny import run_args
 
 ROOT = Path(__file__).parents[1]
 
@@ -89,12 +90,6 @@ def test_importing_metrics_and_tasks_loads_no_torch():
     assert out.stdout.strip() == "False"
 
 
-def tiny_run(model, data, out, name, *extra):
-    return ["run", "sst2-gemma3-270m-cpu", "eval.controls=[]", "eval.perplexity=null", "train.compile=false", f"model={model}", f"data.path={data}", f"output_dir={out}", f"name={name}",
-            "dtype=fp32", "data.val_size=16", "data.limit_train=null", "eval.limit_generate=null",
-            "eval.protocols=score", "train.max_steps=4", "train.eval_steps=2", "train.batch_size=4", *extra]
-
-
 @pytest.fixture
 def toy_objective():
     """A label-smoothed verbalizer loss, registered from here, for classification tasks."""
@@ -120,14 +115,14 @@ def toy_objective():
 
 
 def test_an_objective_registered_from_outside_trains(tiny_llama, sst2_tsv, tmp_path, toy_objective):
-    assert main(tiny_run(tiny_llama, sst2_tsv, tmp_path, "toy", "train.objective=smoothed")) == 0
+    assert main(run_args(tiny_llama, sst2_tsv, tmp_path, "toy", "train.objective=smoothed")) == 0
     report = json.loads((tmp_path / "toy" / "report.json").read_text())
     assert report["config"]["train"]["objective"] == "smoothed"
     assert len(toy_objective) >= 4  # one call per training step at least
 
 
 def test_an_unregistered_objective_is_refused(tiny_llama, sst2_tsv, tmp_path, capsys):
-    assert main(tiny_run(tiny_llama, sst2_tsv, tmp_path, "toy", "train.objective=smoothed")) == 2
+    assert main(run_args(tiny_llama, sst2_tsv, tmp_path, "toy", "train.objective=smoothed")) == 2
     assert "objective 'smoothed' does not apply" in capsys.readouterr().err
 
 
@@ -151,7 +146,7 @@ def toy_task_type(tmp_path):
 
 
 def test_a_task_type_registered_from_outside_runs_end_to_end(tiny_llama, sst2_tsv, tmp_path, toy_task_type):
-    assert main(tiny_run(tiny_llama, sst2_tsv, tmp_path, "toytask", f"task={toy_task_type}",
+    assert main(run_args(tiny_llama, sst2_tsv, tmp_path, "toytask", f"task={toy_task_type}",
                          "train.objective=verbalizer", "data.split_by=row")) == 0
     report = json.loads((tmp_path / "toytask" / "report.json").read_text())
     assert report["task_type"] == "toy_sentiment" and report["split"]["split_by"] == "row"
@@ -183,7 +178,7 @@ def test_every_method_trains_resumes_evaluates_exports_and_is_counted(tiny_llama
     from tasktune.methods import get_method
 
     run = tmp_path / method
-    assert main(tiny_run(tiny_llama, sst2_tsv, tmp_path, method, f"train.method={method}",
+    assert main(run_args(tiny_llama, sst2_tsv, tmp_path, method, f"train.method={method}",
                          "train.lora_r=4")) == 0
     params = json.loads((run / "params.json").read_text())
     adapter = params["analysis"]["adapter"]
@@ -236,7 +231,7 @@ def test_every_method_trains_resumes_evaluates_exports_and_is_counted(tiny_llama
     import shutil
 
     shutil.rmtree(partial / "adapter")
-    assert main(tiny_run(tiny_llama, sst2_tsv, tmp_path, method, f"train.method={method}", "train.lora_r=4")) == 0
+    assert main(run_args(tiny_llama, sst2_tsv, tmp_path, method, f"train.method={method}", "train.lora_r=4")) == 0
     after = load_file(run / "adapter" / weights)
     assert before.keys() == after.keys() and all(before[k].equal(after[k]) for k in before)
 
@@ -248,10 +243,10 @@ def test_every_method_trains_with_the_other_heads_and_objectives(tiny_llama, sst
     (`seqcls`, trained and saved with the adapter, or with every weight) work with every method too, or are
     refused in one line before anything loads (PiSSA with a classification head)."""
     if method == "pissa" and objective == "seqcls":
-        assert main(tiny_run(tiny_llama, sst2_tsv, tmp_path, "m", "train.method=pissa", "train.objective=seqcls")) == 2
+        assert main(run_args(tiny_llama, sst2_tsv, tmp_path, "m", "train.method=pissa", "train.objective=seqcls")) == 2
         assert not (tmp_path / "m").exists() and not (tmp_path / ".m.partial").exists()
         return
-    assert main(tiny_run(tiny_llama, sst2_tsv, tmp_path, "m", f"train.method={method}", f"train.objective={objective}",
+    assert main(run_args(tiny_llama, sst2_tsv, tmp_path, "m", f"train.method={method}", f"train.objective={objective}",
                          "train.lora_r=4")) == 0
     report = json.loads((tmp_path / "m" / "report.json").read_text())
     assert report["config"]["train"]["objective"] == objective and report["training"]["global_step"] == 4
@@ -271,7 +266,7 @@ def test_full_fine_tuning_of_a_tied_embedding_model_counts_every_weight_once(tin
     import stat
 
     run = tmp_path / "tied"
-    assert main(tiny_run(tiny_models["gemma3"], sst2_tsv, tmp_path, "tied", "train.method=full",
+    assert main(run_args(tiny_models["gemma3"], sst2_tsv, tmp_path, "tied", "train.method=full",
                          "train.learning_rate=1e-3")) == 0
     params = json.loads((run / "params.json").read_text())
     adapter = params["analysis"]["adapter"]
@@ -285,7 +280,7 @@ def test_full_fine_tuning_of_a_tied_embedding_model_counts_every_weight_once(tin
 
 
 def test_an_unknown_method_is_one_line(tiny_llama, sst2_tsv, tmp_path, capsys):
-    assert main(tiny_run(tiny_llama, sst2_tsv, tmp_path, "m", "train.method=galore")) == 2
+    assert main(run_args(tiny_llama, sst2_tsv, tmp_path, "m", "train.method=galore")) == 2
     assert "train.method 'galore' is not one of ['dora', 'full', 'ia3', 'lora', 'none', 'pissa', 'qlora', 'rslora']" in capsys.readouterr().err
 
 
@@ -312,8 +307,8 @@ def test_controls_and_perplexity_show_what_an_adaptation_cost(tiny_llama, tmp_pa
     common = [f"eval.perplexity={text}", "eval.perplexity_docs=40", f"eval.controls=[{flipped}]",
               "eval.control_rows=60", "train.max_steps=300", "train.eval_steps=300", "train.batch_size=8", "train.lora_dropout=0.0",
               "train.objective=verbalizer", "data.val_size=16"]
-    assert main(tiny_run(tiny_llama, data, tmp_path, "learned", *common, "train.learning_rate=3e-3")) == 0
-    assert main(tiny_run(tiny_llama, data, tmp_path, "gentle", *common, "train.learning_rate=1e-7")) == 0
+    assert main(run_args(tiny_llama, data, tmp_path, "learned", *common, "train.learning_rate=3e-3")) == 0
+    assert main(run_args(tiny_llama, data, tmp_path, "gentle", *common, "train.learning_rate=1e-7")) == 0
     learned = json.loads((tmp_path / "learned" / "report.json").read_text())
     gentle = json.loads((tmp_path / "gentle" / "report.json").read_text())
     gain = learned["paired"]["score"]["gain"]
@@ -344,7 +339,7 @@ def test_controls_and_perplexity_show_what_an_adaptation_cost(tiny_llama, tmp_pa
 def test_every_method_trains_on_a_bf16_base(tiny_llama, sst2_tsv, tmp_path, method):
     """The CPU recipes' dtype: bf16 weights, fp32 adapter weights under bf16 autocast (IA3 once failed here:
     peft's input-cast switch exists on LoRA layers only, and the other tests train in fp32)."""
-    assert main(tiny_run(tiny_llama, sst2_tsv, tmp_path, method, f"train.method={method}", "dtype=bf16",
+    assert main(run_args(tiny_llama, sst2_tsv, tmp_path, method, f"train.method={method}", "dtype=bf16",
                          "train.logging_steps=1")) == 0
     report = json.loads((tmp_path / method / "report.json").read_text())
     assert report["dtype"] == "bfloat16" and report["training"]["global_step"] == 4
@@ -362,7 +357,7 @@ def test_qlora_without_bitsandbytes_is_one_line_before_anything_loads(tiny_llama
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
-    assert main(tiny_run(tiny_llama, sst2_tsv, tmp_path, "q", "train.method=qlora")) == 2
+    assert main(run_args(tiny_llama, sst2_tsv, tmp_path, "q", "train.method=qlora")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'train.method qlora needs bitsandbytes: pip install "tasktune[qlora]"' in err[0]
     assert not (tmp_path / "q").exists()
@@ -399,7 +394,7 @@ def test_a_perplexity_source_without_documents_is_refused_before_the_model_loads
     empty = tmp_path / "general.txt"
     empty.write_text("\n\n  \n")
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
-    assert main(tiny_run(tiny_llama, sst2_tsv, tmp_path, "empty", f"eval.perplexity={empty}")) == 2
+    assert main(run_args(tiny_llama, sst2_tsv, tmp_path, "empty", f"eval.perplexity={empty}")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"tasktune: error: eval.perplexity: {empty} has no documents (non-empty blocks separated by "
                    "blank lines)"]
@@ -413,7 +408,7 @@ def test_the_model_card_carries_the_costs(tiny_llama, tmp_path, monkeypatch):
     data = write_sst2_tsv(tmp_path / "train.tsv", n=80)
     text = tmp_path / "general.txt"
     text.write_text("\n\n".join(f"the film is {w} and the city is a river" for w in ("good", "bad", "dull") * 4))
-    assert main(tiny_run(tiny_llama, data, tmp_path, "carded", f"eval.perplexity={text}", "eval.controls=[sst2]",
+    assert main(run_args(tiny_llama, data, tmp_path, "carded", f"eval.perplexity={text}", "eval.controls=[sst2]",
                          "eval.control_rows=20")) == 0
     assert main(["export", str(tmp_path / "carded"), "--out", str(tmp_path / "card")]) == 0
     results = metadata_load(tmp_path / "card" / "README.md")["model-index"][0]["results"]
@@ -436,7 +431,7 @@ def test_a_run_parses_its_task_spec_once_and_records_the_bytes_it_read(tiny_llam
     monkeypatch.setattr(typed_yaml, "parse_yaml_mapping",
                         lambda text, what, where: parsed.append((what, where)) or real(text, what, where))
     monkeypatch.setattr(spec_module, "_PARSED", {})
-    assert main(tiny_run(tiny_llama, sst2_tsv, tmp_path, "once", f"task={spec}")) == 0
+    assert main(run_args(tiny_llama, sst2_tsv, tmp_path, "once", f"task={spec}")) == 0
     assert [w for w in parsed if w[0] == "task"] == [("task", str(spec))]
     run = tmp_path / "once"
     assert (run / "task.yaml").read_bytes() == spec.read_bytes()

@@ -1,7 +1,6 @@
 """The real Gemma 3 270M (from the PyPI package): loading, protocols and a few training steps."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

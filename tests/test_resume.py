@@ -12,16 +12,15 @@ import pytest
 from safetensors.torch import load_file
 
 from tasktune.cli import main
+from tiny import run_args
 
 ROOT = Path(__file__).parents[1]
-RECIPE = "sst2-gemma3-270m-cpu"
 
 
 def args(model, data, out, name, *extra):
-    return ["run", RECIPE, "eval.controls=[]", "eval.perplexity=null", "train.compile=false", f"model={model}", f"data.path={data}", f"output_dir={out}", f"name={name}", "dtype=fp32",
-            "data.val_size=16", "data.limit_train=null", "eval.limit_generate=null", "eval.protocols=score",
-            "train.max_steps=60", "train.eval_steps=5", "train.batch_size=4", "train.lora_dropout=0.1",
-            "train.patience=100", *extra]
+    # 60 steps with dropout on and no early stop: enough checkpoints to kill between and compare.
+    return run_args(model, data, out, name, "train.lora_dropout=0.1", "train.patience=100", *extra,
+                    steps=60, eval_steps=5)
 
 
 def finished(run: Path) -> tuple[dict, dict]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tasktune.cli import main
+from tiny import run_args
 from tasktune.rundir import MARKER, RunLock, write_json
 
 ROOT = Path(__file__).parents[1]
@@ -114,12 +115,6 @@ def test_commands_on_a_directory_that_is_not_a_finished_run(tmp_path, capsys, co
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "re-run its command to resume" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == [".r.partial"]
-
-
-def run_args(model, data, out, name="r", *extra):
-    return ["run", "sst2-gemma3-270m-cpu", "eval.controls=[]", "eval.perplexity=null", "train.compile=false", f"model={model}", f"data.path={data}", f"output_dir={out}", f"name={name}",
-            "dtype=fp32", "data.val_size=16", "data.limit_train=null", "eval.limit_generate=null",
-            "eval.protocols=score", "train.max_steps=4", "train.eval_steps=2", "train.batch_size=4", *extra]
 
 
 def test_resume_refuses_changed_data(tiny_llama, sst2_tsv, tmp_path, capsys):

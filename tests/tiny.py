@@ -26,6 +26,20 @@ VOCAB = SPECIALS + sorted(set(POSITIVE_WORDS + NEGATIVE_WORDS + FILLER + PROMPT_
 NEWS_VOCAB = VOCAB + sorted(set(NEWS_WORDS) - set(VOCAB))
 
 
+# `tasktune run` of the shipped SST-2 recipe on a tiny model: no cost checks and no compile (these tests are not
+# about them), fp32, every row, 16 validation rows. Later overrides win, so a test's `extra` can change any of them.
+TINY_RUN_RECIPE = "sst2-gemma3-270m-cpu"
+TINY_RUN_OVERRIDES = ["eval.controls=[]", "eval.perplexity=null", "train.compile=false", "dtype=fp32",
+                      "data.val_size=16", "data.limit_train=null", "eval.limit_generate=null"]
+
+
+def run_args(model, data, out, name="r", *extra, steps=4, eval_steps=2, batch_size=4, protocols="score"):
+    """The argv of a short tiny-model `tasktune run`; `protocols=None` keeps the recipe's own."""
+    return ["run", TINY_RUN_RECIPE, *TINY_RUN_OVERRIDES, f"model={model}", f"data.path={data}",
+            f"output_dir={out}", f"name={name}", *([f"eval.protocols={protocols}"] if protocols else []),
+            f"train.max_steps={steps}", f"train.eval_steps={eval_steps}", f"train.batch_size={batch_size}", *extra]
+
+
 def save_tokenizer(out: Path, vocab: list[str] = VOCAB) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, decoders
     from transformers import PreTrainedTokenizerFast
