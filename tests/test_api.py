@@ -5,13 +5,13 @@ import subprocess
 import sys
 
 import tasktune
-from test_cli import RECIPE
+from tiny import TINY_RUN_RECIPE as RECIPE
 
 
 def test_run_returns_the_report_it_wrote(tiny_llama, sst2_tsv, tmp_path):
     report = tasktune.run(str(RECIPE), model=str(tiny_llama), name="api", output_dir=str(tmp_path), dtype="fp32",
                           data={"path": str(sst2_tsv), "val_size": 16, "limit_train": None},
-                          eval={"limit_generate": None, "controls": [], "perplexity": None}, train={"eval_steps": 4, "max_steps": 8, "batch_size": 8},
+                          eval={"limit_generate": None, "controls": [], "perplexity": None}, train={"eval_steps": 4, "max_steps": 8, "batch_size": 8, "compile": False},
                           overrides=["train.learning_rate=1e-3"])
     assert report.run_dir == tmp_path / "api"
     assert dict(report) == json.loads((tmp_path / "api" / "report.json").read_text())
