@@ -188,3 +188,59 @@ def test_real_sst2_file(shared_data):
     rows, _ = sst2.load(str(shared_data / "sst2" / "train.tsv"))
     assert len(rows) == 67349
     assert sum(r["label"] for r in rows) == 37569
+
+
+def test_training_sample_takes_the_share_of_whole_sentences_asked_for():
+    """data.train_sentences: that share of the sampled training rows are whole sentences, exactly; where one
+    kind runs out the sample shrinks rather than drift back to the file's mix. Red when the share is ignored."""
+    from tasktune.pipeline import training_sample
+
+    rows = phrase_rows()
+    task = get_task("sst2")
+    split = task.split(rows, DataConfig(seed=1, val_size=60))
+    by_id = {r["id"]: r for r in rows}
+    train = [by_id[i] for i in split["train"]]
+    n_sentences = sum(r["sentence"] for r in train)
+    uniform = training_sample(train, DataConfig(seed=1, limit_train=40))
+    assert len(uniform) == 40 and sum(r["sentence"] for r in uniform) < 20  # the file is mostly phrases
+    half = training_sample(train, DataConfig(seed=1, limit_train=40, train_sentences=0.5))
+    assert len(half) == 40 and sum(r["sentence"] for r in half) == 20
+    assert [r["id"] for r in half] == sorted(r["id"] for r in half)  # the file's order, like every sample
+    assert half == training_sample(train, DataConfig(seed=1, limit_train=40, train_sentences=0.5))  # seeded
+    only = training_sample(train, DataConfig(seed=1, limit_train=10 * n_sentences, train_sentences=1.0))
+    assert len(only) == n_sentences and all(r["sentence"] for r in only)
+    none = training_sample(train, DataConfig(seed=1, limit_train=40, train_sentences=0.0))
+    assert len(none) == 40 and not any(r["sentence"] for r in none)
+
+
+def test_train_sentences_needs_sentence_flags():
+    from tasktune.pipeline import training_sample
+
+    rows = [{"id": i, "text": f"row {i}", "label": i % 2} for i in range(10)]
+    with pytest.raises(TasktuneError, match="data.train_sentences=0.5 needs a sentence-split"):
+        training_sample(rows, DataConfig(train_sentences=0.5, limit_train=4))
+
+
+def test_limit_validation_takes_whole_sentences_first(tiny_llama, tmp_path):
+    """data.limit_validation samples the validation slice as data.limit_test samples the test split: every whole
+    sentence first, so the figure that early stopping and a sweep read measures what the headline measures."""
+    from tasktune.config import load_recipe
+    from tasktune.pipeline import prepare
+
+    data = tmp_path / "phrases.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"{r['text']}\t{r['label']}\n" for r in phrase_rows()))
+    overrides = [f"model={tiny_llama}", f"data.path={data}", "data.val_size=80", "dtype=fp32"]
+    whole = prepare(load_recipe("sst2-gemma3-270m-cpu", overrides), training=False).examples["validation"]
+    sentences = sum(r["sentence"] for r in whole)
+    assert 0 < sentences < len(whole) - 12
+    sampled = prepare(load_recipe("sst2-gemma3-270m-cpu", overrides + [f"data.limit_validation={sentences + 4}"]),
+                      training=False).examples["validation"]
+    assert len(sampled) == sentences + 4 and sum(r["sentence"] for r in sampled) == sentences
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1"])
+def test_train_sentences_outside_the_unit_interval_is_refused(value, capsys):
+    from tasktune.cli import main
+
+    assert main(["run", "sst2-gemma3-270m-cpu", f"data.train_sentences={value}", "--print-config"]) == 2
+    assert f"train_sentences must be in [0, 1], got {value}" in capsys.readouterr().err

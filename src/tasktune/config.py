@@ -36,6 +36,12 @@ class DataConfig:
                                      "inside a training row) or `row`; extractive QA: `article` or `question`")
     test_path: str | None = opt(None, "evaluate on this file instead of a split of `path` (e.g. GLUE validation)")
     limit_train: int | None = opt(None, "train on a seeded random sample of this many training rows")
+    train_sentences: float | None = opt(None, "share of the training sample (data.limit_train) taken from whole "
+                                              "sentences, the rest from phrases (a sentence-split classification "
+                                              "file such as SST-2's); unset: a uniform sample")
+    limit_validation: int | None = opt(None, "validate on a seeded sample of this many validation rows (whole "
+                                             "sentences first, as data.limit_test): with a larger data.val_size, a "
+                                             "validation figure that measures what the headline measures")
     limit_test: int | None = opt(None, "evaluate on a seeded random sample of this many test rows (a classification "
                                        "test split of whole sentences and phrases takes every whole sentence first: "
                                        "they are the headline)")
@@ -137,11 +143,12 @@ class Recipe:
 
 
 POSITIVE = {"gpu_memory_gib", "keep_checkpoints", "perplexity_docs", "control_rows", "val_size", "batch_size", "lora_r", "lora_alpha", "grad_accum", "eval_steps", "logging_steps",
-            "max_length", "max_prompt_tokens", "pad_to_multiple_of", "limit_train", "limit_test", "limit_generate", "max_steps",
+            "max_length", "max_prompt_tokens", "pad_to_multiple_of", "limit_train", "limit_test", "limit_validation", "limit_generate", "max_steps",
             "learning_rate", "epochs"}
 NON_NEGATIVE = {"patience", "shots", "weight_decay", "seed"}
 AT_LEAST = {"max_length": 16, "max_prompt_tokens": 16}
 UNIT_INTERVAL = {"test_size": (0.0, 1.0), "lora_dropout": (0.0, 1.0), "warmup_ratio": (0.0, 1.0)}
+CLOSED_UNIT_INTERVAL = {"train_sentences"}
 CHOICES = {"prompt_format": ("plain", "chat", "auto"),
            "lr_scheduler": ("linear", "cosine", "constant", "constant_with_warmup"),
            "dtype": ("auto", "bf16", "bfloat16", "fp32", "float32", "fp16", "float16")}
@@ -170,6 +177,8 @@ def validate(recipe: Recipe, source: str) -> Recipe:
                 low, high = UNIT_INTERVAL[f.name]
                 if not low <= value < high or (f.name == "test_size" and value == 0):
                     raise TasktuneError(f"{source}: {f.name} must be in [{low}, {high}), got {value}")
+            if f.name in CLOSED_UNIT_INTERVAL and not 0.0 <= value <= 1.0:
+                raise TasktuneError(f"{source}: {f.name} must be in [0, 1], got {value}")
             if f.name in CHOICES and value not in CHOICES[f.name]:
                 raise TasktuneError(f"{source}: {f.name} {value!r} is not one of {list(CHOICES[f.name])}")
     bad = [p for p in recipe.eval.protocols if p not in PROTOCOLS]

@@ -43,6 +43,37 @@ def versions() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def is_whole_sentence(example: dict) -> bool:
+    """A row of a sentence-split classification file that no other row contains (SST-2's headline rows)."""
+    return example.get("sentence") is True
+
+
+def training_sample(rows: list[dict], data_cfg) -> list[dict]:
+    """The training rows a run uses: data.limit_train of them (seeded), and with data.train_sentences that share
+    of them whole sentences, the rest phrases. SST-2's file is nine phrases to a sentence, so a uniform sample
+    trains mostly on fragments while the headline is whole sentences. Where one kind runs out, the sample
+    shrinks to keep the share exact (and says so) rather than drifting back toward the file's mix."""
+    share = data_cfg.train_sentences
+    if share is None:
+        return sample(rows, data_cfg.limit_train, data_cfg.seed)
+    if not any("sentence" in r for r in rows):
+        raise TasktuneError(f"data.train_sentences={share} needs a sentence-split classification file "
+                            "(data.split_by: sentence, whose rows are flagged whole sentence or phrase); these "
+                            "rows have no such flag")
+    sentences = [r for r in rows if is_whole_sentence(r)]
+    phrases = [r for r in rows if not is_whole_sentence(r)]
+    wanted = len(rows) if data_cfg.limit_train is None else min(data_cfg.limit_train, len(rows))
+    size = min([wanted] + ([int(len(sentences) / share)] if share > 0 else [])
+               + ([int(len(phrases) / (1 - share))] if share < 1 else []))
+    n_sentences = min(len(sentences), round(share * size))
+    n_phrases = min(len(phrases), size - n_sentences)
+    if n_sentences + n_phrases < wanted:
+        print(f"[tasktune] data.train_sentences={share}: {len(sentences)} whole sentences and {len(phrases)} "
+              f"phrases give {n_sentences + n_phrases} training rows at that share, not {wanted}")
+    chosen = {r["id"] for r in sample(sentences, n_sentences, data_cfg.seed) + sample(phrases, n_phrases, data_cfg.seed)}
+    return [r for r in rows if r["id"] in chosen]
+
+
 def sample(items: list, limit: int | None, seed: int, keep=None) -> list:
     """A seeded random subset in the original order, or all items. `keep(item)`: items taken before any other
     (the whole sentences of an SST-2 test split), then a seeded sample of the rest up to `limit`."""
@@ -95,13 +126,15 @@ def prepare(recipe: Recipe, training: bool = True) -> Prepared:
         examples["test"], test_source = task.load(recipe.data.test_path)
         split["test"] = [r["id"] for r in examples["test"]]
     overlap = task.overlap(examples["train"] + examples["validation"], examples["test"])
-    for part, key in (("train", "limit_train"), ("test", "limit_test")):
+    for part, key in (("train", "limit_train"), ("validation", "limit_validation"), ("test", "limit_test")):
         limit = getattr(recipe.data, key)
         if limit is not None and limit > len(examples[part]):
             print(f"[tasktune] data.{key}={limit} is more than the {len(examples[part])} {part} rows: using all "
                   f"{len(examples[part])}")
-        examples[part] = sample(examples[part], limit, recipe.data.seed,
-                                keep=(lambda ex: ex.get("sentence") is True) if part == "test" else None)
+        if part == "train":
+            examples[part] = training_sample(examples[part], recipe.data)
+        else:
+            examples[part] = sample(examples[part], limit, recipe.data.seed, keep=is_whole_sentence)
     timings["data_s"] = time.perf_counter() - start
     # Before the model loads: a perplexity source without documents is bad input, refused first.
     documents = held_out_documents(recipe, examples) if recipe.eval.perplexity else None

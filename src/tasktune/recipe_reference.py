@@ -37,6 +37,8 @@ def _allowed(name: str) -> str:
     if name in config.UNIT_INTERVAL:
         low, high = config.UNIT_INTERVAL[name]
         return f"[{low:g}, {high:g})"
+    if name in config.CLOSED_UNIT_INTERVAL:
+        return "[0, 1]"
     return ""
 
 

@@ -38,7 +38,7 @@ SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
 # Keys a trial may not change: all trials share one split and one zero-shot evaluation of one model.
 SHARED_KEYS = ("name", "task", "model", "dtype", "trust_remote_code", "output_dir", "data.path", "data.seed",
-               "data.test_size", "data.val_size", "data.split_by", "data.test_path", "data.limit_test",
+               "data.test_size", "data.val_size", "data.split_by", "data.test_path", "data.limit_test", "data.limit_validation",
                "eval.protocols", "eval.limit_generate", "eval.batch_size")
 
 
@@ -386,13 +386,13 @@ class Trials:
 
     def prepared_for(self, recipe):
         """The shared Prepared with this trial's recipe: task, prompt builder and training rows rebuilt from it
-        (shots, verbalizers, prompt budget and data.limit_train may vary); split and model are shared."""
-        from tasktune.pipeline import sample
+        (shots, verbalizers, prompt budget, data.limit_train and data.train_sentences may vary); split and model are shared."""
+        from tasktune.pipeline import training_sample
         from tasktune.tasks import PromptBuilder, get_task
 
         base = self.base
         task = get_task(recipe.task, recipe.eval.verbalizers, recipe.eval.max_prompt_tokens)
-        train = sample(self.train_all, recipe.data.limit_train, recipe.data.seed)
+        train = training_sample(self.train_all, recipe.data)
         builder = PromptBuilder(task, base.lm.tokenizer, recipe.eval.prompt_format, recipe.eval.shots,
                                 shot_pool=train, seed=recipe.data.seed)
         from tasktune.pipeline import resolve_objective
@@ -424,7 +424,8 @@ class Trials:
     def train_features(self, p) -> list[dict]:
         cfg = p.recipe.train
         key = (cfg.objective, cfg.max_length, p.recipe.eval.shots, p.recipe.eval.prompt_format,
-               tuple(p.recipe.eval.verbalizers or ()), p.recipe.eval.max_prompt_tokens, p.recipe.data.limit_train)
+               tuple(p.recipe.eval.verbalizers or ()), p.recipe.eval.max_prompt_tokens, p.recipe.data.limit_train,
+               p.recipe.data.train_sentences)
         if key not in self.features:
             self.features[key] = p.task.train_features(p.builder, p.examples["train"], cfg.objective,
                                                        cfg.max_length, p.label_token_ids)
