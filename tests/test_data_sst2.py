@@ -209,8 +209,11 @@ def test_training_sample_takes_the_share_of_whole_sentences_asked_for():
     assert half == training_sample(train, DataConfig(seed=1, limit_train=40, train_sentences=0.5))  # seeded
     only = training_sample(train, DataConfig(seed=1, limit_train=10 * n_sentences, train_sentences=1.0))
     assert len(only) == n_sentences and all(r["sentence"] for r in only)
+    assert training_sample(train, DataConfig(seed=1, train_sentences=1.0)) == only  # unset limit: all it can
     none = training_sample(train, DataConfig(seed=1, limit_train=40, train_sentences=0.0))
     assert len(none) == 40 and not any(r["sentence"] for r in none)
+    with pytest.raises(TasktuneError, match="no sample has that share"):
+        training_sample([r for r in train if not r["sentence"]], DataConfig(seed=1, limit_train=40, train_sentences=0.5))
 
 
 def test_train_sentences_needs_sentence_flags():
@@ -244,3 +247,11 @@ def test_train_sentences_outside_the_unit_interval_is_refused(value, capsys):
 
     assert main(["run", "sst2-gemma3-270m-cpu", f"data.train_sentences={value}", "--print-config"]) == 2
     assert f"train_sentences must be in [0, 1], got {value}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe, extra", [("squad2-gemma3-270m-cpu", []), ("sst2-gemma3-270m-cpu", ["data.split_by=row"])])
+def test_train_sentences_without_a_sentence_split_is_refused_before_anything_loads(recipe, extra, capsys):
+    from tasktune.cli import main
+
+    assert main(["run", recipe, "data.train_sentences=0.5", *extra, "--print-config"]) == 2
+    assert "data.train_sentences needs rows split as whole sentences and phrases" in capsys.readouterr().err

@@ -52,7 +52,8 @@ def training_sample(rows: list[dict], data_cfg) -> list[dict]:
     """The training rows a run uses: data.limit_train of them (seeded), and with data.train_sentences that share
     of them whole sentences, the rest phrases. SST-2's file is nine phrases to a sentence, so a uniform sample
     trains mostly on fragments while the headline is whole sentences. Where one kind runs out, the sample
-    shrinks to keep the share exact (and says so) rather than drifting back toward the file's mix."""
+    shrinks to keep the share exact (and says so, when data.limit_train asked for more) rather than drifting
+    back toward the file's mix."""
     share = data_cfg.train_sentences
     if share is None:
         return sample(rows, data_cfg.limit_train, data_cfg.seed)
@@ -65,9 +66,12 @@ def training_sample(rows: list[dict], data_cfg) -> list[dict]:
     wanted = len(rows) if data_cfg.limit_train is None else min(data_cfg.limit_train, len(rows))
     size = min([wanted] + ([int(len(sentences) / share)] if share > 0 else [])
                + ([int(len(phrases) / (1 - share))] if share < 1 else []))
+    if size == 0:
+        raise TasktuneError(f"data.train_sentences={share}: the training part has {len(sentences)} whole sentences "
+                            f"and {len(phrases)} phrases, so no sample has that share")
     n_sentences = min(len(sentences), round(share * size))
     n_phrases = min(len(phrases), size - n_sentences)
-    if n_sentences + n_phrases < wanted:
+    if data_cfg.limit_train is not None and n_sentences + n_phrases < wanted:  # unset: as many as the share allows
         print(f"[tasktune] data.train_sentences={share}: {len(sentences)} whole sentences and {len(phrases)} "
               f"phrases give {n_sentences + n_phrases} training rows at that share, not {wanted}")
     chosen = {r["id"] for r in sample(sentences, n_sentences, data_cfg.seed) + sample(phrases, n_phrases, data_cfg.seed)}
