@@ -27,10 +27,12 @@ NEWS_VOCAB = VOCAB + sorted(set(NEWS_WORDS) - set(VOCAB))
 
 
 # `tasktune run` of the shipped SST-2 recipe on a tiny model: no cost checks and no compile (these tests are not
-# about them), fp32, every row, 16 validation rows. Later overrides win, so a test's `extra` can change any of them.
+# about them), fp32, every row (not the recipe's whole sentences only), 16 validation rows. Later overrides win, so
+# a test's `extra` can change any of them.
 TINY_RUN_RECIPE = "sst2-gemma3-270m-cpu"
 TINY_RUN_OVERRIDES = ["eval.controls=[]", "eval.perplexity=null", "train.compile=false", "dtype=fp32",
-                      "data.val_size=16", "data.limit_train=null", "eval.limit_generate=null"]
+                      "data.val_size=16", "data.limit_validation=null", "data.limit_train=null",
+                      "data.train_sentences=null", "eval.limit_generate=null"]
 
 
 def run_args(model, data, out, name="r", *extra, steps=4, eval_steps=2, batch_size=4, protocols="score"):
