@@ -378,8 +378,7 @@ def test_each_shipped_cpu_recipe_has_held_out_perplexity_documents(name):
     rows, _ = task.load(recipe.data.path)
     by_id = {r["id"]: r for r in rows}
     examples = {part: [by_id[i] for i in ids] for part, ids in task.split(rows, recipe.data).items()}
-    for part, key in (("train", "limit_train"), ("test", "limit_test")):
-        examples[part] = pipeline.sample(examples[part], getattr(recipe.data, key), recipe.data.seed)
+    examples = pipeline.sampled_parts(examples, recipe.data)
     docs, origin = held_out_documents(recipe, examples)
     assert len(docs) == recipe.eval.perplexity_docs == 100
     used = {r["context"] for part in examples.values() for r in part if "context" in r}

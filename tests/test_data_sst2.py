@@ -213,7 +213,8 @@ def test_training_sample_takes_the_share_of_whole_sentences_asked_for():
     none = training_sample(train, DataConfig(seed=1, limit_train=40, train_sentences=0.0))
     assert len(none) == 40 and not any(r["sentence"] for r in none)
     with pytest.raises(TasktuneError, match="no sample has that share"):
-        training_sample([r for r in train if not r["sentence"]], DataConfig(seed=1, limit_train=40, train_sentences=0.5))
+        phrases_only = [r for r in train if not r["sentence"]]
+        training_sample(phrases_only, DataConfig(seed=1, limit_train=40, train_sentences=1.0))
 
 
 def test_train_sentences_needs_sentence_flags():
@@ -249,7 +250,8 @@ def test_train_sentences_outside_the_unit_interval_is_refused(value, capsys):
     assert f"train_sentences must be in [0, 1], got {value}" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("recipe, extra", [("squad2-gemma3-270m-cpu", []), ("sst2-gemma3-270m-cpu", ["data.split_by=row"])])
+@pytest.mark.parametrize("recipe, extra", [("squad2-gemma3-270m-cpu", []),
+                                           ("sst2-gemma3-270m-cpu", ["data.split_by=row"])])
 def test_train_sentences_without_a_sentence_split_is_refused_before_anything_loads(recipe, extra, capsys):
     from tasktune.cli import main
 

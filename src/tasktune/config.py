@@ -143,8 +143,8 @@ class Recipe:
 
 
 POSITIVE = {"gpu_memory_gib", "keep_checkpoints", "perplexity_docs", "control_rows", "val_size", "batch_size", "lora_r", "lora_alpha", "grad_accum", "eval_steps", "logging_steps",
-            "max_length", "max_prompt_tokens", "pad_to_multiple_of", "limit_train", "limit_test", "limit_validation", "limit_generate", "max_steps",
-            "learning_rate", "epochs"}
+            "max_length", "max_prompt_tokens", "pad_to_multiple_of", "limit_train", "limit_test", "limit_generate", "max_steps",
+            "learning_rate", "epochs", "limit_validation"}
 NON_NEGATIVE = {"patience", "shots", "weight_decay", "seed"}
 AT_LEAST = {"max_length": 16, "max_prompt_tokens": 16}
 UNIT_INTERVAL = {"test_size": (0.0, 1.0), "lora_dropout": (0.0, 1.0), "warmup_ratio": (0.0, 1.0)}

@@ -74,8 +74,23 @@ def training_sample(rows: list[dict], data_cfg) -> list[dict]:
     if data_cfg.limit_train is not None and n_sentences + n_phrases < wanted:  # unset: as many as the share allows
         print(f"[tasktune] data.train_sentences={share}: {len(sentences)} whole sentences and {len(phrases)} "
               f"phrases give {n_sentences + n_phrases} training rows at that share, not {wanted}")
-    chosen = {r["id"] for r in sample(sentences, n_sentences, data_cfg.seed) + sample(phrases, n_phrases, data_cfg.seed)}
+    chosen = {r["id"] for r in sample(sentences, n_sentences, data_cfg.seed)
+              + sample(phrases, n_phrases, data_cfg.seed)}
     return [r for r in rows if r["id"] in chosen]
+
+
+def sampled_parts(examples: dict[str, list[dict]], data_cfg) -> dict[str, list[dict]]:
+    """Each part of the split as the run uses it: the training sample (`training_sample`), and the validation and
+    test samples (data.limit_validation, data.limit_test), whole sentences first."""
+    out = {}
+    for part, key in (("train", "limit_train"), ("validation", "limit_validation"), ("test", "limit_test")):
+        limit = getattr(data_cfg, key)
+        if limit is not None and limit > len(examples[part]):
+            print(f"[tasktune] data.{key}={limit} is more than the {len(examples[part])} {part} rows: using all "
+                  f"{len(examples[part])}")
+        out[part] = (training_sample(examples[part], data_cfg) if part == "train"
+                     else sample(examples[part], limit, data_cfg.seed, keep=is_whole_sentence))
+    return out
 
 
 def sample(items: list, limit: int | None, seed: int, keep=None) -> list:
@@ -130,15 +145,7 @@ def prepare(recipe: Recipe, training: bool = True) -> Prepared:
         examples["test"], test_source = task.load(recipe.data.test_path)
         split["test"] = [r["id"] for r in examples["test"]]
     overlap = task.overlap(examples["train"] + examples["validation"], examples["test"])
-    for part, key in (("train", "limit_train"), ("validation", "limit_validation"), ("test", "limit_test")):
-        limit = getattr(recipe.data, key)
-        if limit is not None and limit > len(examples[part]):
-            print(f"[tasktune] data.{key}={limit} is more than the {len(examples[part])} {part} rows: using all "
-                  f"{len(examples[part])}")
-        if part == "train":
-            examples[part] = training_sample(examples[part], recipe.data)
-        else:
-            examples[part] = sample(examples[part], limit, recipe.data.seed, keep=is_whole_sentence)
+    examples = sampled_parts(examples, recipe.data)
     timings["data_s"] = time.perf_counter() - start
     # Before the model loads: a perplexity source without documents is bad input, refused first.
     documents = held_out_documents(recipe, examples) if recipe.eval.perplexity else None

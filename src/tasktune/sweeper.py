@@ -38,8 +38,8 @@ SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
 # Keys a trial may not change: all trials share one split and one zero-shot evaluation of one model.
 SHARED_KEYS = ("name", "task", "model", "dtype", "trust_remote_code", "output_dir", "data.path", "data.seed",
-               "data.test_size", "data.val_size", "data.split_by", "data.test_path", "data.limit_test", "data.limit_validation",
-               "eval.protocols", "eval.limit_generate", "eval.batch_size")
+               "data.test_size", "data.val_size", "data.split_by", "data.test_path", "data.limit_test",
+               "data.limit_validation", "eval.protocols", "eval.limit_generate", "eval.batch_size")
 
 
 @dataclass
@@ -386,7 +386,8 @@ class Trials:
 
     def prepared_for(self, recipe):
         """The shared Prepared with this trial's recipe: task, prompt builder and training rows rebuilt from it
-        (shots, verbalizers, prompt budget, data.limit_train and data.train_sentences may vary); split and model are shared."""
+        (shots, verbalizers, prompt budget, data.limit_train and data.train_sentences may vary); split, validation
+        sample and model are shared."""
         from tasktune.pipeline import training_sample
         from tasktune.tasks import PromptBuilder, get_task
 
