@@ -223,7 +223,7 @@ def validate(recipe: Recipe, source: str) -> Recipe:
     if recipe.data.split_by is not None and recipe.data.split_by not in kind.split_policies:
         raise TasktuneError(f"{source}: data.split_by {recipe.data.split_by!r} does not apply to task "
                             f"{spec.name!r} (expected one of {list(kind.split_policies)})")
-    split_by = recipe.data.split_by or spec.split_by or kind.split_policies[0]
+    split_by = kind.split_policy_of(spec, recipe.data)
     if recipe.data.train_sentences is not None and split_by != "sentence":
         raise TasktuneError(f"{source}: data.train_sentences needs rows split as whole sentences and phrases "
                             f"(data.split_by: sentence, a classification task); task {spec.name!r} splits by "

@@ -64,8 +64,11 @@ def training_sample(rows: list[dict], data_cfg) -> list[dict]:
     sentences = [r for r in rows if is_whole_sentence(r)]
     phrases = [r for r in rows if not is_whole_sentence(r)]
     wanted = len(rows) if data_cfg.limit_train is None else min(data_cfg.limit_train, len(rows))
-    size = min([wanted] + ([int(len(sentences) / share)] if share > 0 else [])
-               + ([int(len(phrases) / (1 - share))] if share < 1 else []))
+    size = wanted  # the largest sample at exactly this share that the rows allow
+    if share > 0:
+        size = min(size, int(len(sentences) / share))
+    if share < 1:
+        size = min(size, int(len(phrases) / (1 - share)))
     if size == 0:
         raise TasktuneError(f"data.train_sentences={share}: the training part has {len(sentences)} whole sentences "
                             f"and {len(phrases)} phrases, so no sample has that share")

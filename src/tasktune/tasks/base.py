@@ -60,7 +60,12 @@ class TaskType(ABC):
     def split(self, rows: list[dict], data_cfg) -> dict[str, list]: ...
 
     def split_policy(self, data_cfg) -> str:
-        return data_cfg.split_by or self.spec.split_by or self.split_policies[0]
+        return self.split_policy_of(self.spec, data_cfg)
+
+    @classmethod
+    def split_policy_of(cls, spec, data_cfg) -> str:
+        """The recipe's data.split_by, else the spec's, else the type's default (before a task is built)."""
+        return data_cfg.split_by or spec.split_by or cls.split_policies[0]
 
     @abstractmethod
     def overlap(self, train: list[dict], test: list[dict]) -> dict: ...
