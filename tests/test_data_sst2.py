@@ -212,9 +212,10 @@ def test_training_sample_takes_the_share_of_whole_sentences_asked_for():
     assert training_sample(train, DataConfig(seed=1, train_sentences=1.0)) == only  # unset limit: all it can
     none = training_sample(train, DataConfig(seed=1, limit_train=40, train_sentences=0.0))
     assert len(none) == 40 and not any(r["sentence"] for r in none)
-    with pytest.raises(TasktuneError, match="no sample has that share"):
-        phrases_only = [r for r in train if not r["sentence"]]
-        training_sample(phrases_only, DataConfig(seed=1, limit_train=40, train_sentences=1.0))
+    phrases_only = [r for r in train if not r["sentence"]]
+    for share in (0.5, 1.0):  # a mixed share and an all-sentence share, with no sentence to take
+        with pytest.raises(TasktuneError, match="no sample has that share"):
+            training_sample(phrases_only, DataConfig(seed=1, limit_train=40, train_sentences=share))
 
 
 def test_train_sentences_needs_sentence_flags():
