@@ -380,10 +380,16 @@ def test_each_shipped_cpu_recipe_has_held_out_perplexity_documents(name):
     examples = {part: [by_id[i] for i in ids] for part, ids in task.split(rows, recipe.data).items()}
     examples = pipeline.sampled_parts(examples, recipe.data)
     docs, origin = held_out_documents(recipe, examples)
-    assert len(docs) == recipe.eval.perplexity_docs >= 50  # the recipe gets the documents it asks for
+    # The recipe gets the documents it asks for; at least 25 (the SQuAD recipe trains on every training question,
+    # so only 28 paragraphs are left that no example of its run holds).
+    assert len(docs) == recipe.eval.perplexity_docs >= 25
     used = {r["context"] for part in examples.values() for r in part if "context" in r}
     assert not used & set(docs)
-    assert ("from articles it trains on" in origin) == (recipe.task == "squad_v2")
+    # The origin counts the documents from articles the run trains on, and says nothing where there are none.
+    trained = {r["title"] for part in ("train", "validation") for r in examples[part] if r.get("title")}
+    title_of = {r["context"]: r["title"] for r in rows if "context" in r}
+    related = sum(title_of.get(d) in trained for d in docs)
+    assert (f"({related} of {len(docs)} from articles it trains on)" in origin) == (related > 0)
 
 
 def test_a_perplexity_source_without_documents_is_refused_before_the_model_loads(tiny_llama, sst2_tsv, tmp_path,

@@ -105,6 +105,10 @@ class TrainConfig:
     compile: bool = opt(False, "compile each decoder layer with torch.compile for the training steps (validation "
                                "and evaluation stay eager); bench/RESULTS.md has what it bought on each CPU")
     max_length: int = opt(256, "longest training row in tokens (prompts are cut from the start)")
+    questions_per_context: int = opt(1, "extractive QA: up to this many training questions about one context in "
+                                        "one training row, the context read once and every answer trained on "
+                                        "(the first question reads as evaluated, the later ones follow the earlier "
+                                        "answers); 1: a row per question")
     pad_to_multiple_of: int = opt(1, "round each training batch's length up to a multiple of this: fewer distinct "
                                      "shapes, so fewer compiled CPU kernels held in memory (the SQuAD CPU recipe "
                                      "uses 32)")
@@ -143,7 +147,7 @@ class Recipe:
 
 
 POSITIVE = {"gpu_memory_gib", "keep_checkpoints", "perplexity_docs", "control_rows", "val_size", "batch_size", "lora_r", "lora_alpha", "grad_accum", "eval_steps", "logging_steps",
-            "max_length", "max_prompt_tokens", "pad_to_multiple_of", "limit_train", "limit_test", "limit_generate", "max_steps",
+            "max_length", "max_prompt_tokens", "pad_to_multiple_of", "questions_per_context", "limit_train", "limit_test", "limit_generate", "max_steps",
             "learning_rate", "epochs", "limit_validation"}
 NON_NEGATIVE = {"patience", "shots", "weight_decay", "seed"}
 AT_LEAST = {"max_length": 16, "max_prompt_tokens": 16}
@@ -228,6 +232,17 @@ def validate(recipe: Recipe, source: str) -> Recipe:
         raise TasktuneError(f"{source}: data.train_sentences needs rows split as whole sentences and phrases "
                             f"(data.split_by: sentence, a classification task); task {spec.name!r} splits by "
                             f"{split_by!r}")
+    if recipe.train.questions_per_context > 1:
+        if not kind.packs_questions:
+            raise TasktuneError(f"{source}: train.questions_per_context applies to extractive QA; task "
+                                f"{spec.name!r} is {spec.type}")
+        if recipe.eval.prompt_format == "chat":
+            raise TasktuneError(f"{source}: train.questions_per_context > 1 needs eval.prompt_format plain (a chat "
+                                "template wraps one question per turn)")
+        try:
+            kind.follow_up_template(spec.template)
+        except TasktuneError as e:
+            raise TasktuneError(f"{source}: {e}") from None
     for control in recipe.eval.controls:  # a malformed control spec fails now, too
         load_spec(control)
     ppl = recipe.eval.perplexity

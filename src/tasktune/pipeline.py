@@ -248,7 +248,7 @@ def train_stage(p: Prepared, work: Path, logs=None, features: list[dict] | None 
     base_count = count_parameters(base)["total"]
     if features is None:
         features = p.task.train_features(p.builder, p.examples["train"], cfg.objective, cfg.max_length,
-                                         p.label_token_ids)
+                                         p.label_token_ids, cfg.questions_per_context)
     torch.manual_seed(cfg.seed)  # LoRA initialisation
     model = wrap_for_training(base, cfg, cfg.objective, work / "train")
     try:

@@ -29,6 +29,7 @@ class TaskType(ABC):
     report_rows: ClassVar[tuple[str, ...]]
     sampled_protocols: ClassVar[tuple[str, ...]] = ()
     calibration_protocol: ClassVar[str | None] = None
+    packs_questions: ClassVar[bool] = False      # train.questions_per_context > 1 applies
 
     name: str
     metric_for_best: str
@@ -72,7 +73,7 @@ class TaskType(ABC):
 
     @abstractmethod
     def train_features(self, builder, examples: list[dict], objective: str, max_length: int,
-                       label_token_ids: list[int] | None) -> list[dict]: ...
+                       label_token_ids: list[int] | None, questions_per_context: int = 1) -> list[dict]: ...
 
     # --- requests and metrics ----------------------------------------------------------------------------------
     @abstractmethod

@@ -151,8 +151,11 @@ class ClassificationTask(TaskType):
 
     # --- training ---------------------------------------------------------------------------------
     def train_features(self, builder, examples: list[dict], objective: str, max_length: int,
-                       label_token_ids: list[int] | None) -> list[dict]:
+                       label_token_ids: list[int] | None, questions_per_context: int = 1) -> list[dict]:
         from tasktune.losses import get_objective
+
+        if questions_per_context != 1:  # refused in the recipe check (config.validate) already
+            raise TasktuneError("train.questions_per_context applies to extractive QA only")
 
         tokens = get_objective(objective).labels == "tokens"
         targets = self.verbalizer_tokens(builder, examples[0]) if tokens else None

@@ -157,15 +157,73 @@ class ExtractiveQATask(TaskType):
         return ids, True
 
     # --- training ---------------------------------------------------------------------------------
+    packs_questions = True
+
+    @staticmethod
+    def follow_up_template(template: str) -> str:
+        """What a further question about the same context adds to a training row: the template's text after
+        `{context}` (e.g. "Question: {question}\nAnswer:"), so the first question of a row reads exactly as it
+        is evaluated and the later ones as the same prompt continued."""
+        head, sep, tail = template.partition("{context}")
+        tail = tail.lstrip("\n ")
+        if not sep or "{question}" not in tail or "{title}" in tail or "{question}" in head:
+            raise TasktuneError(f"train.questions_per_context > 1 needs a template with {{question}} after "
+                                f"{{context}} and nothing but the question after it; got {template!r}")
+        return tail
+
     def train_features(self, builder, examples: list[dict], objective: str, max_length: int,
-                       label_token_ids=None) -> list[dict]:
-        features = []
+                       label_token_ids=None, questions_per_context: int = 1) -> list[dict]:
+        """One row per question, or with `questions_per_context` > 1 up to that many questions about one context
+        in one row (the context read once, each answer trained on): SQuAD has ~8 questions to a paragraph, so
+        a row of 4 costs about a third of the tokens of 4 rows. Questions keep the sample's order."""
+        if questions_per_context == 1:
+            return [self._one_question(builder, ex, max_length) for ex in examples]
+        if builder.format == "chat":
+            raise TasktuneError("train.questions_per_context > 1 needs prompt_format plain (a chat template "
+                                "wraps one question per turn)")
+        follow_up = self.follow_up_template(self.template)
+        by_context: dict[tuple[str, str], list[dict]] = {}
         for ex in examples:
-            # The newline teaches the model to stop right after a short answer.
-            target = builder.tokenizer(self.target(ex) + "\n", add_special_tokens=False)["input_ids"]
-            prompt, _ = self.fit_prompt(builder, ex, max_length - len(target), keep_answer=True)
-            features.append({"input_ids": prompt + target, "labels": [-100] * len(prompt) + target})
+            by_context.setdefault((ex["title"], ex["context"]), []).append(ex)
+        features = []
+        for group in by_context.values():
+            for start in range(0, len(group), questions_per_context):
+                features += self._packed(builder, group[start:start + questions_per_context], follow_up,
+                                         max_length)
         return features
+
+    def _answer_tokens(self, builder, ex: dict) -> list[int]:
+        # The newline teaches the model to stop right after a short answer.
+        return builder.tokenizer(self.target(ex) + "\n", add_special_tokens=False)["input_ids"]
+
+    def _one_question(self, builder, ex: dict, max_length: int) -> dict:
+        target = self._answer_tokens(builder, ex)
+        prompt, _ = self.fit_prompt(builder, ex, max_length - len(target), keep_answer=True)
+        return {"input_ids": prompt + target, "labels": [-100] * len(prompt) + target}
+
+    def _packed(self, builder, group: list[dict], follow_up: str, max_length: int) -> list[dict]:
+        """Rows for questions about one context: each row opens with the evaluated prompt of its first question
+        and continues with further questions while it fits `max_length`; a question whose own prompt does not
+        fit gets a row of its own with the context cut around its answer."""
+        rows, ids, labels = [], [], []
+        for ex in group:
+            target = self._answer_tokens(builder, ex)
+            if ids:
+                more = builder.tokenizer(follow_up.format(question=ex["question"]), add_special_tokens=False)[
+                    "input_ids"]
+                if len(ids) + len(more) + len(target) <= max_length:
+                    ids, labels = ids + more + target, labels + [-100] * len(more) + target
+                    continue
+                rows.append({"input_ids": ids, "labels": labels})
+                ids, labels = [], []
+            prompt = builder.encode(builder.render(ex))
+            if len(prompt) + len(target) <= max_length:
+                ids, labels = prompt + target, [-100] * len(prompt) + target
+            else:
+                rows.append(self._one_question(builder, ex, max_length))
+        if ids:
+            rows.append({"input_ids": ids, "labels": labels})
+        return rows
 
     # --- evaluation: requests for the runner, and records from its results -----------------------------
     sampled_protocols = ()  # every test question is generated
