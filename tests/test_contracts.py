@@ -392,6 +392,20 @@ def test_each_shipped_cpu_recipe_has_held_out_perplexity_documents(name):
     assert (f"({related} of {len(docs)} from articles it trains on)" in origin) == (related > 0)
 
 
+@pytest.mark.parametrize("asked, says", [(3, False), (4, False), (5, True)])
+def test_fewer_perplexity_documents_than_asked_are_said(tmp_path, capsys, asked, says):
+    """A source with fewer documents than eval.perplexity_docs asks for is used whole, and the run says so (the
+    SQuAD recipe once asked for 100 and silently got 65)."""
+    from tasktune.costs import perplexity_documents
+
+    path = tmp_path / "general.txt"
+    path.write_text("one document.\n\ntwo documents.\n\nthree.\n\nfour.\n")
+    docs, _ = perplexity_documents(str(path), set(), asked, 0)
+    assert len(docs) == min(asked, 4)
+    said = f"eval.perplexity_docs={asked} is more than the 4 documents of {path}: using all 4"
+    assert (said in capsys.readouterr().out) == says
+
+
 def test_a_perplexity_source_without_documents_is_refused_before_the_model_loads(tiny_llama, sst2_tsv, tmp_path,
                                                                                 monkeypatch, capsys):
     from tasktune import pipeline

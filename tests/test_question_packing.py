@@ -50,19 +50,35 @@ def test_each_question_is_trained_once_in_rows_of_one_context(qa):
     single = task.train_features(builder, examples, "answer", 256)
     packed = task.train_features(builder, examples, "answer", 256, questions_per_context=4)
     assert len(single) == 12 and len(packed) == 4  # 6 questions per context: rows of 4 and 2
-    by_id = {ex["id"]: one for ex, one in zip(examples, single)}
-    order = [ex for title in CONTEXTS for ex in examples if ex["title"] == title]
-    spans = [s for row in packed for s in answer_spans(row)]
-    # Every answer once, in the sample's order within its context, each the answer its own row would train.
-    assert spans == [answer_spans(by_id[ex["id"]])[0] for ex in order]
-    for row, first in zip(packed, (order[0], order[4], order[6], order[10])):
-        one, spans_of = by_id[first["id"]], answer_spans(row)
-        # A row opens exactly as its first question is evaluated (and trained alone).
-        assert row["input_ids"][:len(one["input_ids"])] == one["input_ids"]
-        assert row["labels"][:len(one["labels"])] == one["labels"]
-        text = builder.tokenizer.decode(row["input_ids"])
-        assert text.count("Title") == 1 and text.count("Context") == 1 and text.count("Question") == len(spans_of)
     assert [len(answer_spans(row)) for row in packed] == [4, 2, 4, 2]
+    # Every answer once, each the answer its own row would train.
+    spans = sorted(tuple(s) for row in packed for s in answer_spans(row))
+    assert spans == sorted(tuple(answer_spans(one)[0]) for one in single)
+    for row in packed:
+        # A row opens exactly as one of its questions is evaluated (and trained alone), and reads one context.
+        opens = [ex for ex, one in zip(examples, single) if row["input_ids"][:len(one["input_ids"])] == one["input_ids"]
+                 and row["labels"][:len(one["labels"])] == one["labels"]]
+        assert len({ex["context"] for ex in opens}) == 1
+        text = builder.tokenizer.decode(row["input_ids"])
+        assert text.count("Title") == 1 and text.count("Context") == 1
+        assert text.count("Question") == len(answer_spans(row))
+
+
+def test_the_evaluated_position_sees_unanswerable_questions_at_their_share(qa):
+    """SQuAD v2 lists a paragraph's unanswerable questions last; a row's first question is the one that reads as
+    evaluated, so packing in file order would show that position none here (red without the shuffle)."""
+    task, builder = qa
+    examples = []
+    for c in range(40):
+        for i in range(8):  # the last 2 of each paragraph's 8 are unanswerable, as in SQuAD v2's files
+            answer = [] if i >= 6 else ["Paris"]
+            examples.append({"id": f"{c}-{i}", "title": f"T{c}", "context": f"Paris is number {c} .",
+                             "question": f"question {i} ?", "answers": answer, "answer_starts": [0] if answer else []})
+    packed = task.train_features(builder, examples, "answer", 256, questions_per_context=4)
+    abstain = task._answer_tokens(builder, examples[7])
+    first = [answer_spans(row)[0] == abstain for row in packed]
+    assert len(first) == 80 and 0.12 <= sum(first) / len(first) <= 0.4
+    assert task.train_features(builder, examples, "answer", 256, questions_per_context=4) == packed  # seeded
 
 
 def test_rows_never_exceed_max_length_and_lose_no_question(qa):
@@ -84,14 +100,15 @@ def test_a_packed_row_trains_its_first_question_as_a_row_of_its_own(tiny_models)
     examples = [ex for ex in questions(3) if ex["title"] == "Paris"]
     collate = LeftPadCollator(lm.tokenizer.pad_token_id)
     (packed,) = task.train_features(builder, examples, "answer", 256, questions_per_context=3)
-    alone = task.train_features(builder, examples, "answer", 256)
-    first_only = dict(packed, labels=[lab if i < len(alone[0]["labels"]) else -100
+    (alone,) = [one for one in task.train_features(builder, examples, "answer", 256)
+                if packed["input_ids"][:len(one["input_ids"])] == one["input_ids"]]
+    first_only = dict(packed, labels=[lab if i < len(alone["labels"]) else -100
                                       for i, lab in enumerate(packed["labels"])])
     with torch.no_grad():
         torch.testing.assert_close(objective_loss(lm.model, collate([first_only]), "answer"),
-                                   objective_loss(lm.model, collate([alone[0]]), "answer"))
+                                   objective_loss(lm.model, collate([alone]), "answer"))
         assert not torch.isclose(objective_loss(lm.model, collate([packed]), "answer"),
-                                 objective_loss(lm.model, collate([alone[0]]), "answer"))
+                                 objective_loss(lm.model, collate([alone]), "answer"))
 
 
 def write(tmp_path, text):

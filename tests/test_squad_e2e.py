@@ -32,7 +32,11 @@ def test_run_pipeline_trains_on_answers(tiny_llama, tmp_path):
     report = json.loads((tmp_path / "sq" / "report.json").read_text())
     assert "calibrated" in report["finetuned"] and 0 <= report["finetuned"]["calibrated"]["threshold"] <= 1
     assert report["training"]["global_step"] == 4
+    # The recipe packs up to 4 questions about a paragraph into a training row (train.questions_per_context).
+    rows = report["training"]["training_rows"]
+    assert report["data"]["train"] / 4 <= rows < report["data"]["train"]
     assert "zero-shot `raw`" in (tmp_path / "sq" / "report.md").read_text()
+    assert f"training rows/s of {rows} rows" in (tmp_path / "sq" / "report.md").read_text()
 
 
 def write_preds(tmp_path, preds, na=None):

@@ -53,6 +53,9 @@ def perplexity_documents(source: str, excluded_contexts: set[str], limit: int, s
         origin = str(path)
     if len(docs) > limit:
         docs = random.Random(seed).sample(docs, limit)
+    elif len(docs) < limit:  # said, as for the row limits: the figure's n is then not the recipe's
+        print(f"[tasktune] eval.perplexity_docs={limit} is more than the {len(docs)} documents "
+              f"{'left held out' if source == 'embedded' else 'of ' + origin}: using all {len(docs)}")
     if source == "embedded":
         related = sum(title_of[d] in trained_titles for d in docs)
         origin = (f"Wikipedia paragraphs of {origin} that no example of this run holds"

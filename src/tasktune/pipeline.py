@@ -292,8 +292,9 @@ def _train_adapted(p: Prepared, work: Path, logs, features: list[dict], callback
                                   and not method.evaluate_as_saved else None)
     # What was trained on: QLoRA's 4-bit linear layers are counted, so that a silent fall-back to 16 bits shows.
     quantized = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
+    # Training rows, which are not the training examples where several questions share a row.
     summary.update(parameters=params, base_parameters_before_lora=base_count, head=head,
-                   quantized_linear_layers=quantized)
+                   quantized_linear_layers=quantized, training_rows=len(features))
     state = process_state()
     if state.is_main_process:
         method.save(model, RunLayout(work).adapter, work / "train", head)

@@ -273,7 +273,8 @@ def render_markdown(report, task, params, figures, changes, history: list[dict],
     lines += ["", "## Training", "",
               f"- objective `{report['config']['train']['objective']}`, steps {train.get('global_step')}, best "
               f"validation {task.metric_for_best} {_fmt(train.get('best_metric'))}, {_fmt(train.get('train_runtime_s'))} s "
-              f"({_fmt(train.get('train_samples_per_second'))} examples/s)"]
+              f"({_fmt(train.get('train_samples_per_second'))} training rows/s"
+              + (f" of {train['training_rows']} rows" if train.get("training_rows") is not None else "") + ")"]
     if evals:
         keys = [k for k in evals[0] if k.startswith("eval_")]
         lines += ["", "| step | " + " | ".join(keys) + " |", "|---:|" + "---:|" * len(keys)]
