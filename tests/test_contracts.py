@@ -380,9 +380,7 @@ def test_each_shipped_cpu_recipe_has_held_out_perplexity_documents(name):
     examples = {part: [by_id[i] for i in ids] for part, ids in task.split(rows, recipe.data).items()}
     examples = pipeline.sampled_parts(examples, recipe.data)
     docs, origin = held_out_documents(recipe, examples)
-    # The recipe gets the documents it asks for; at least 25 (the SQuAD recipe trains on every training question,
-    # so only 28 paragraphs are left that no example of its run holds).
-    assert len(docs) == recipe.eval.perplexity_docs >= 25
+    assert len(docs) == recipe.eval.perplexity_docs >= 50  # the recipe gets the documents it asks for
     used = {r["context"] for part in examples.values() for r in part if "context" in r}
     assert not used & set(docs)
     # The origin counts the documents from articles the run trains on, and says nothing where there are none.

@@ -27,12 +27,13 @@ def test_run_pipeline_trains_on_answers(tiny_llama, tmp_path):
     data = write_squad_json(tmp_path / "d.json", n_articles=10)
     code = main(["run", "squad2-gemma3-270m-cpu", "eval.controls=[]", "eval.perplexity=null", "train.compile=false", f"model={tiny_llama}", f"data.path={data}",
                  f"output_dir={tmp_path}", "name=sq", "dtype=fp32", "data.val_size=4", "data.limit_train=null",
-                 "data.limit_test=null", "train.max_steps=4", "train.eval_steps=2", "train.batch_size=4"])
+                 "data.limit_test=null", "train.max_steps=4", "train.eval_steps=2", "train.batch_size=4",
+                 "train.questions_per_context=4"])
     assert code == 0
     report = json.loads((tmp_path / "sq" / "report.json").read_text())
     assert "calibrated" in report["finetuned"] and 0 <= report["finetuned"]["calibrated"]["threshold"] <= 1
     assert report["training"]["global_step"] == 4
-    # The recipe packs up to 4 questions about a paragraph into a training row (train.questions_per_context).
+    # Up to 4 questions about a paragraph in a training row (train.questions_per_context).
     rows = report["training"]["training_rows"]
     assert report["data"]["train"] / 4 <= rows < report["data"]["train"]
     assert "zero-shot `raw`" in (tmp_path / "sq" / "report.md").read_text()
