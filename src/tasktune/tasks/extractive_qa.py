@@ -204,6 +204,10 @@ class ExtractiveQATask(TaskType):
     def _one_question(self, builder, ex: dict, max_length: int) -> dict:
         target = self._answer_tokens(builder, ex)
         prompt, _ = self.fit_prompt(builder, ex, max_length - len(target), keep_answer=True)
+        return self._labelled(prompt, target)
+
+    @staticmethod
+    def _labelled(prompt: list[int], target: list[int]) -> dict:
         return {"input_ids": prompt + target, "labels": [-100] * len(prompt) + target}
 
     def _packed(self, builder, group: list[dict], follow_up: str, max_length: int) -> list[dict]:
@@ -221,11 +225,12 @@ class ExtractiveQATask(TaskType):
                     continue
                 rows.append({"input_ids": ids, "labels": labels})
                 ids, labels = [], []
-            prompt = builder.encode(builder.render(ex))
-            if len(prompt) + len(target) <= max_length:
-                ids, labels = prompt + target, [-100] * len(prompt) + target
+            prompt, cut = self.fit_prompt(builder, ex, max_length - len(target), keep_answer=True)
+            row = self._labelled(prompt, target)
+            if cut:  # its context is cut around its own answer, so it is a row of its own
+                rows.append(row)
             else:
-                rows.append(self._one_question(builder, ex, max_length))
+                ids, labels = row["input_ids"], row["labels"]
         if ids:
             rows.append({"input_ids": ids, "labels": labels})
         return rows
