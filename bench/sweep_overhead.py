@@ -29,13 +29,12 @@ FRESH = r"""
 import json, sys, time
 t0 = time.perf_counter()
 from tasktune.config import load_recipe
-from tasktune.pipeline import prepare
+from tasktune.pipeline import prepare, training_features
 t1 = time.perf_counter()
 recipe = load_recipe(sys.argv[1], sys.argv[2:])
 p = prepare(recipe)
 t2 = time.perf_counter()
-cfg = recipe.train
-p.task.train_features(p.builder, p.examples["train"], cfg.objective, cfg.max_length, p.label_token_ids)
+training_features(p)
 t3 = time.perf_counter()
 print(json.dumps({"imports_s": t1 - t0, "data_s": p.timings.get("data_s"), "model_load_s": p.timings.get("model_load_s"),
                   "prepare_s": t2 - t1, "tokenize_s": t3 - t2}))

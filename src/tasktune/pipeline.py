@@ -235,6 +235,13 @@ def logged_figures(task, metrics: dict | None) -> dict:
             for row in task.report_rows if isinstance(values.get(row), (int, float))}
 
 
+def training_features(p: Prepared) -> list[dict]:
+    """The tokenized training rows of a prepared run, as its recipe's train keys make them."""
+    cfg = p.recipe.train
+    return p.task.train_features(p.builder, p.examples["train"], cfg.objective, cfg.max_length, p.label_token_ids,
+                                 cfg.questions_per_context)
+
+
 def train_stage(p: Prepared, work: Path, logs=None, features: list[dict] | None = None,
                 callbacks: tuple = ()) -> tuple[torch.nn.Module, dict, str]:
     """Fine-tuning with the recipe's method (resuming from a checkpoint when one exists); writes adapter/ and
@@ -247,8 +254,7 @@ def train_stage(p: Prepared, work: Path, logs=None, features: list[dict] | None 
     base = base_for_training(p, head)
     base_count = count_parameters(base)["total"]
     if features is None:
-        features = p.task.train_features(p.builder, p.examples["train"], cfg.objective, cfg.max_length,
-                                         p.label_token_ids, cfg.questions_per_context)
+        features = training_features(p)
     torch.manual_seed(cfg.seed)  # LoRA initialisation
     model = wrap_for_training(base, cfg, cfg.objective, work / "train")
     try:

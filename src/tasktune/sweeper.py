@@ -423,13 +423,14 @@ class Trials:
         return {k: change[k] for k in ("relative_change", "interval", "p_value", "n")}
 
     def train_features(self, p) -> list[dict]:
+        from tasktune.pipeline import training_features
+
         cfg = p.recipe.train
         key = (cfg.objective, cfg.max_length, p.recipe.eval.shots, p.recipe.eval.prompt_format,
                tuple(p.recipe.eval.verbalizers or ()), p.recipe.eval.max_prompt_tokens, p.recipe.data.limit_train,
                p.recipe.data.train_sentences, cfg.questions_per_context)
         if key not in self.features:
-            self.features[key] = p.task.train_features(p.builder, p.examples["train"], cfg.objective,
-                                                       cfg.max_length, p.label_token_ids, cfg.questions_per_context)
+            self.features[key] = training_features(p)
         return self.features[key]
 
     def run(self, trial) -> float:

@@ -178,8 +178,9 @@ class ExtractiveQATask(TaskType):
         rows of up to 4 hold its questions in ~40% of the tokens. A paragraph's questions are shuffled first
         (seeded by the paragraph): SQuAD v2 lists the unanswerable ones last, and only a row's first question
         reads as evaluated, so in file order the evaluated position would see too few of them (on 2026-12-04,
-        20.9% of first questions against 27.3% of all). Packing trains abstention worse even shuffled (the
-        SQuAD CPU recipe's NoAns F1 fell; docs/results.md), so the shipped recipe keeps one question to a row."""
+        20.9% of first questions against 27.3% of all). Four to a row trained abstention worse even shuffled,
+        and two to a row bought no F1 (the SQuAD CPU recipe; docs/results.md), so the shipped recipe keeps one
+        question to a row."""
         if questions_per_context == 1:
             return [self._one_question(builder, ex, max_length) for ex in examples]
         if builder.format == "chat":
