@@ -79,6 +79,21 @@ def test_first_token_probability_matches_a_forward_pass(loaded):
         assert p == pytest.approx(torch.softmax(logits, -1)[token].item(), abs=1e-5)
 
 
+def test_first_token_margin_is_the_logit_lead_and_decides_like_greedy(loaded):
+    lm, builder = loaded
+    _, encoded = prompts(builder, n=4)
+    with torch.no_grad():
+        last = [lm.model(input_ids=torch.tensor([ids])).logits[0, -1].float() for ids in encoded]
+    # One token greedy picks for some prompt, so both signs of the margin are checked.
+    token = int(last[0].argmax())
+    out = infer.generate(lm.model, lm.tokenizer, encoded, 2, batch_size=4, first_token_id=token)
+    for logits, margin, top in zip(last, out.first_token_margins, out.first_token_is_top):
+        others = torch.cat([logits[:token], logits[token + 1:]])
+        assert margin == pytest.approx((logits[token] - others.max()).item(), abs=1e-4)
+        assert (margin > 0) == top
+    assert out.first_token_is_top[0] and out.first_token_margins[0] > 0
+
+
 def test_multi_token_verbalizers_have_no_single_token_ids(tiny_llama, sst2_tsv, tmp_path, capsys):
     from tasktune.cli import main
 

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 
@@ -21,6 +22,8 @@ def test_eval_writes_every_metric(tiny_llama, tmp_path):
     records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert set(records[0]) >= {"id", "prediction", "na_prob", "golds", "em", "f1"}
     assert all(0 <= r["na_prob"] <= 1 for r in records)
+    # The raw decision abstains exactly where the abstain token leads (margin > 0).
+    assert all((r["na_margin"] > 0) == (r["prediction"] == "") for r in records if r["answer"])
 
 
 def test_run_pipeline_trains_on_answers(tiny_llama, tmp_path):
@@ -31,7 +34,7 @@ def test_run_pipeline_trains_on_answers(tiny_llama, tmp_path):
                  "train.questions_per_context=4"])
     assert code == 0
     report = json.loads((tmp_path / "sq" / "report.json").read_text())
-    assert "calibrated" in report["finetuned"] and 0 <= report["finetuned"]["calibrated"]["threshold"] <= 1
+    assert "calibrated" in report["finetuned"] and math.isfinite(report["finetuned"]["calibrated"]["threshold"])
     assert report["training"]["global_step"] == 4
     # Up to 4 questions about a paragraph in a training row (train.questions_per_context).
     rows = report["training"]["training_rows"]
@@ -73,3 +76,30 @@ def test_score_bad_files(tmp_path, capsys, preds, na, message):
     assert main(["score", "--task", "squad_v2", "--data", str(data), *args, "--out", str(tmp_path / "o")]) == 2
     assert __import__("re").search(message, capsys.readouterr().err)
     assert not (tmp_path / "o").exists()
+
+
+def test_calibrated_decision_is_never_below_raw_on_the_slice_it_was_chosen_on():
+    """The threshold is searched on the abstention margin, where the raw decision is the threshold 0. On
+    na_prob it could not be: here q1 is answered correctly at P(abstain) 0.40 (an answer token leads) and q2
+    rightly abstains at 0.35 (the abstain token leads a flatter distribution), so no probability threshold
+    separates them and the best one scored 50 against raw's 100."""
+    from tasktune.tasks import get_task
+
+    task = get_task("squad_v2")
+    records = [
+        {"id": "q1", "golds": ["Paris"], "answer": "Paris", "prediction": "Paris", "na_prob": 0.40,
+         "na_margin": -0.4, "truncated": False},
+        {"id": "q2", "golds": [], "answer": "London", "prediction": "", "na_prob": 0.35, "na_margin": 0.3,
+         "truncated": False},
+    ]
+    threshold = task.choose_threshold(records)
+    metrics = task.score(records, na_threshold=threshold, with_text_metrics=False)
+    assert metrics["f1"] == pytest.approx(100.0)
+    assert metrics["calibrated"]["f1"] >= metrics["f1"]
+    # Abstaining on everything is a candidate too (the search's start): when no answer is right, nothing beats
+    # it, and its threshold lies below every margin.
+    wrong = [{**records[0], "answer": "Rome", "prediction": "Rome"}, records[1]]
+    threshold = task.choose_threshold(wrong)
+    assert threshold < min(r["na_margin"] for r in wrong)
+    calibrated = task.score(wrong, na_threshold=threshold, with_text_metrics=False)["calibrated"]
+    assert calibrated["abstain_rate"] == 1.0 and calibrated["f1"] == pytest.approx(50.0)

@@ -22,6 +22,7 @@ class Generated:
     text: str
     watch_prob: float | None = None
     watch_is_top: bool | None = None
+    watch_margin: float | None = None  # the watched token's logit minus the best other's at the first step
 
 
 Request = Score | Generate | Classify
@@ -86,7 +87,8 @@ class Runner:
                              suppress_first=suppress, desc=desc)
         if watch is None:
             return [Generated(text) for text in out.texts]
-        return [Generated(t, p, top) for t, p, top in zip(out.texts, out.first_token_probs, out.first_token_is_top)]
+        watched = zip(out.texts, out.first_token_probs, out.first_token_is_top, out.first_token_margins)
+        return [Generated(text, prob, top, margin) for text, prob, top, margin in watched]
 
 
 def _group_key(request: Request) -> tuple:

@@ -87,10 +87,13 @@ def apply_threshold(scores: dict, na_probs: dict, has_answer: dict, threshold: f
     return {qid: float(not has_answer[qid]) if na_probs[qid] > threshold else s for qid, s in scores.items()}
 
 
-def best_threshold(preds: dict, scores: dict, na_probs: dict, has_answer: dict) -> tuple[float, float]:
-    """The official search: walk questions by increasing na_prob, keep the first threshold that is best."""
+def best_threshold(preds: dict, scores: dict, na_probs: dict, has_answer: dict,
+                   abstain_all: float = 0.0) -> tuple[float, float]:
+    """The official search: walk questions by increasing na_prob, keep the first threshold that is best.
+    `abstain_all` is the threshold returned when abstaining on every question is best (the official 0.0 for
+    probabilities; below every score for another abstention score, such as a logit margin)."""
     score = best = sum(not v for v in has_answer.values())
-    threshold = 0.0
+    threshold = abstain_all
     for qid in sorted(na_probs, key=lambda k: na_probs[k]):
         if qid not in scores:
             continue
