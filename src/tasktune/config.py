@@ -130,10 +130,13 @@ class Recipe:
                              "elsewhere), or bf16, fp16, fp32")
     trust_remote_code: bool = opt(False, "run a hub model's own Python code: only for models you trust")
     output_dir: str = opt("runs", "where run directories go")
-    gpu_memory_gib: float | None = opt(None, "GPU memory this recipe's training needs on one device, estimated by "
-                                             "bench/gpu_memory.py (live tensors + 2 GiB for CUDA): on a smaller GPU "
-                                             "the run stops before loading anything and names a shipped recipe "
-                                             "that fits; null: no check")
+    gpu_memory_gib: float | None = opt(None, "GPU memory this shipped recipe's training needs on one device as "
+                                             "measured by bench/gpu_memory.py (live tensors + 2 GiB for CUDA): "
+                                             "`run --task --model` picks the most demanding recipe that fits the "
+                                             "card; the fit check itself estimates the recipe as given")
+    gpu_memory_check: bool = opt(True, "on a CUDA machine, estimate the training's GPU memory from the recipe as "
+                                       "given (after overrides: method, batch, length, checkpointing, dtype) and "
+                                       "stop before loading when it cannot fit; false: no check")
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -100,7 +100,7 @@ def document_nll(model, tokenizer, docs: list[str]) -> list[dict]:
             ids = tokenizer(doc, add_special_tokens=True)["input_ids"][:PERPLEXITY_MAX_TOKENS]
             if len(ids) < 2:
                 continue
-            x = torch.tensor([ids])
+            x = torch.tensor([ids], device=lm.device)  # on the model's device (the GPU after training)
             hidden = backbone(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).last_hidden_state[0]
             nll = 0.0
             for start in range(0, len(ids) - 1, 64):

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from tasktune.cache import cache_dir  # noqa: F401 (also imported from here)
+from tasktune.device import compute_device, place
 from tasktune.errors import TasktuneError
 from tasktune.rundir import sha256_file
 
@@ -44,11 +45,11 @@ DTYPES = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp3
 
 
 def gpu_memory_gib() -> float | None:
-    """Total memory of the CUDA device this process trains on (LOCAL_RANK under a launcher), in GiB; None
-    without CUDA."""
+    """Total memory of the CUDA device this process computes on (`device.compute_device`), in GiB; None without
+    CUDA."""
     if not torch.cuda.is_available():
         return None
-    return torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory / 2**30
+    return torch.cuda.get_device_properties(compute_device()).total_memory / 2**30
 
 
 def cpu_supports_bf16() -> bool:
@@ -197,7 +198,8 @@ def nf4_config(compute_dtype: torch.dtype):
 
 def load_model(name: str, dtype: str = "auto", head: str = "causal_lm", num_labels: int = 2,
                trust_remote_code: bool = False, quantization: str | None = None) -> LoadedModel:
-    """Load model + tokenizer. `head` is `causal_lm` or `seqcls` (a fresh classification head).
+    """Load model + tokenizer, placed on this process's device (`device.compute_device`: the accelerator when
+    there is one). `head` is `causal_lm` or `seqcls` (a fresh classification head).
     `quantization`: `nf4` (QLoRA training: 4-bit linear layers), or `nf4-dequantized` (the same 4-bit weights
     dequantized back to `dtype`: the base a QLoRA adapter is merged into for evaluation and export)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoConfig
@@ -228,8 +230,7 @@ def load_model(name: str, dtype: str = "auto", head: str = "causal_lm", num_labe
     if quantization is not None:
         kwargs["quantization_config"] = nf4_config(torch_dtype)
         # 4-bit weights are placed while loading; the Trainer cannot move them afterwards.
-        kwargs["device_map"] = {"": f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available()
-                                else "cpu"}
+        kwargs["device_map"] = {"": str(compute_device())}
     try:
         model = auto_class.from_pretrained(path, **kwargs)
     except OSError as exc:
@@ -237,6 +238,8 @@ def load_model(name: str, dtype: str = "auto", head: str = "causal_lm", num_labe
                             f"files (never pickled .bin files): {exc}") from exc
     if quantization == "nf4-dequantized":
         model = model.dequantize().to(torch_dtype)
+    if quantization is None:
+        place(model)  # every stage and command computes where the Trainer will train: this process's device
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

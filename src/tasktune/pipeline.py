@@ -20,6 +20,7 @@ from accelerate import PartialState
 from tasktune._version import __version__
 from tasktune.config import Recipe
 from tasktune.costs import held_out_documents
+from tasktune.device import describe as device_of, process_state
 from tasktune.infer import merge_for_inference, unwrap
 from tasktune.data.split import overlap_warning
 from tasktune.errors import TasktuneError
@@ -194,12 +195,6 @@ def check_target_modules(model: torch.nn.Module, targets: list[str]) -> None:
 STAGES = ("split", "zeroshot", "train", "params", "finetuned")
 
 
-def process_state() -> PartialState:
-    """This process's place among those started by accelerate launch / torchrun (one, when run plainly).
-    On machines without CUDA the processes join a gloo group, as the Trainer's `use_cpu` expects."""
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
 def evaluate_stage(p: Prepared, model, out_dir: Path, head: str = "causal_lm", protocol: dict | None = None) -> dict:
     """Evaluate the test split with the run's protocol (and its threshold chosen on the validation slice).
     Under `accelerate launch`/`torchrun` the runner shards the requests across processes and gathers the
@@ -217,6 +212,7 @@ def evaluate_stage(p: Prepared, model, out_dir: Path, head: str = "causal_lm", p
                                            validation=p.examples["validation"])
     metrics["seconds"] = round(time.perf_counter() - start, 3)
     metrics["processes"] = state.num_processes
+    metrics["device"] = device_of(model)  # where this stage computed (the GPU session checks it)
     if state.is_main_process:
         from tasktune.costs import measure
 
@@ -300,7 +296,7 @@ def _train_adapted(p: Prepared, work: Path, logs, features: list[dict], callback
     quantized = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
     # Training rows, which are not the training examples where several questions share a row.
     summary.update(parameters=params, base_parameters_before_lora=base_count, head=head,
-                   quantized_linear_layers=quantized, training_rows=len(features))
+                   quantized_linear_layers=quantized, training_rows=len(features), device=device_of(model))
     state = process_state()
     if state.is_main_process:
         method.save(model, RunLayout(work).adapter, work / "train", head)

@@ -67,6 +67,23 @@ class Runner:
         return results
 
     def _run_group(self, key: tuple, group: list[Request], desc: str) -> list:
+        """One group at the largest batch that fits: accelerate's `find_executable_batch_size` retries after an
+        out-of-memory error, here at half the batch (said on the console); later groups start from what fitted."""
+        from accelerate.utils import find_executable_batch_size
+
+        def halve() -> int:
+            return self.batch_size // 2
+
+        @find_executable_batch_size(starting_batch_size=self.batch_size, reduce_batch_size_fn=halve)
+        def at_batch_size(batch_size: int) -> list:
+            if batch_size != self.batch_size:
+                print(f"[tasktune] out of memory at evaluation batch {self.batch_size}: trying {batch_size}")
+                self.batch_size = batch_size
+            return self._run_group_at(key, group, desc)
+
+        return at_batch_size()
+
+    def _run_group_at(self, key: tuple, group: list[Request], desc: str) -> list:
         pad = self.tokenizer.pad_token_id
         kind = key[0]
         if kind is Score:

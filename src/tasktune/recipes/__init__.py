@@ -81,18 +81,56 @@ def default_for(task: str, model: str, gpu_gib: float | None = None) -> Path | N
 
 
 def check_gpu_fits(recipe, gpu_gib: float | None) -> None:
-    """A recipe that needs more GPU memory than this GPU has stops here, before any model loads, naming a
-    shipped recipe for the same task and model that fits (or what to change)."""
-    need = recipe.gpu_memory_gib
+    """A recipe whose training cannot fit this GPU stops here, before any model loads, in one line that names
+    what would fit: a shipped recipe for the same task and model, or the change to make. The need is estimated
+    from the recipe as given (`gpu_memory.estimate_recipe`); where the model's config cannot be read, the
+    recipe's stated `gpu_memory_gib` stands in."""
+    from tasktune.gpu_memory import estimate_recipe
+
+    if gpu_gib is None or not recipe.gpu_memory_check:
+        return
+    estimate = estimate_recipe(recipe)
+    need = estimate.total_gib if estimate is not None else recipe.gpu_memory_gib
     if _fits(need, gpu_gib):
         return
+    shown = estimate.describe() if estimate is not None else f"{need:g} GiB (gpu_memory_gib)"
+    cfg = recipe.train
+    given = (f"method {cfg.method}, batch {cfg.batch_size}, max_length {cfg.max_length}, gradient checkpointing "
+             f"{'on' if cfg.gradient_checkpointing else 'off'}, dtype {recipe.dtype}")
+    raise TasktuneError(f"recipe {recipe.name} ({given}): training needs about {shown}, this GPU has "
+                        f"{gpu_gib:.1f} GiB: {_what_fits(recipe, gpu_gib)}; gpu_memory_check=false skips this check")
+
+
+def _what_fits(recipe, gpu_gib: float) -> str:
+    """The advice of a refused fit check: a shipped recipe that fits, else the smallest change that does."""
+    import copy
+
+    from tasktune.gpu_memory import estimate_recipe
+
     fitting = [name for name, _, data in _for_model(recipe.task, recipe.model)
-               if data.get("gpu_memory_gib") is not None and _fits(data["gpu_memory_gib"], gpu_gib)]
-    advice = (f"run the shipped recipe {fitting[0]} instead" if fitting else
-              "set train.gradient_checkpointing=true or a smaller train.batch_size (with train.grad_accum)")
-    raise TasktuneError(f"recipe {recipe.name}: needs about {need:g} GiB of GPU memory (gpu_memory_gib, estimated "
-                        f"by bench/gpu_memory.py), this GPU has {gpu_gib:.1f} GiB: {advice}; gpu_memory_gib=null "
-                        "skips this check")
+               if name != recipe.name and data.get("gpu_memory_gib") is not None
+               and _fits(data["gpu_memory_gib"], gpu_gib)]
+    if fitting:
+        return f"run the shipped recipe {fitting[0]} instead"
+    changed = copy.deepcopy(recipe)
+    steps = []
+    if not changed.train.gradient_checkpointing:
+        changed.train.gradient_checkpointing = True
+        steps.append("train.gradient_checkpointing=true")
+    while True:
+        estimate = estimate_recipe(changed)
+        if estimate is None:
+            break
+        if estimate.total_gib <= gpu_gib:
+            return f"{' '.join(steps)} fits (about {estimate.total_gib:.1f} GiB)"
+        if changed.train.batch_size == 1:
+            break
+        changed.train.batch_size //= 2
+        changed.train.grad_accum *= 2
+        steps = [s for s in steps if not s.startswith(("train.batch_size", "train.grad_accum"))]
+        steps += [f"train.batch_size={changed.train.batch_size}", f"train.grad_accum={changed.train.grad_accum}"]
+    return ("even batch 1 with gradient checkpointing does not fit: use a smaller train.max_length, "
+            "train.method=qlora, or a larger GPU")
 
 
 def copy(name: str, dest: str) -> Path:
