@@ -7,11 +7,18 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import logging
 import math
 import sys
 from pathlib import Path
 
 from tasktune.errors import TasktuneError, TrainingInterrupted
+
+# bitsandbytes (the `qlora` extra) is imported with peft, and on a CPU with AVX512-BF16 it asks the Hugging Face
+# Hub for a 4-bit kernel at import time; offline that fails with two alarming warnings before any output, though
+# no 4-bit layer is used (QLoRA falls back to bitsandbytes' own CPU kernel). Errors still show.
+for _noisy in ("bitsandbytes", "kernels"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 EPILOG = """examples:
   tasktune run sst2-gemma3-270m-cpu                       (a shipped recipe; `tasktune recipes` lists them)
@@ -215,7 +222,8 @@ def cmd_params(args) -> int:
     from tasktune.param_report import adapter_section, params_for_run
     from tasktune.report import render
 
-    run_dir = require_owned_run(Path(args.run_dir), needs=("report.json", "adapter"))
+    run_dir = require_owned_run(Path(args.run_dir), needs=("report.json", "adapter"),
+                                rewrites=("params.json", *REPORT_FILES))
     params = params_for_run(run_dir)
     add_to_seal(run_dir, [run_dir / "params.json", *render(run_dir)])
     adapter = adapter_section(params)
@@ -241,8 +249,16 @@ def _read_json_object(path: str, what: str, value_type) -> dict:
     p = Path(path)
     if not p.is_file():
         raise TasktuneError(f"{what} file {p} does not exist")
+    def refuse_duplicates(pairs: list) -> dict:
+        seen = {}
+        for key, value in pairs:
+            if key in seen:  # json.loads keeps the last one silently: which answer would be scored?
+                raise TasktuneError(f"{p}, id {key!r}: given twice; expected each id once")
+            seen[key] = value
+        return seen
+
     try:
-        obj = json.loads(p.read_text(encoding="utf-8"))
+        obj = json.loads(p.read_text(encoding="utf-8"), object_pairs_hook=refuse_duplicates)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise TasktuneError(f"{p}: not valid JSON ({exc})") from exc
     if not isinstance(obj, dict):
@@ -399,15 +415,20 @@ def cmd_report(args) -> int:
     from tasktune.ownership import add_to_seal
     from tasktune.report import render
 
-    run_dir = require_owned_run(Path(args.run_dir))
+    run_dir = require_owned_run(Path(args.run_dir), rewrites=REPORT_FILES)
     add_to_seal(run_dir, render(run_dir))
     print(f"[tasktune] wrote {run_dir / 'report.md'} and report.html")
     return 0
 
 
-def require_owned_run(run_dir: Path, needs: tuple[str, ...] = ("report.json",)) -> Path:
-    """A finished run that tasktune signed: `report` and `params` rewrite files in it."""
-    from tasktune.ownership import read_marker
+REPORT_FILES = ("report.md", "report.html", "plots/")  # what `report.render` rewrites in a run
+
+
+def require_owned_run(run_dir: Path, needs: tuple[str, ...] = ("report.json",), rewrites: tuple[str, ...] = ()
+                      ) -> Path:
+    """A finished run that tasktune signed, none of whose files in `rewrites` (names, or folders ending in /) was
+    changed or put there by someone else: `report` and `params` rewrite them."""
+    from tasktune.ownership import foreign_files, read_marker
     from tasktune.rundir import require_finished_run
 
     run_dir = require_finished_run(run_dir, needs=needs)
@@ -416,6 +437,12 @@ def require_owned_run(run_dir: Path, needs: tuple[str, ...] = ("report.json",)) 
     marker, why = read_marker(run_dir)
     if marker is None:
         raise TasktuneError(f"{run_dir}: {why}, so it is not a run tasktune wrote; refusing to write into it")
+    theirs = [f for f in foreign_files(run_dir, marker)
+              if any(f.removesuffix(" (changed)") == r or f.startswith(r) for r in rewrites if r)]
+    if theirs:
+        raise TasktuneError(f"{run_dir}: {', '.join(theirs[:3])}{' and more' if len(theirs) > 3 else ''} is not what "
+                            "tasktune last wrote there (edited, or put there by someone else); refusing to replace "
+                            "it: move it out of the run (or copy your edits elsewhere), then run this again")
     return run_dir
 
 

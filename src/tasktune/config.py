@@ -166,28 +166,28 @@ def validate(recipe: Recipe, source: str) -> Recipe:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", recipe.name or ""):
         raise TasktuneError(f"{source}: name {recipe.name!r} must be a plain directory name "
                             "(letters, digits, '.', '_', '-'; no slashes)")
-    for section in (recipe, recipe.data, recipe.eval, recipe.train):
+    for prefix, section in (("", recipe), ("data.", recipe.data), ("eval.", recipe.eval), ("train.", recipe.train)):
         for f in fields(section):
-            value = getattr(section, f.name)
+            value, key = getattr(section, f.name), prefix + f.name  # the key as the user writes it
             if value is None or isinstance(value, bool) or dataclasses.is_dataclass(value):
                 continue
             if isinstance(value, float) and not math.isfinite(value):
-                raise TasktuneError(f"{source}: {f.name} must be a finite number, got {value}")
+                raise TasktuneError(f"{source}: {key} must be a finite number, got {value}")
             if f.name in AT_LEAST and value < AT_LEAST[f.name]:
-                raise TasktuneError(f"{source}: {f.name} must be >= {AT_LEAST[f.name]} (a prompt and its answer "
+                raise TasktuneError(f"{source}: {key} must be >= {AT_LEAST[f.name]} (a prompt and its answer "
                                     f"must fit), got {value}")
             if f.name in POSITIVE and value <= 0:
-                raise TasktuneError(f"{source}: {f.name} must be > 0, got {value}")
+                raise TasktuneError(f"{source}: {key} must be > 0, got {value}")
             if f.name in NON_NEGATIVE and value < 0:
-                raise TasktuneError(f"{source}: {f.name} must be >= 0, got {value}")
+                raise TasktuneError(f"{source}: {key} must be >= 0, got {value}")
             if f.name in UNIT_INTERVAL:
                 low, high = UNIT_INTERVAL[f.name]
                 if not low <= value < high or (f.name == "test_size" and value == 0):
-                    raise TasktuneError(f"{source}: {f.name} must be in [{low}, {high}), got {value}")
+                    raise TasktuneError(f"{source}: {key} must be in [{low}, {high}), got {value}")
             if f.name in CLOSED_UNIT_INTERVAL and not 0.0 <= value <= 1.0:
-                raise TasktuneError(f"{source}: {f.name} must be in [0, 1], got {value}")
+                raise TasktuneError(f"{source}: {key} must be in [0, 1], got {value}")
             if f.name in CHOICES and value not in CHOICES[f.name]:
-                raise TasktuneError(f"{source}: {f.name} {value!r} is not one of {list(CHOICES[f.name])}")
+                raise TasktuneError(f"{source}: {key} {value!r} is not one of {list(CHOICES[f.name])}")
     bad = [p for p in recipe.eval.protocols if p not in PROTOCOLS]
     if bad or not recipe.eval.protocols:
         raise TasktuneError(f"{source}: eval.protocols {recipe.eval.protocols} must be a non-empty subset "
@@ -207,6 +207,11 @@ def validate(recipe: Recipe, source: str) -> Recipe:
         if importlib.util.find_spec("bitsandbytes") is None:
             raise TasktuneError(f'{source}: train.method {recipe.train.method} needs bitsandbytes: pip install '
                                 '"tasktune[qlora]" (its wheel has a CPU backend as well as CUDA)')
+    for key in ("path", "test_path"):
+        value = getattr(recipe.data, key)
+        if isinstance(value, str) and not value.strip():
+            raise TasktuneError(f"{source}: data.{key} is empty; expected a file, a directory or hub:NAME (null, or "
+                                "no key, for the task's default data)")
     out = Path(recipe.output_dir)
     if out.exists() and not out.is_dir():
         raise TasktuneError(f"{source}: output_dir {recipe.output_dir!r} is a file; expected a directory for runs")
@@ -288,8 +293,11 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item:
             raise TasktuneError(f"override {item!r} must look like key=value (e.g. train.learning_rate=1e-4)")
         key, raw = item.split("=", 1)
+        if not raw.strip():  # an unset shell variable (`data.path=$DATA`) must not quietly mean "the default"
+            raise TasktuneError(f"override {item!r} has no value (an unset shell variable?): give one, or "
+                                f"{key.strip()}=null to unset the key")
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
+            value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
         node = nested

@@ -45,11 +45,14 @@ DTYPES = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp3
 
 
 def gpu_memory_gib() -> float | None:
-    """Total memory of the CUDA device this process computes on (`device.compute_device`), in GiB; None without
-    CUDA."""
+    """Memory of the CUDA device this process computes on (`device.compute_device`), in GiB, as far as this
+    process may use it (`torch.cuda.set_per_process_memory_fraction`: the GPU session's T4 emulation); None
+    without CUDA."""
     if not torch.cuda.is_available():
         return None
-    return torch.cuda.get_device_properties(compute_device()).total_memory / 2**30
+    device = compute_device()
+    total = torch.cuda.get_device_properties(device).total_memory
+    return total * torch.cuda.get_per_process_memory_fraction(device) / 2**30
 
 
 def cpu_supports_bf16() -> bool:

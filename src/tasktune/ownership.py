@@ -31,12 +31,21 @@ MARKER = ".tasktune"
 LOCK_SUFFIX = ".lock"
 
 
-def _key() -> bytes:
-    path = cache_dir() / "owner.key"
+def key_path() -> Path:
+    return cache_dir() / "owner.key"
+
+
+def _key(create: bool = False) -> bytes | None:
+    """The signing key; None when there is none and `create` is false (verifying never makes a key: a new key
+    would silently disown every directory signed with the old one)."""
+    path = key_path()
     try:
         return bytes.fromhex(path.read_text().strip())
     except (OSError, ValueError):
-        pass
+        if not create:
+            return None
+    # A cache tasktune used before (it holds anything) that lacks the key lost it: say so when replacing it.
+    used_before = path.parent.is_dir() and any(path.parent.iterdir())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".owner.key.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -44,6 +53,9 @@ def _key() -> bytes:
         f.write(os.urandom(32).hex())
     try:
         os.link(tmp, path)  # never replaces a key another process made first
+        if used_before:
+            print(f"[tasktune] no ownership key at {path}: made a new one; directories signed before with another "
+                  "key cannot be verified with it (restore that key file to keep managing them)", file=sys.stderr)
     except FileExistsError:
         pass
     finally:
@@ -51,9 +63,12 @@ def _key() -> bytes:
     return bytes.fromhex(path.read_text().strip())
 
 
-def _signature(payload: dict) -> str:
+def _signature(payload: dict, create_key: bool = False) -> str | None:
+    key = _key(create=create_key)
+    if key is None:
+        return None
     body = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
-    return hmac.new(_key(), body, hashlib.sha256).hexdigest()
+    return hmac.new(key, body, hashlib.sha256).hexdigest()
 
 
 def _command() -> list[str]:
@@ -90,7 +105,7 @@ def seal(folder: Path, kind: str, partial: bool = False) -> None:
     files = {} if partial else {p.relative_to(folder).as_posix(): _entry(p) for p in _files(folder)
                                 if p.is_file() and not p.is_symlink()}
     payload = {"written_by": "tasktune", "kind": kind, "partial": partial, "command": _command(), "files": files}
-    write_json(folder / MARKER, {**payload, "hmac": _signature(payload)})
+    write_json(folder / MARKER, {**payload, "hmac": _signature(payload, create_key=True)})
 
 
 def read_marker(folder: Path) -> tuple[dict | None, str]:
@@ -104,9 +119,24 @@ def read_marker(folder: Path) -> tuple[dict | None, str]:
         signed = marker["hmac"]
     except (OSError, ValueError, KeyError, TypeError):
         return None, f"its {MARKER} file is not a tasktune manifest"
-    if not isinstance(signed, str) or not hmac.compare_digest(signed, _signature(payload)):
-        return None, (f"its {MARKER} manifest is not signed by this tasktune installation (key "
-                      f"{cache_dir() / 'owner.key'})")
+    expected = _signature(payload)
+    if expected is None:
+        return None, (f"tasktune's ownership key {key_path()} is missing (a wiped cache, or another TASKTUNE_CACHE?), "
+                      f"so its {MARKER} manifest cannot be verified: restore that key file, or check the directory "
+                      "yourself and remove it")
+    if not isinstance(signed, str) or not hmac.compare_digest(signed, expected):
+        why = f"its {MARKER} manifest is not signed by this tasktune installation (key {key_path()})"
+        try:
+            made, written = key_path().stat().st_mtime, path.stat().st_mtime
+        except OSError:
+            made, written = 0.0, 0.0
+        if made > written:  # the key is younger than the signature: the old key was lost
+            import datetime
+
+            when = lambda t: datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M")  # noqa: E731
+            why += (f"; that key was made {when(made)}, after this was signed ({when(written)}): restore the "
+                    "earlier key file, or check the directory yourself and remove it")
+        return None, why
     return marker, ""
 
 
@@ -123,7 +153,7 @@ def add_to_seal(folder: Path, written: list[Path]) -> None:
             files[path.relative_to(folder).as_posix()] = _entry(path)
     payload = {k: marker[k] for k in ("written_by", "kind", "partial", "command")}
     payload["files"] = files
-    write_json(folder / MARKER, {**payload, "hmac": _signature(payload)})
+    write_json(folder / MARKER, {**payload, "hmac": _signature(payload, create_key=True)})
 
 
 def foreign_files(folder: Path, marker: dict) -> list[str]:
@@ -200,7 +230,8 @@ def write_owned_file(path: Path, data: bytes, overwrite: bool = False) -> Path:
         try:
             record = json.loads(_record_path(path).read_text())
             payload = {k: record[k] for k in ("path", "bytes", "sha256", "command")}
-            ours = (hmac.compare_digest(record["hmac"], _signature(payload))
+            expected = _signature(payload)
+            ours = (expected is not None and hmac.compare_digest(record["hmac"], expected)
                     and record["path"] == os.path.abspath(path) and _entry(path) == {
                         "bytes": record["bytes"], "sha256": record["sha256"]})
         except (OSError, ValueError, KeyError, TypeError):
@@ -211,7 +242,7 @@ def write_owned_file(path: Path, data: bytes, overwrite: bool = False) -> Path:
     write_bytes(path, data)
     payload = {"path": os.path.abspath(path), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
                "command": _command()}
-    write_json(_record_path(path), {**payload, "hmac": _signature(payload)})
+    write_json(_record_path(path), {**payload, "hmac": _signature(payload, create_key=True)})
     return path
 
 

@@ -401,6 +401,14 @@ def _run(recipe: Recipe, state: PartialState, log: RunLog | None, overwrite: boo
     from tasktune import models
     from tasktune.recipes import check_gpu_fits
 
+    from tasktune.ownership import check_outside
+
+    # The run directory (and its unfinished twin) must not be, hold or sit inside anything the run reads: an
+    # --overwrite would delete its own model.
+    for folder in (recipe.run_dir, recipe.run_dir.parent / f".{recipe.run_dir.name}.partial"):
+        check_outside(folder, {"model": recipe.model, "data": recipe.data.path, "test data": recipe.data.test_path,
+                               "task spec": recipe.task, "perplexity text": recipe.eval.perplexity},
+                      option="run directory")
     check_gpu_fits(recipe, models.gpu_memory_gib())  # before anything loads: not an out-of-memory error later
     main = state.is_main_process
     say = print if main else (lambda *_: None)

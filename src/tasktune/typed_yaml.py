@@ -94,6 +94,19 @@ class _NoAliasLoader(yaml.SafeLoader):
                                               self.peek_event().start_mark)
         return super().compose_node(parent, index)
 
+    def construct_mapping(self, node, deep=False):
+        """A key given twice is refused: PyYAML keeps the last one, silently dropping a whole section (a second
+        `train:` replaces the first)."""
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key] + 1}): give each key once",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
 
 def yaml_error_line(exc: yaml.YAMLError) -> str:
     """A YAML error as one line: where, and what (PyYAML's own text spans several lines with a snippet)."""

@@ -4,6 +4,7 @@ Where the data comes from when a recipe names no path: `$TASKTUNE_DATA_DIR/<task
 in the package (`data/embedded/`, gzip-compressed), then the Hugging Face Hub.
 """
 
+import errno
 import gzip
 import hashlib
 import os
@@ -28,6 +29,15 @@ def locate(path: str | None, task_dir: str, pick: Callable[[Path], list[Path]],
     if path:
         p = Path(path).expanduser()
         if not p.exists():
+            if p.is_symlink():  # exists() follows links: say which link is broken, not that nothing is there
+                target = os.readlink(p)
+                try:
+                    p.stat()
+                except OSError as exc:
+                    if exc.errno == errno.ELOOP:
+                        raise TasktuneError(f"data file {p} is a symbolic link that loops ({p} -> {target}); "
+                                            "expected a file or directory") from None
+                raise TasktuneError(f"data file {p} is a symbolic link to {target}, which does not exist")
             raise TasktuneError(f"data file {p} does not exist")
         if p.is_dir():
             files = pick(p)

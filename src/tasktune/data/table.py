@@ -37,7 +37,12 @@ class LabelMap:
 
 
 def _text(value, path, row, column) -> str:
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str):
+        kind = {bool: "true/false", int: "a number", float: "a number", type(None): "null"}.get(type(value),
+                                                                                             type(value).__name__)
+        raise TasktuneError(f"{where(path, row, column)}: {kind} ({json.dumps(value)[:40]}), expected text (a "
+                            "JSON string)")
+    if not value.strip():
         raise TasktuneError(f"{where(path, row, column)}: empty text (expected non-empty text)")
     return value
 
@@ -78,15 +83,35 @@ class TableReader:
         text = read_text(path)
         # GLUE's TSV has no quoting; quotes in CSV files are honoured.
         quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
-        try:
-            return self._delimited_rows(reader, path, delimiter)
-        except csv.Error as exc:
-            raise TasktuneError(f"{path}, line {reader.line_num}: not valid {'TSV' if delimiter == chr(9) else 'CSV'} "
-                                f"({exc})") from exc
+        # strict: a quote must close before the delimiter (`"a"b,1` is an error, not the text `ab`).
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting, strict=True)
+        return self._delimited_rows(reader, path, delimiter)
+
+    @staticmethod
+    def _records(reader, path: Path, delimiter: str):
+        """(first line, last line, fields) of each record; a malformed one is an error naming its lines."""
+        end = reader.line_num
+        while True:
+            start = end + 1
+            try:
+                values = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                lines = (f"line {reader.line_num}" if reader.line_num <= start else
+                         f"lines {start}-{reader.line_num} (a quote opened on line {start}: a stray quote?)")
+                raise TasktuneError(f"{path}, {lines}: not valid {'TSV' if delimiter == chr(9) else 'CSV'} "
+                                    f"({exc})") from None
+            end = reader.line_num
+            yield start, end, values
 
     def _delimited_rows(self, reader, path: Path, delimiter: str) -> list[dict]:
-        header = next(reader, [])
+        records = self._records(reader, path, delimiter)
+        header = next(records, (1, 1, []))[2]
+        twice = sorted({c for c in header if header.count(c) > 1})
+        if twice:
+            raise TasktuneError(f"{path}, header: column(s) {twice} appear more than once; expected each column "
+                                "named once")
         other = "," if delimiter == "\t" else "\t"
         try:
             text_col, label_col = self.columns(header, path, "header")
@@ -95,10 +120,15 @@ class TableReader:
                 raise TasktuneError(f"{exc} (the header contains {other!r}: wrong delimiter?)") from None
             raise
         rows = []
-        for n, values in enumerate(reader):
-            line = n + 2  # 1-based, after the header
+        for line, end, values in records:  # the physical lines this record took
             if not values:
                 continue
+            if end > line:
+                # A quoted field with line breaks: in a table of short texts, a stray quote that swallowed the rows
+                # after it far more often than a real multi-line text (which JSONL holds unambiguously).
+                raise TasktuneError(f"{path}, lines {line}-{end}: one record runs over {end - line + 1} lines (a quote "
+                                    f"opened on line {line} closes only on line {end}: a stray quote?); quote only "
+                                    "whole fields, or give text with line breaks as JSONL")
             if len(values) != len(header):
                 raise TasktuneError(f"{path}, line {line}: {len(values)} fields, expected {len(header)} "
                                     f"separated by {delimiter!r}")
