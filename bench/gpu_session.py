@@ -144,9 +144,13 @@ def main() -> int:
               f"{row.get('seconds')} | {row.get('cuda_peak_mib')} | {row.get('peak_rss_mib')} |")
     wrong = [r for r in rows if not r["ok"]]
     if gpu and args.only is None:
-        peers = subprocess.run([sys.executable, str(Path(__file__).parent / "gpu_peers.py"), "--steps", "10",
-                                "--repeats", "2"], capture_output=True, text=True, timeout=300)
-        print("\n== training step side by side (bench/gpu_peers.py)\n" + (peers.stdout + peers.stderr)[-4000:])
+        try:
+            peers = subprocess.run([sys.executable, str(Path(__file__).parent / "gpu_peers.py"), "--steps", "10",
+                                    "--repeats", "2"], capture_output=True, text=True, timeout=300)
+            shown = (peers.stdout + peers.stderr)[-4000:]
+        except subprocess.TimeoutExpired:
+            shown = "not finished within 300 s"
+        print("\n== training step side by side (bench/gpu_peers.py)\n" + shown)
     if failures or wrong:
         print(f"FAILED: commands {failures}, stages off {expected}: {[(r['run'], r['stage']) for r in wrong]}")
         return 1

@@ -235,3 +235,190 @@ def test_bitsandbytes_kernel_hub_warnings_do_not_reach_the_user():
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == error_lines(done.stderr), done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+# --- unfinished directories --------------------------------------------------------------------------------------
+
+def interrupted_run(tiny_llama, tmp_path, monkeypatch) -> tuple[list[str], Path]:
+    """A run killed after its zero-shot stage: its unfinished directory stays, to be resumed."""
+    from tasktune import pipeline
+
+    data = write_sst2_tsv(tmp_path / "train.tsv")
+    args = run_args(tiny_llama, data, tmp_path / "runs", "r")
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "train_stage", killed)
+        assert main(args) != 0
+    partial = tmp_path / "runs" / ".r.partial"
+    assert partial.is_dir()
+    return args, partial
+
+
+def test_overwrite_never_deletes_what_a_user_put_in_an_unfinished_run(tiny_llama, tmp_path, monkeypatch, capsys):
+    args, partial = interrupted_run(tiny_llama, tmp_path, monkeypatch)
+    (partial / "notes.md").write_text("why this run matters")
+    (partial / "mine").mkdir()
+    (partial / "mine" / "data.csv").write_text("a,b\n")
+    capsys.readouterr()
+    assert main([*args, "train.lora_r=4", "--overwrite"]) == 2  # another recipe: the unfinished one would go
+    line = one_error_line(capsys)
+    assert "tasktune did not write" in line and "mine" in line and "notes.md" in line
+    assert (partial / "notes.md").read_text() == "why this run matters" and (partial / "mine" / "data.csv").is_file()
+
+
+def test_a_users_file_in_an_unfinished_run_is_not_sealed_as_tasktunes(tiny_llama, tmp_path, monkeypatch, capsys):
+    from tasktune.ownership import read_marker
+
+    args, partial = interrupted_run(tiny_llama, tmp_path, monkeypatch)
+    (partial / "notes.md").write_text("mine")
+    assert main(args) == 0  # the plain resume finishes the run
+    final = tmp_path / "runs" / "r"
+    marker, _ = read_marker(final)
+    assert "notes.md" not in marker["files"] and "report.md" in marker["files"]
+    capsys.readouterr()
+    assert main([*args, "train.lora_r=4", "--overwrite"]) == 2
+    assert "notes.md" in one_error_line(capsys)
+    assert (final / "notes.md").read_text() == "mine"
+
+
+def test_every_run_layout_path_is_tasktunes_in_an_unfinished_run():
+    """The ownership layout of a run lists every top-level path RunLayout names (they cannot drift apart)."""
+    from tasktune.ownership import LAYOUTS
+    from tasktune.run_layout import RunLayout
+
+    layout = RunLayout(Path("r"))
+    named = {getattr(layout, name) for name in dir(RunLayout)
+             if isinstance(getattr(RunLayout, name, None), property)}
+    tops = {p.relative_to("r").parts[0] for p in named if isinstance(p, Path) and p != Path("r")}
+    assert tops and tops <= LAYOUTS["run"], tops - LAYOUTS["run"]
+
+
+# --- sweeps -------------------------------------------------------------------------------------------------------
+
+def interrupted_sweep(tiny_llama, tmp_path, monkeypatch, data=None):
+    """A 2-trial sweep whose trials finished but whose final test never ran (killed there)."""
+    from tasktune import sweeper
+    from test_sweep import write_sweep
+
+    data = data or write_sst2_tsv(tmp_path / "train.tsv", n=120)
+    spec = write_sweep(tmp_path, tiny_llama, data, trials=2, pruner="none", sampler="grid",
+                       space={"train.lora_r": {"type": "categorical", "choices": [4, 8]}})
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sweeper, "finish", killed)
+        assert main(["sweep", str(spec)]) != 0
+    folder = tmp_path / "sweeps" / "tiny"
+    assert (folder / "trials" / "1").is_dir() and not (folder / "sweep.json").exists()
+    return spec, folder, data
+
+
+def test_overwrite_never_deletes_what_a_user_put_in_an_unfinished_sweep(tiny_llama, tmp_path, monkeypatch, capsys):
+    spec, folder, _ = interrupted_sweep(tiny_llama, tmp_path, monkeypatch)
+    (folder / "notes.md").write_text("trial 1 looked odd")
+    (folder / "trials" / "0" / "plot.png").write_bytes(b"mine")
+    capsys.readouterr()
+    assert main(["sweep", str(spec), "trials=3", "--overwrite"]) == 2
+    line = one_error_line(capsys)
+    assert "notes.md" in line and "trials/0/plot.png" in line
+    assert (folder / "notes.md").is_file() and (folder / "trials" / "0" / "plot.png").is_file()
+
+
+def test_a_sweep_is_not_continued_on_changed_data(tiny_llama, tmp_path, monkeypatch, capsys):
+    spec, folder, data = interrupted_sweep(tiny_llama, tmp_path, monkeypatch)
+    data.write_text(data.read_text().replace("\t1\n", "\t0\n", 3))
+    capsys.readouterr()
+    assert main(["sweep", str(spec)]) == 2
+    line = one_error_line(capsys)
+    assert "different data" in line and "trained on the earlier one" in line
+    assert not (folder / "sweep.json").exists()
+
+
+def test_a_retried_trial_keeps_its_identity(tmp_path):
+    """Trial 0 (the base recipe) killed: its retry is the same trial (number, directory, base), so the sweep
+    still compares the winner with the base and finds the retry's files."""
+    import optuna
+
+    from tasktune import sweeper
+
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({"train.lora_r": 16}, user_attrs={"base": True, "base_values": {"train.learning_rate": 1e-3}})
+    trial = study.ask()
+    for key, value in {"identity": trial.number, "trial_dir": str(tmp_path / "trials" / "0"), "host": sweeper.socket.gethostname(),
+                       "pid": 2**22 + 7, "process": "gone"}.items():
+        trial.set_user_attr(key, value)
+    sweeper.fail_dead_local_trials(study)
+    retry = study.ask()
+    assert retry.number == 1
+    assert sweeper.identity_of(retry) == 0 and retry.user_attrs["base"] is True
+    assert retry.user_attrs["base_values"] == {"train.learning_rate": 1e-3}
+    assert retry.user_attrs["trial_dir"] == str(tmp_path / "trials" / "0") and retry.user_attrs["retry_of"] == 0
+    study.tell(retry, 0.5)
+    board = sweeper.leaderboard(study)
+    assert [(r["trial"], r["base"]) for r in board] == [(0, True)]
+
+
+def test_a_reused_pid_is_not_taken_for_the_trial_that_died():
+    from tasktune import sweeper
+
+    me = os.getpid()
+    assert sweeper._alive(me, sweeper.process_identity(me))
+    boot, pid, start = sweeper.process_identity(me).split(":")
+    assert not sweeper._alive(me, f"{boot}:{pid}:{int(start) + 1}")  # same pid, another process
+    assert not sweeper._alive(2**22 + 7, None)
+
+
+def test_the_main_process_says_which_trials_it_waits_for(monkeypatch, capsys):
+    import optuna
+
+    from tasktune import sweeper
+
+    study = optuna.create_study()
+    trial = study.ask()
+    trial.set_user_attr("host", "another-host")
+    trial.set_user_attr("pid", 12)
+    polls = []
+
+    def finish_after_two_polls(seconds):
+        polls.append(seconds)
+        if len(polls) == 2:
+            study.tell(trial, 1.0)
+
+    monkeypatch.setattr(sweeper.time, "sleep", finish_after_two_polls)
+    sweeper._wait_for_workers(study)
+    out = capsys.readouterr().out
+    assert "waiting for trial(s) still running in other processes: 0 (host another-host, pid 12)" in out
+
+
+# --- crashes ------------------------------------------------------------------------------------------------------
+
+def test_a_prompt_longer_than_the_model_reads_is_one_line_and_leaves_no_run(tiny_llama, tmp_path, capsys):
+    """A 50,000-character row on a 512-position model: refused before the run directory exists (it was an
+    IndexError traceback with a .partial left behind)."""
+    data = write_sst2_tsv(tmp_path / "train.tsv")
+    long = tmp_path / "test.tsv"
+    long.write_text("sentence\tlabel\nbad film \t0\n" + " ".join(["good film"] * 5000) + " \t1\n")
+    assert main(run_args(tiny_llama, data, tmp_path / "runs", "r", f"data.test_path={long}")) == 2
+    line = one_error_line(capsys)
+    assert "test.tsv, row 1:" in line and "the model reads at most 512" in line
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_the_same_rule_holds_when_evaluating_other_data(finished_run, tmp_path, capsys):
+    run, _ = finished_run
+    long = tmp_path / "long.tsv"
+    long.write_text("sentence\tlabel\n" + " ".join(["good film"] * 5000) + " \t1\nbad film \t0\n")
+    assert main(["eval", "--run", str(run), "--data", str(long), "--out", str(tmp_path / "out")]) == 2
+    assert "the model reads at most 512" in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_max_length_beyond_the_model_is_refused(tiny_llama, tmp_path, capsys):
+    data = write_sst2_tsv(tmp_path / "train.tsv")
+    assert main(run_args(tiny_llama, data, tmp_path / "runs", "r", "train.max_length=1024")) == 2
+    assert "train.max_length=1024 is more than the 512 positions" in one_error_line(capsys)

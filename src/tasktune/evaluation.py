@@ -7,6 +7,7 @@ early stopping, `tasktune eval` and the Python API.
 
 from __future__ import annotations
 
+from tasktune.inference_requests import check_positions
 from tasktune.runner import Runner
 
 
@@ -24,6 +25,7 @@ def predict(task, runner: Runner, builder, examples: list[dict], protocols: list
         if not chosen:
             continue
         requests, notes = task.requests(builder, [examples[i] for i in chosen], protocol)
+        check_positions(requests, [examples[i] for i in chosen], runner.positions, "the evaluated data")
         results, seconds[protocol], processes = runner.run(requests, desc=protocol)
         for i, note, process in zip(chosen, notes, processes):
             records[i].update(note)

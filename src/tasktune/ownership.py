@@ -30,6 +30,19 @@ from tasktune.errors import TasktuneError
 MARKER = ".tasktune"
 LOCK_SUFFIX = ".lock"
 
+# What tasktune writes at the top of each kind of directory it makes (run_layout.RunLayout, the sweep's files):
+# in an unfinished directory, whose files change between seals (checkpoints rotate), only these are tasktune's; a
+# finished directory's manifest lists only files under them. Anything else in it is the user's.
+LAYOUTS = {
+    "run": {"recipe.yaml", "stages.json", "fingerprint.json", "split.json", "task.yaml", "run.json", "memory.json",
+            "run.log", "zeroshot", "finetuned", "adapter", "train", "params.json", "report.json", "report.md",
+            "report.html", "plots"},
+    "sweep": {"spec.json", "fingerprint.json", "study.db", "study.db-journal", "study.db-wal", "study.db-shm",
+              "trials", "test", "leaderboard.json", "leaderboard.md", "sweep.json", "report.md", "report.html",
+              "plots"},
+    "trial": {"recipe.json", "trial.json", "adapter", "train"},
+}
+
 
 def key_path() -> Path:
     return cache_dir() / "owner.key"
@@ -99,11 +112,17 @@ def _files(folder: Path) -> list[Path]:
 
 # --- directories ----------------------------------------------------------------------------------------------
 
+def _in_layout(folder: Path, path: Path, kind: str) -> bool:
+    names = LAYOUTS.get(kind)
+    return names is None or path.relative_to(folder).parts[0] in names
+
+
 def seal(folder: Path, kind: str, partial: bool = False) -> None:
-    """Sign `folder` as tasktune's: the manifest lists every file now in it (none, for a partial run)."""
+    """Sign `folder` as tasktune's: the manifest lists every file now in it that tasktune wrote (under its kind's
+    layout; none, for a partial directory, whose layout alone says what is tasktune's)."""
     folder = Path(folder)
     files = {} if partial else {p.relative_to(folder).as_posix(): _entry(p) for p in _files(folder)
-                                if p.is_file() and not p.is_symlink()}
+                                if p.is_file() and not p.is_symlink() and _in_layout(folder, p, kind)}
     payload = {"written_by": "tasktune", "kind": kind, "partial": partial, "command": _command(), "files": files}
     write_json(folder / MARKER, {**payload, "hmac": _signature(payload, create_key=True)})
 
@@ -170,6 +189,35 @@ def foreign_files(folder: Path, marker: dict) -> list[str]:
     return foreign
 
 
+def _atomic_leftover(name: str, names: set[str]) -> bool:
+    """The temporary file of an atomic write killed before its rename (`atomic.py`: `.NAME.XXXX.tmp`)."""
+    return name.startswith(".") and name.endswith(".tmp") and name[1:].split(".tmp")[0].rsplit(".", 1)[0] in names
+
+
+def partial_foreign(folder: Path, kind: str) -> list[str]:
+    """Entries of an unfinished directory of `kind` that tasktune does not write there (a user's notes, a folder of
+    theirs, a link), looking into the trial directories of a sweep as well."""
+    names = LAYOUTS.get(kind)
+    if names is None:  # a staging directory: hidden, unique, removed on failure
+        return []
+    foreign = []
+    for entry in sorted(Path(folder).iterdir()):
+        if entry.name == MARKER:
+            continue
+        if entry.is_symlink() or (entry.name not in names and not _atomic_leftover(entry.name, names)):
+            foreign.append(entry.name)
+        elif kind == "sweep" and entry.name == "trials" and entry.is_dir():
+            for trial in sorted(entry.iterdir()):
+                marker, _ = read_marker(trial) if trial.is_dir() and not trial.is_symlink() else (None, "")
+                if marker is None:
+                    foreign.append(f"trials/{trial.name}")
+                    continue
+                inner = (partial_foreign(trial, marker["kind"]) if marker["partial"]
+                         else foreign_files(trial, marker))
+                foreign += [f"trials/{trial.name}/{name}" for name in inner]
+    return foreign
+
+
 def protected(path: Path) -> str | None:
     """Why `path` may never be replaced whoever wrote it, or None."""
     resolved = Path(os.path.abspath(path))
@@ -200,9 +248,9 @@ def check_replaceable(path: Path, allow_partial: bool = False) -> None:
     if marker is None:
         raise TasktuneError(f"{path} was not written by tasktune ({why}); refusing to replace it even with "
                             "--overwrite; choose another output directory")
-    if marker["partial"] and allow_partial:
-        return
-    foreign = foreign_files(path, marker)
+    if marker["partial"] and not allow_partial:
+        raise TasktuneError(f"{path} is an unfinished tasktune directory; refusing to replace it")
+    foreign = partial_foreign(path, marker["kind"]) if marker["partial"] else foreign_files(path, marker)
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise TasktuneError(f"{path} holds {len(foreign)} file(s) tasktune did not write: {shown}; they are "

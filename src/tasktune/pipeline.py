@@ -165,8 +165,30 @@ def prepare(recipe: Recipe, training: bool = True) -> Prepared:
                             shot_pool=examples["train"], seed=recipe.data.seed)
     label_ids = task.label_token_ids(builder, examples["test"][0])
     resolve_objective(recipe, task, label_ids, training)
+    check_prompt_lengths(recipe, task, builder, lm, examples, source if not test_source else
+                         f"{source} or {test_source}", training)
     return Prepared(recipe, task, source, split, examples, lm, builder, label_ids, overlap, test_source, timings,
                     started, memory, rows, documents)
+
+
+def check_prompt_lengths(recipe: Recipe, task, builder, lm: LoadedModel, examples: dict, source: str,
+                         training: bool) -> None:
+    """Before any stage: the longest evaluation prompts must fit the model's positions (the rule every evaluation
+    applies, `inference_requests.check_positions`, here on the few longest rows so that a run refuses before its
+    directory exists), and so must a training row of train.max_length tokens."""
+    from tasktune.inference_requests import check_positions
+
+    positions = getattr(lm.model.config, "max_position_embeddings", None)
+    if positions is None:
+        return
+    if training and recipe.train.max_length > positions:
+        raise TasktuneError(f"train.max_length={recipe.train.max_length} is more than the {positions} positions the "
+                            "model reads (config.max_position_embeddings)")
+    rows = examples["test"] + examples["validation"]
+    longest = sorted(rows, key=lambda ex: -len(builder.render(ex)))[:3]
+    for protocol in task.protocols(recipe.eval.protocols, "causal_lm"):
+        requests, _ = task.requests(builder, longest, protocol)
+        check_positions(requests, longest, positions, source)
 
 
 def resolve_objective(recipe: Recipe, task, label_ids: list[int] | None, training: bool) -> None:

@@ -178,7 +178,7 @@ def leaderboard_markdown(board: list[dict], metric: str) -> str:
              "steps | wall s | pruned |", "|---:|---:|" + "---|" * len(keys) + "---:|---:|" + cost_rule + "---:|---:|---|"]
     for rank, r in enumerate(board, 1):
         cells = [_param_text(r["params"].get(k)) for k in keys]
-        tag = " (base)" if r["base"] else (f" (retry of {r['retry_of']})" if r["retry_of"] is not None else "")
+        tag = " (base)" if r["base"] else (" (resumed after a kill)" if r["retry_of"] is not None else "")
         cost = f" {_cost_text(r)} |" if costs else ""
         lines.append(f"| {rank} | {r['trial']}{tag} | {' | '.join(cells)} | {_fmt_figure(r['validation'])} | "
                      f"{r['validation'].get('n') or '—'} |{cost} {r['steps'] if r['steps'] is not None else '—'} | "

@@ -343,23 +343,49 @@ def _constraint_values(trial) -> list[float]:
     return trial.user_attrs.get("constraint", [0.0])
 
 
+IDENTITY_ATTRS = ("identity", "base", "base_values", "trial_dir")  # what a retried trial keeps of the one it retries
+
+
+def identity_of(trial) -> int:
+    """The number a trial is known by (its directory, recipe name and leaderboard row): its own, or for a retry
+    of a killed trial, the number of the trial it retries."""
+    return trial.user_attrs.get("identity", trial.number)
+
+
 def fail_dead_local_trials(study) -> None:
     """Trials left RUNNING by a process of this machine that no longer exists (killed): failed now rather than
-    after the heartbeat's grace period, and queued again with their parameters and directory."""
+    after the heartbeat's grace period, and queued again as the same trial (number, directory, base or not,
+    parameters)."""
     import optuna
 
     host = socket.gethostname()
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if t.user_attrs.get("host") != host or _alive(t.user_attrs.get("pid")):
+        if t.user_attrs.get("host") != host or _alive(t.user_attrs.get("pid"), t.user_attrs.get("process")):
             continue
         # Optuna has no public call to fail one trial of another process; its storage API is what
         # fail_stale_trials itself uses.
         study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number, "trial_dir": t.user_attrs.get("trial_dir")},
+        kept = {k: t.user_attrs[k] for k in IDENTITY_ATTRS if k in t.user_attrs}
+        study.enqueue_trial(t.params, user_attrs={**kept, "identity": identity_of(t), "retry_of": t.number},
                             skip_if_exists=False)
 
 
-def _alive(pid) -> bool:
+def process_identity(pid: int) -> str | None:
+    """This boot's id, the pid and the process's start time (clock ticks after boot, /proc/PID/stat field 22):
+    a pid alone is reused (in a container tasktune may be pid 1 every time); the three together are not. None
+    where /proc does not tell."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        start = stat.rsplit(")", 1)[1].split()[19]  # after the command name, which may hold spaces
+    except (OSError, IndexError):
+        return None
+    return f"{boot}:{pid}:{start}"
+
+
+def _alive(pid, process: str | None = None) -> bool:
+    """Whether the process that ran a trial still runs: the pid exists and, where its identity was recorded,
+    it is the same process (not a new one given the same pid)."""
     if not isinstance(pid, int):
         return False
     try:
@@ -367,7 +393,9 @@ def _alive(pid) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
+    if process is not None:
+        return process_identity(pid) == process
     return True
 
 
@@ -446,11 +474,14 @@ class Trials:
         # trial 0 is then the base recipe itself, not its nearest point in the space.
         params = {param.key: base_values[param.key] if param.key in base_values else param.suggest(trial)
                   for param in self.spec.space}
-        folder = Path(trial.user_attrs.get("trial_dir") or self.dir / "trials" / str(trial.number))
+        identity = identity_of(trial)
+        folder = Path(trial.user_attrs.get("trial_dir") or self.dir / "trials" / str(identity))
+        trial.set_user_attr("identity", identity)
         trial.set_user_attr("trial_dir", str(folder))
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
-        recipe = trial_recipe(self.spec, params, trial.number)
+        trial.set_user_attr("process", process_identity(os.getpid()))
+        recipe = trial_recipe(self.spec, params, identity)
         p = self.prepared_for(recipe)
         if not folder.is_dir():
             folder.mkdir(parents=True)
@@ -474,7 +505,7 @@ class Trials:
                     cost = self.perplexity_increase(p, model, head)
             finally:
                 release_base(p, model)  # the shared base, clean for the next trial
-        record = {"trial": trial.number, "params": params, "validation": figure, "steps": summary["global_step"],
+        record = {"trial": identity, "params": params, "validation": figure, "steps": summary["global_step"],
                   "wall_s": round(time.perf_counter() - start, 2), "train_s": summary.get("train_runtime_s"),
                   "compile_warmup_s": summary.get("compile_warmup_s"),
                   "pruned": False}
@@ -557,6 +588,7 @@ def sweep(path: str, overrides: list[str] = (), overwrite: bool = False) -> Path
             write_text(sweep_dir / "spec.json", resolved)
         base = base_recipe(spec)
         prepared = prepare(base)
+        check_sweep_fingerprint(sweep_dir, prepared)
         study = open_study(spec, sweep_dir, create=True)
         fail_dead_local_trials(study)
         if not study.trials:  # the base recipe competes as trial 0, so its adapter exists for the test
@@ -577,6 +609,20 @@ def sweep(path: str, overrides: list[str] = (), overwrite: bool = False) -> Path
         lock.release()
 
 
+def check_sweep_fingerprint(sweep_dir: Path, prepared) -> None:
+    """A sweep continues only on the data, model and task spec its trials were trained on (as a run resumes)."""
+    from tasktune.pipeline import check_fingerprint, run_fingerprint
+    from tasktune.run_layout import RunLayout
+    from tasktune.rundir import write_json
+
+    fingerprint = run_fingerprint(prepared)
+    if RunLayout(sweep_dir).fingerprint.is_file():
+        check_fingerprint(sweep_dir, fingerprint, "its trials were trained on the earlier one: pass --overwrite to "
+                                                  "start the sweep again, or give it another name")
+    else:
+        write_json(RunLayout(sweep_dir).fingerprint, fingerprint)
+
+
 def worker(sweep_dir: str) -> Path:
     """`tasktune sweep --worker SWEEP_DIR`: join a sweep's study and run trials until its budget is spent."""
     from tasktune.pipeline import prepare
@@ -589,6 +635,7 @@ def worker(sweep_dir: str) -> Path:
     spec = SweepSpec(**{**data, "space": [Param(key, **body) for key, body in data["space"].items()]},
                      source=str(saved))
     prepared = prepare(base_recipe(spec))
+    check_sweep_fingerprint(folder, prepared)
     study = open_study(spec, folder, create=False)
     optimize(spec, folder, study, prepared)
     print(f"[tasktune] worker done: {len(study.trials)} trials in {spec.name}")
@@ -612,11 +659,21 @@ def optimize(spec: SweepSpec, sweep_dir: Path, study, prepared) -> None:
                    catch=(), gc_after_trial=True)
 
 
-def _wait_for_workers(study, poll_s: float = 2.0) -> None:
+def _wait_for_workers(study, poll_s: float = 2.0, say_every_s: float = 60.0) -> None:
+    """Wait for trials other processes are running, saying which (at once, then every minute)."""
     from optuna.trial import TrialState
 
-    while study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    said = -math.inf
+    while True:
         fail_dead_local_trials(study)
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not running:
+            return
+        if time.monotonic() - said >= say_every_s:
+            shown = ", ".join(f"{identity_of(t)} (host {t.user_attrs.get('host')}, pid {t.user_attrs.get('pid')})"
+                              for t in running)
+            print(f"[tasktune] waiting for trial(s) still running in other processes: {shown}", flush=True)
+            said = time.monotonic()
         time.sleep(poll_s)
 
 
@@ -642,7 +699,7 @@ def leaderboard(study) -> list[dict]:
         record = t.user_attrs.get("record") or {}
         validation = record.get("validation") or {"value": t.value, "interval": None, "n": None}
         last_step = max(t.intermediate_values) if t.intermediate_values else None
-        rows.append({"trial": t.number, "params": record.get("params", t.params), "validation": validation,
+        rows.append({"trial": identity_of(t), "params": record.get("params", t.params), "validation": validation,
                      "steps": record.get("steps", last_step), "wall_s": record.get("wall_s") or (
                          round((t.datetime_complete - t.datetime_start).total_seconds(), 2)
                          if t.datetime_complete else None),
