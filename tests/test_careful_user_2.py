@@ -14,25 +14,17 @@ from pathlib import Path
 import pytest
 
 from tasktune.cli import main
-from test_careful_user import error_lines, one_error_line, score_args, snapshot
+from test_careful_user import error_lines, finished, one_error_line, score_args, snapshot  # noqa: F401
 from tiny import run_args, write_sst2_tsv
 
 ROOT = Path(__file__).parents[1]
 
 
-@pytest.fixture(scope="module")
-def finished_run(tiny_llama, tmp_path_factory):
-    root = tmp_path_factory.mktemp("finished2")
-    data = write_sst2_tsv(root / "train.tsv")
-    assert main(run_args(tiny_llama, data, root / "runs", "base")) == 0
-    return root / "runs" / "base", data
-
-
 @pytest.fixture
-def a_run(finished_run, tmp_path):
+def a_run(finished, tmp_path):
     """A private copy of the finished run (these tests change it)."""
     copy = tmp_path / "runs" / "base"
-    shutil.copytree(finished_run[0], copy, symlinks=True)
+    shutil.copytree(finished[0], copy, symlinks=True)
     return copy
 
 
@@ -177,8 +169,8 @@ def test_duplicate_prediction_ids_are_refused(tmp_path, capsys):
     assert "id 'a0-q1': given twice" in one_error_line(capsys)
 
 
-def test_compare_states_each_test_set_and_warns_when_they_differ(finished_run, tiny_llama, tmp_path, capsys):
-    run, data = finished_run
+def test_compare_states_each_test_set_and_warns_when_they_differ(finished, tiny_llama, tmp_path, capsys):
+    run, data = finished
     other_data = write_sst2_tsv(tmp_path / "other.tsv", seed=5)
     assert main(run_args(tiny_llama, other_data, tmp_path / "runs", "other")) == 0
     capsys.readouterr()
@@ -409,8 +401,8 @@ def test_a_prompt_longer_than_the_model_reads_is_one_line_and_leaves_no_run(tiny
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
-def test_the_same_rule_holds_when_evaluating_other_data(finished_run, tmp_path, capsys):
-    run, _ = finished_run
+def test_the_same_rule_holds_when_evaluating_other_data(finished, tmp_path, capsys):
+    run, _ = finished
     long = tmp_path / "long.tsv"
     long.write_text("sentence\tlabel\n" + " ".join(["good film"] * 5000) + " \t1\nbad film \t0\n")
     assert main(["eval", "--run", str(run), "--data", str(long), "--out", str(tmp_path / "out")]) == 2

@@ -7,8 +7,11 @@ a manifest whose signature checks and whose every file is present and unchanged 
 replaced only when every file in it is one the manifest lists, unchanged: a file a user added (or edited) is
 the user's, and its presence refuses the replacement.
 
-A run still in progress (`runs/.NAME.partial`) is signed as `partial`: the Trainer writes and rotates
-checkpoints there between seals, so the whole hidden directory is tasktune's as long as its signature checks.
+A run or sweep still in progress (`runs/.NAME.partial`, an unfinished `sweeps/NAME`) is signed as `partial`:
+the Trainer writes and rotates checkpoints there between seals, so what is tasktune's there is what its kind's
+layout names (`LAYOUTS`: the run's files and folders, a sweep's and its trials'); anything else in it is the
+user's, refuses a replacement, and is left out of the manifest when the directory is finished. The key is made
+only when something is signed, never while verifying: a lost key is said, not silently replaced.
 
 Single files that tasktune writes outside a directory of its own (`recipe-reference --out FILE`) are recorded
 the same way in the cache (`owned-files/`), keyed by absolute path.
