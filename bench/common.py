@@ -147,8 +147,12 @@ def matmul_peak_tflops(dtype_name: str = "bfloat16", size: int = 2048, seconds: 
     (the denominator of MFU on a CPU, which has no datasheet peak for our threads)."""
     import torch
 
+    from tasktune.models import cpu_supports_bf16
+
     dtype = getattr(torch, dtype_name)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and dtype == torch.bfloat16 and not cpu_supports_bf16():
+        size = min(size, 256)  # emulated bf16 (an AVX2-only CPU): one 2048-cube product takes minutes
     a = torch.randn(size, size, dtype=dtype, device=device)
     b = torch.randn(size, size, dtype=dtype, device=device)
     return tflops_of(lambda: a @ b, 2 * size**3, seconds)

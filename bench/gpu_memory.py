@@ -100,6 +100,11 @@ class LiveTensorBytes:
         return self.mode.__exit__(*exc)
 
 
+# The dtype of the measured steps: bf16 as the recipes train, except in --quick on a CPU without bf16
+# instructions (emulated bf16 takes minutes there), where fp32 checks the same extrapolations.
+STEP_DTYPE = "bfloat16"
+
+
 def build(model_name: str, train_cfg, layers: int | None, device: str = "cpu", width_divisor: int = 1):
     import torch
     import transformers
@@ -117,7 +122,8 @@ def build(model_name: str, train_cfg, layers: int | None, device: str = "cpu", w
     config = getattr(transformers, cls_name)(**kwargs)
     attn = "eager" if cls_name == "Gemma2Config" else "sdpa"  # as tasktune loads them
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=attn)
+        dtype = torch.bfloat16 if device == "meta" else getattr(torch, STEP_DTYPE)  # weights counted in bf16
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
     return add_lora(model, train_cfg, train_cfg.objective), config
 
 
@@ -227,6 +233,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, correctness only, no RESULTS.md entry")
     args = parser.parse_args()
+    global STEP_DTYPE
+    from tasktune.models import cpu_supports_bf16
+
+    if args.quick and not cpu_supports_bf16():
+        STEP_DTYPE = "float32"
     check = check_extrapolation(args.quick)
     recipes = list(RECIPES)[:1] if args.quick else list(RECIPES)
     rows = []
