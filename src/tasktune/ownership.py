@@ -251,9 +251,9 @@ def check_replaceable(path: Path, allow_partial: bool = False) -> None:
     if marker is None:
         raise TasktuneError(f"{path} was not written by tasktune ({why}); refusing to replace it even with "
                             "--overwrite; choose another output directory")
-    if marker["partial"] and not allow_partial:
-        raise TasktuneError(f"{path} is an unfinished tasktune directory; refusing to replace it")
-    foreign = partial_foreign(path, marker["kind"]) if marker["partial"] else foreign_files(path, marker)
+    # An unfinished directory, where allowed, owns what its layout names; otherwise only its manifest's files.
+    foreign = (partial_foreign(path, marker["kind"]) if marker["partial"] and allow_partial
+               else foreign_files(path, marker))
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise TasktuneError(f"{path} holds {len(foreign)} file(s) tasktune did not write: {shown}; they are "
