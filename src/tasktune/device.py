@@ -26,7 +26,7 @@ def compute_device() -> torch.device:
 def place(model: torch.nn.Module) -> torch.nn.Module:
     """Move a freshly loaded model onto this process's device (a no-op on a CPU machine, where it already is)."""
     device = compute_device()
-    if next(model.parameters()).device != device:
+    if describe(model) != str(device):
         model.to(device)
     return model
 

@@ -45,6 +45,11 @@ class Classify:
         return len(self.input)
 
 
+def model_positions(config) -> int | None:
+    """The longest sequence a model reads (`max_position_embeddings`), None where its config does not say."""
+    return getattr(config, "max_position_embeddings", None)
+
+
 def check_positions(requests: list, examples: list[dict], positions: int | None, source: str) -> None:
     """The one rule for prompts longer than the model reads, for every task type: refused in one line naming
     the row (its prompt and what it would generate or score need more positions than the model has), rather

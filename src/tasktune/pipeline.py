@@ -176,9 +176,9 @@ def check_prompt_lengths(recipe: Recipe, task, builder, lm: LoadedModel, example
     """Before any stage: the longest evaluation prompts must fit the model's positions (the rule every evaluation
     applies, `inference_requests.check_positions`, here on the few longest rows so that a run refuses before its
     directory exists), and so must a training row of train.max_length tokens."""
-    from tasktune.inference_requests import check_positions
+    from tasktune.inference_requests import check_positions, model_positions
 
-    positions = getattr(lm.model.config, "max_position_embeddings", None)
+    positions = model_positions(lm.model.config)
     if positions is None:
         return
     if training and recipe.train.max_length > positions:
@@ -421,9 +421,8 @@ def _run(recipe: Recipe, state: PartialState, log: RunLog | None, overwrite: boo
         raise TasktuneError(f"train.method={recipe.train.method} trains nothing: it is for sweeps, where prompting "
                             "competes with fine-tuning; to evaluate prompting alone use `tasktune eval --shots K`")
     from tasktune import models
-    from tasktune.recipes import check_gpu_fits
-
     from tasktune.ownership import check_outside
+    from tasktune.recipes import check_gpu_fits
 
     # The run directory (and its unfinished twin) must not be, hold or sit inside anything the run reads: an
     # --overwrite would delete its own model.

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from tasktune import infer
 from tasktune.inference_requests import Classify, Generate, Score  # noqa: F401 (the requests run here)
+from tasktune.inference_requests import model_positions
 from tasktune.memory import release
 
 
@@ -34,8 +35,7 @@ class Runner:
 
     def __init__(self, model, tokenizer, batch_size: int, shard: bool = True):
         self.model, self.tokenizer, self.batch_size, self.shard = model, tokenizer, batch_size, shard
-        # The longest sequence the model reads (None where its config does not say).
-        self.positions = getattr(getattr(infer.unwrap(model), "config", None), "max_position_embeddings", None)
+        self.positions = model_positions(getattr(infer.unwrap(model), "config", None))
 
     def run(self, requests: list[Request], desc: str = "evaluate") -> tuple[list, float, list[int]]:
         """Results in request order (list[float] log-probs for Score, Generated, list[float] logits for
