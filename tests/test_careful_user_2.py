@@ -276,16 +276,13 @@ def test_a_users_file_in_an_unfinished_run_is_not_sealed_as_tasktunes(tiny_llama
     assert (final / "notes.md").read_text() == "mine"
 
 
-def test_every_run_layout_path_is_tasktunes_in_an_unfinished_run():
-    """The ownership layout of a run lists every top-level path RunLayout names (they cannot drift apart)."""
-    from tasktune.ownership import LAYOUTS
-    from tasktune.run_layout import RunLayout
+def test_every_file_a_finished_run_holds_is_in_its_layout(finished):
+    """The ownership layout of a run is RunLayout's, and covers every top-level path a real run wrote."""
+    from tasktune.ownership import LAYOUTS, MARKER
 
-    layout = RunLayout(Path("r"))
-    named = {getattr(layout, name) for name in dir(RunLayout)
-             if isinstance(getattr(RunLayout, name, None), property)}
-    tops = {p.relative_to("r").parts[0] for p in named if isinstance(p, Path) and p != Path("r")}
-    assert tops and tops <= LAYOUTS["run"], tops - LAYOUTS["run"]
+    written = {p.name for p in finished[0].iterdir()} - {MARKER}
+    assert {"report.json", "adapter", "zeroshot", "finetuned", "train"} <= written
+    assert written <= LAYOUTS["run"], written - LAYOUTS["run"]
 
 
 # --- sweeps -------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tasktune.cli import main
+from test_careful_user import finished  # noqa: F401 (a finished tiny run, for the reporting tests)
 from tiny import run_args
 
 ROOT = Path(__file__).parents[1]
@@ -473,3 +474,143 @@ def test_a_malformed_adapter_base_record_is_one_line(tiny_llama, sst2_tsv, tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "tasktune_base.json" in err[0] and message in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+# --- pure reporting: report and compare read run files; measuring stays with the stages ----------------------------
+
+BLOCK_TORCH = """
+import sys
+class Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers", "peft", "accelerate"):
+            raise ImportError(f"{name} imported while reporting")
+sys.meta_path.insert(0, Blocked())
+"""
+
+
+def test_report_and_compare_import_no_torch():
+    import subprocess
+    import sys
+
+    code = "import tasktune.report, tasktune.compare, sys; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_finished_run_is_reported_and_compared_without_torch(finished, tmp_path):
+    """`tasktune report` (report.json, report.md/html, plots) and `tasktune compare` on a real run, in a process
+    where importing torch, transformers, peft or accelerate fails."""
+    import shutil
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    shutil.copytree(finished[0], run, symlinks=True)
+    (run / "report.md").unlink()
+    code = BLOCK_TORCH + f"""
+from tasktune.cli import main
+from tasktune.report import write_report
+write_report({str(run)!r})
+assert main(["report", {str(run)!r}]) == 0
+assert main(["compare", {str(run)!r}, {str(finished[0])!r}, "--out", {str(tmp_path / "cmp")!r}]) == 0
+assert not any(m.split(".")[0] in ("torch", "transformers", "peft") for m in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (run / "report.md").is_file() and (tmp_path / "cmp" / "compare.md").is_file()
+
+
+def test_the_torch_block_can_fail():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", BLOCK_TORCH + "import tasktune.param_report"], capture_output=True,
+                         text=True)
+    assert out.returncode != 0 and "imported while reporting" in out.stderr
+
+
+def test_one_jsonl_reader():
+    definitions = [f"{path.relative_to(ROOT)}:{node.name}" for path in (ROOT / "src" / "tasktune").rglob("*.py")
+                   for node in ast.walk(ast.parse(path.read_text()))
+                   if isinstance(node, ast.FunctionDef) and "read_jsonl" in node.name]
+    assert definitions == ["src/tasktune/run_layout.py:read_jsonl"]
+
+
+def test_run_file_names_are_spelled_in_run_layout_only():
+    """A run's file names live in run_layout.py; every other module asks RunLayout for them."""
+    from tasktune.run_layout import RunLayout
+
+    layout = RunLayout(Path("r"))
+    # (report.md and report.html are a sweep's file names too)
+    names = {f'"{p.name}"' for p in (*layout.finished_paths(trained=True), layout.params, layout.split)}
+    hits = [f"{path.relative_to(ROOT)}:{n}" for path in (ROOT / "src" / "tasktune").rglob("*.py")
+            if path.name not in ("run_layout.py",)
+            for n, line in enumerate(path.read_text().splitlines(), 1)
+            if any(name in line for name in names - {'"adapter"'})]
+    assert hits == []
+
+
+def method_name_comparisons(source: str, names: set[str]) -> list[int]:
+    """Lines where a method's name is compared (==, !=, in) as a string literal."""
+    def literals(node) -> set[str]:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return {node.value}
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return set().union(*(literals(e) for e in node.elts)) if node.elts else set()
+        return set()
+
+    return [node.lineno for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Compare)
+            and any(literals(side) & names for side in (node.left, *node.comparators))]
+
+
+def test_no_method_name_is_compared_outside_methods():
+    """How a method is analysed, saved, loaded and exported is asked of its `Method` object."""
+    from tasktune.methods import METHODS
+
+    hits = [f"{path.relative_to(ROOT)}:{line}" for path in (ROOT / "src" / "tasktune").rglob("*.py")
+            if path.name != "methods.py"
+            for line in method_name_comparisons(path.read_text(), set(METHODS) - {"none"})]  # also "no logger"
+    assert hits == []
+
+
+def test_the_method_name_check_can_fail():
+    assert method_name_comparisons('if record.get("method") == "full":\n    pass\nx = m in ("qlora", "pissa")',
+                                   {"full", "pissa"}) == [1, 3]
+
+
+# --- texts that name a command, a document or a section are true ------------------------------------------------
+
+def test_the_cli_docstring_names_every_command():
+    import argparse
+
+    from tasktune import cli
+
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    named = set(re.search(r"`tasktune ([a-z|\-\n]+)`", cli.__doc__)[1].replace("\n", "").split("|"))
+    assert named == set(commands)
+
+
+def doc_pointers(text: str) -> list[tuple[str, str | None]]:
+    """(document, section or None) for each `docs/NAME.md` a text names, with `(section X)` or `, section X`,
+    and each README section it names (`README section 'X'`, `README: X`)."""
+    docs = [(m[1], m[2]) for m in re.finditer(r"(docs/[\w\-]+\.md)(?:,? \(?section ([A-Z][\w ]+?)[\);])?", text)]
+    readme = [("README.md", m[1] or m[2])
+              for m in re.finditer(r"README(?:\.md)? section '([^']+)'|README(?:\.md)?: ([A-Z][\w ]+)", text)]
+    return docs + readme
+
+
+def test_every_document_and_section_the_code_points_to_exists():
+    hits = []
+    for path in (ROOT / "src" / "tasktune").rglob("*.py"):
+        for doc, section in doc_pointers(path.read_text()):
+            target = ROOT / doc
+            headings = {line.lstrip("#").strip() for line in target.read_text().splitlines()
+                        if line.startswith("#")} if target.is_file() else set()
+            if not target.is_file() or (section and not any(h.startswith(section) for h in headings)):
+                hits.append(f"{path.name}: {doc} {section or ''}")
+    assert hits == []
+
+
+def test_the_pointer_check_can_fail():
+    assert doc_pointers("see docs/scale-out.md (section Memory) and docs/none.md; README section 'Memory'") == [
+        ("docs/scale-out.md", "Memory"), ("docs/none.md", None), ("README.md", "Memory")]

@@ -7,7 +7,8 @@ import pytest
 import torch
 import yaml
 
-from tasktune.lora_delta import analyse, frozen_check
+from tasktune.lora_delta import frozen_check
+from tasktune.methods import analyse_saved
 from tasktune.cli import main
 from tasktune.config import TrainConfig
 from tasktune.models import count_parameters, load_model
@@ -38,7 +39,7 @@ def test_counts_match_hand_computed_numbers(tiny_llama, tmp_path):
     assert count_parameters(lm.model)["total"] == base + 2 * 4 * (128 + 96 + 96 + 128 + 192 + 192 + 192)
     lora_per_layer = 4 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 3)
     assert count_parameters(model)["trainable"] == 2 * lora_per_layer
-    result = analyse(str(tiny_llama), tmp_path / "adapter")
+    result = analyse_saved(str(tiny_llama), tmp_path / "adapter")
     assert result["adapter"]["parameters"] == result["adapter"]["formula"] == 2 * lora_per_layer
     assert result["adapter"]["modules"] == 14
     merged = model.merge_and_unload()
@@ -47,7 +48,7 @@ def test_counts_match_hand_computed_numbers(tiny_llama, tmp_path):
 
 def test_delta_statistics_match_dense_computation(tiny_models, tmp_path):
     lm, model = trained_adapter(tiny_models["gemma3"], tmp_path, r=4, alpha=8)
-    result = analyse(str(tiny_models["gemma3"]), tmp_path / "adapter")
+    result = analyse_saved(str(tiny_models["gemma3"]), tmp_path / "adapter")
     named = dict(model.named_modules())
     for stats in result["modules"]:
         layer = named["base_model.model." + stats["module"]]

@@ -13,6 +13,8 @@ import json
 import tempfile
 from pathlib import Path
 
+from tasktune.run_layout import RunLayout, read_jsonl
+
 
 class _Mapping(dict):
     """A dict of what the CLI wrote as JSON, plus the directory it lives in."""
@@ -42,13 +44,12 @@ class Metrics(_Mapping):
 
     @property
     def predictions(self) -> list[dict]:
-        lines = (self.path / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
-        return [json.loads(line) for line in lines]
+        return read_jsonl(RunLayout.predictions(self.path))
 
 
-def _loaded(cls, path: Path, name: str):
-    obj = cls(json.loads((path / name).read_text()))
-    obj.path = path
+def _loaded(cls, folder: Path, file: Path):
+    obj = cls(json.loads(file.read_text()))
+    obj.path = folder
     return obj
 
 
@@ -62,7 +63,7 @@ def run(recipe: str, *, overrides: list[str] = (), overwrite: bool = False, resu
 
     run_dir = run_pipeline(load_recipe(recipe, list(overrides), settings=settings), overwrite=overwrite,
                            resume=resume)
-    return _loaded(Report, Path(run_dir), "report.json")
+    return _loaded(Report, Path(run_dir), RunLayout(run_dir).report)
 
 
 def evaluate(model: str, task: str, data: str | None = None, *, adapter: str | None = None, rows: str = "test",
@@ -78,8 +79,7 @@ def evaluate(model: str, task: str, data: str | None = None, *, adapter: str | N
     recipe = load_recipe(None, settings=merge_mappings(base, settings))
     out_dir = Path(out) if out else Path(tempfile.mkdtemp(prefix="tasktune-eval-"))
     evaluate_model(recipe, out_dir, adapter, rows, overwrite=overwrite)
-    return _loaded(Metrics, out_dir, "metrics.json")
-
+    return _loaded(Metrics, out_dir, RunLayout.metrics(out_dir))
 
 
 class SweepResult(_Mapping):
@@ -94,4 +94,5 @@ def sweep(sweep_file: str, *overrides: str, overwrite: bool = False) -> SweepRes
     """`tasktune sweep FILE [k=v ...]`: run or continue the sweep; returns sweep.json (the leaderboard beside)."""
     from tasktune.sweeper import sweep as run_sweep
 
-    return _loaded(SweepResult, Path(run_sweep(sweep_file, list(overrides), overwrite=overwrite)), "sweep.json")
+    sweep_dir = Path(run_sweep(sweep_file, list(overrides), overwrite=overwrite))
+    return _loaded(SweepResult, sweep_dir, sweep_dir / "sweep.json")

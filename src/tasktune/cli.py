@@ -1,4 +1,5 @@
-"""Command line: `tasktune run|train|eval|score|params|report|compare|export`.
+"""Command line: `tasktune run|train|eval|score|params|report|compare|export|sweep|sweeps|tasks|recipes|
+recipe-reference`.
 
 Bad input exits with code 2 and one clear line."""
 
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 from tasktune.errors import TasktuneError, TrainingInterrupted
+from tasktune.run_layout import RunLayout
 
 # bitsandbytes (the `qlora` extra) is imported with peft, and on a CPU with AVX512-BF16 it asks the Hugging Face
 # Hub for a 4-bit kernel at import time; offline that fails with two alarming warnings before any output, though
@@ -51,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "same protocol, and write a report.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for name, help_text in (("run", "the whole pipeline: zero-shot eval, LoRA fine-tune, eval, report"),
-                            ("train", "LoRA fine-tune only (writes the adapter and training logs)")):
+    for name, help_text in (("run", "the whole pipeline: zero-shot eval, fine-tune (train.method), eval, report"),
+                            ("train", "fine-tune only (writes the adapter and training logs)")):
         p = sub.add_parser(name, help=help_text, description=help_text,
                            formatter_class=argparse.RawDescriptionHelpFormatter,
                            epilog="overrides use dotted keys: name=X model=M data.path=P train.learning_rate=1e-4 "
@@ -219,13 +221,14 @@ def cmd_sweeps(args) -> int:
 
 def cmd_params(args) -> int:
     from tasktune.ownership import add_to_seal
-    from tasktune.param_report import adapter_section, params_for_run
+    from tasktune.param_report import params_for_run
+    from tasktune.report import adapter_section
     from tasktune.report import render
 
-    run_dir = require_owned_run(Path(args.run_dir), needs=("report.json", "adapter"),
-                                rewrites=("params.json", *REPORT_FILES))
+    layout = RunLayout(Path(args.run_dir))
+    run_dir = require_owned_run(layout.root, trained=True, rewrites=(layout.params.name, *layout.rendered_names()))
     params = params_for_run(run_dir)
-    add_to_seal(run_dir, [run_dir / "params.json", *render(run_dir)])
+    add_to_seal(run_dir, [layout.params, *render(run_dir)])
     adapter = adapter_section(params)
     print(f"[tasktune] base {params['counts']['base']:,} | {adapter['method']} {adapter['parameters']:,} "
           f"({100 * adapter['parameters'] / params['counts']['base']:.3f}%) = {adapter['formula_text']} "
@@ -388,8 +391,8 @@ def cmd_eval(args) -> int:
 
 OUT_OF_MEMORY = ("out of memory{where} (train.batch_size={train}, eval.batch_size={eval}): lower the batch size and "
                  "raise train.grad_accum by the same factor (the global batch stays the same), or set "
-                 "train.gradient_checkpointing=true; README section 'Memory' has the figures. The run directory is "
-                 "kept: the same command resumes it")
+                 "train.gradient_checkpointing=true; docs/scale-out.md (section Memory) has the figures. The run "
+                 "directory is kept: the same command resumes it")
 
 
 def out_of_memory_message(args) -> str:
@@ -415,23 +418,19 @@ def cmd_report(args) -> int:
     from tasktune.ownership import add_to_seal
     from tasktune.report import render
 
-    run_dir = require_owned_run(Path(args.run_dir), rewrites=REPORT_FILES)
+    run_dir = require_owned_run(Path(args.run_dir), rewrites=RunLayout(Path(args.run_dir)).rendered_names())
     add_to_seal(run_dir, render(run_dir))
     print(f"[tasktune] wrote {run_dir / 'report.md'} and report.html")
     return 0
 
 
-REPORT_FILES = ("report.md", "report.html", "plots/")  # what `report.render` rewrites in a run
-
-
-def require_owned_run(run_dir: Path, needs: tuple[str, ...] = ("report.json",), rewrites: tuple[str, ...] = ()
-                      ) -> Path:
+def require_owned_run(run_dir: Path, trained: bool = False, rewrites: tuple[str, ...] = ()) -> Path:
     """A finished run that tasktune signed, none of whose files in `rewrites` (names, or folders ending in /) was
     changed or put there by someone else: `report` and `params` rewrite them."""
     from tasktune.ownership import foreign_files, read_marker
     from tasktune.rundir import require_finished_run
 
-    run_dir = require_finished_run(run_dir, needs=needs)
+    run_dir = require_finished_run(run_dir, trained=trained)
     if run_dir.is_symlink():
         raise TasktuneError(f"{run_dir} is a symbolic link; tasktune writes only into the run directory itself")
     marker, why = read_marker(run_dir)

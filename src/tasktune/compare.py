@@ -8,16 +8,17 @@ import sys
 from pathlib import Path
 
 from tasktune import plots
-from tasktune.costs import cost_figures
+from tasktune.cost_report import cost_figures
 from tasktune.errors import TasktuneError
 from tasktune.ownership import check_outside
 from tasktune.report import markdown_table
+from tasktune.run_layout import RunLayout
 from tasktune.rundir import StagingDir, require_finished_run, write_text
 
 
 def test_set(run_dir: Path) -> str:
     """What a run was tested on, as a short fingerprint: its data files' sha256 and the ids of its test rows."""
-    path = Path(run_dir) / "split.json"
+    path = RunLayout(run_dir).split
     if not path.is_file():
         return "unknown (no split.json)"
     split = json.loads(path.read_text())
@@ -48,7 +49,7 @@ def headline(report: dict, task, tested_on: str) -> dict:
 def compare(run_dirs: list[str], out: Path, overwrite: bool = False) -> str:
     from tasktune.report import task_of_run
 
-    reports = [json.loads((require_finished_run(Path(run)) / "report.json").read_text()) for run in run_dirs]
+    reports = [json.loads(RunLayout(require_finished_run(Path(run))).report.read_text()) for run in run_dirs]
     if len({r["task"] for r in reports}) > 1:
         raise TasktuneError(f"runs of different tasks cannot share a table: {sorted({r['task'] for r in reports})}")
     check_outside(Path(out), {f"run {run}": run for run in run_dirs})

@@ -73,8 +73,8 @@ class EvalConfig:
 
 @dataclass
 class TrainConfig:
-    objective: str | None = opt(None, "the loss (README: Training objectives); unset: the task type's default "
-                                      "(classification `verbalizer`, extractive QA `answer`)")
+    objective: str | None = opt(None, "the loss (docs/protocols.md, section Training objectives); unset: the task "
+                                      "type's default (classification `verbalizer`, extractive QA `answer`)")
     method: str = opt("lora", "adaptation method: `lora`, `dora` (weight-decomposed LoRA), `rslora` (rank-stabilised "
                               "scaling), `pissa` (LoRA initialised on the principal singular vectors), `ia3` (one "
                               "scale vector per target; the lora_* keys do not apply), `qlora` (LoRA on a 4-bit NF4 "

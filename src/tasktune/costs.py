@@ -11,19 +11,18 @@ rows, so that the change has a paired interval.
   overlap is counted and shown).
 
 Each evaluation stage writes `cost/perplexity.jsonl` (per-document NLL and tokens) and `cost/controls/NAME/`
-(metrics and predictions); `paired_costs` compares the zero-shot and fine-tuned stages.
+(metrics and predictions): the measuring half, with the stages. `cost_report` pairs the two stages' files and
+formats the change for the report.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import random
 from pathlib import Path
 
-import numpy as np
-
 from tasktune.errors import TasktuneError
+from tasktune.metrics.perplexity import perplexity_summary
+from tasktune.run_layout import RunLayout
 
 PERPLEXITY_MAX_TOKENS = 512
 
@@ -33,12 +32,10 @@ def perplexity_documents(source: str, excluded_contexts: set[str], limit: int, s
     """(documents, where they came from): held-out general text, never one of `excluded_contexts`."""
     title_of: dict[str, str | None] = {}
     if source == "embedded":
-        from tasktune.data import squad
-        from tasktune.tasks.spec import load_spec
+        from tasktune.tasks import general_text_paragraphs
 
-        rows, origin = squad.load(load_spec("squad_v2"), None)
-        title_of = {r["context"]: r.get("title") for r in rows}
-        docs = [c for c in dict.fromkeys(r["context"] for r in rows) if c not in excluded_contexts]
+        title_of, origin = general_text_paragraphs()
+        docs = [c for c in title_of if c not in excluded_contexts]
         if not docs:
             raise TasktuneError(f"eval.perplexity: every Wikipedia paragraph of {origin} is a context of this run's "
                                 "data; give a text file of general text (documents separated by blank lines)")
@@ -113,31 +110,6 @@ def document_nll(model, tokenizer, docs: list[str]) -> list[dict]:
     return out
 
 
-def perplexity_summary(rows: list[dict]) -> dict:
-    from tasktune.metrics.intervals import bootstrap_weights, percentile_interval
-
-    nll = np.asarray([r["nll"] for r in rows], dtype=np.float64)
-    tokens = np.asarray([r["tokens"] for r in rows], dtype=np.float64)
-    weights = bootstrap_weights(len(rows)).astype(np.float64)
-    samples = np.exp((weights @ nll) / (weights @ tokens))
-    return {"perplexity": float(math.exp(nll.sum() / tokens.sum())), "ci95": percentile_interval(samples),
-            "documents": len(rows), "tokens": int(tokens.sum())}
-
-
-def perplexity_change(before: list[dict], after: list[dict]) -> dict:
-    """The relative perplexity change after/before - 1 with a paired bootstrap over documents."""
-    from tasktune.metrics.intervals import bootstrap_weights, percentile_interval
-
-    b = np.asarray([r["nll"] for r in before], dtype=np.float64)
-    a = np.asarray([r["nll"] for r in after], dtype=np.float64)
-    tokens = np.asarray([r["tokens"] for r in before], dtype=np.float64)
-    weights = bootstrap_weights(len(before)).astype(np.float64)
-    samples = np.exp((weights @ (a - b)) / (weights @ tokens)) - 1
-    share = min(float((samples <= 0).mean()), float((samples >= 0).mean()))
-    return {"test": "paired bootstrap over documents", "relative_change": float(math.exp((a - b).sum() / tokens.sum()) - 1),
-            "interval": percentile_interval(samples), "p_value": min(1.0, 2 * share), "n": len(before)}
-
-
 def row_key(row: dict) -> str:
     """What makes two rows the same example, across task types: the text, or the question with its context."""
     return row.get("text") or row.get("question", "") + "\n" + row.get("context", "")
@@ -163,13 +135,12 @@ def measure(p, model, out_dir: Path, head: str = "causal_lm") -> dict:
     cfg = p.recipe.eval
     if not cfg.perplexity and not cfg.controls:
         return {}
-    out_dir = Path(out_dir) / "cost"
     summary: dict = {}
     train_texts = {row_key(r) for r in p.examples["train"] + p.examples["validation"]}
     if cfg.perplexity:
         docs, origin = run_documents(p)
         rows = document_nll(model, p.lm.tokenizer, docs)
-        write_jsonl(out_dir / "perplexity.jsonl", rows)
+        write_jsonl(RunLayout.perplexity_records(out_dir), rows)
         summary["perplexity"] = {**perplexity_summary(rows), "source": origin}
     for name in cfg.controls or []:
         control = get_task(name)
@@ -179,78 +150,12 @@ def measure(p, model, out_dir: Path, head: str = "causal_lm") -> dict:
         runner = Runner(model, p.lm.tokenizer, cfg.batch_size, shard=False)
         protocols = [control.validation_protocol("causal_lm")]
         metrics, records = evaluation.evaluate(control, runner, builder, rows, protocols, "causal_lm")
-        folder = out_dir / "controls" / control.name
-        write_json(folder / "metrics.json", {**metrics, "rows": meta})
+        folder = RunLayout.controls(out_dir) / control.name
+        write_json(RunLayout.metrics(folder), {**metrics, "rows": meta})
         # The control's spec as read, so the report rebuilds it from the run directory alone.
         from tasktune.atomic import write_text
 
         write_text(folder / "task.yaml", control.spec.text)
-        write_jsonl(folder / "predictions.jsonl", records)
+        write_jsonl(RunLayout.predictions(folder), records)
         summary.setdefault("controls", {})[control.name] = {**control.figure(metrics), **meta}
     return summary
-
-
-def paired_costs(run_dir: Path) -> dict:
-    """Zero-shot vs fine-tuned perplexity and controls, paired, from a run's files."""
-    from tasktune.tasks import get_task
-
-    def _read_jsonl(path: Path) -> list[dict]:
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-    run_dir = Path(run_dir)
-    before, after = run_dir / "zeroshot" / "cost", run_dir / "finetuned" / "cost"
-    out: dict = {}
-    if (before / "perplexity.jsonl").is_file() and (after / "perplexity.jsonl").is_file():
-        out["perplexity"] = perplexity_change(_read_jsonl(before / "perplexity.jsonl"),
-                                              _read_jsonl(after / "perplexity.jsonl"))
-    for folder in sorted((before / "controls").glob("*")) if (before / "controls").is_dir() else []:
-        other = after / "controls" / folder.name
-        if not (other / "predictions.jsonl").is_file():
-            continue
-        control = get_task(str(folder / "task.yaml"))
-        paired = control.paired(_read_jsonl(folder / "predictions.jsonl"), _read_jsonl(other / "predictions.jsonl"))
-        first = next(iter(paired.values()), None)
-        if first:
-            out.setdefault("controls", {})[folder.name] = first
-    return out
-
-
-def cost_lines(costs: dict | None, zeroshot: dict | None, finetuned: dict | None) -> list[str]:
-    """The report's "cost" lines: each control's change and the perplexity change, with intervals."""
-    lines = []
-    if not costs:
-        return lines
-    ppl = costs.get("perplexity")
-    if ppl:
-        z = ((zeroshot or {}).get("cost") or {}).get("perplexity", {})
-        f = ((finetuned or {}).get("cost") or {}).get("perplexity", {})
-        lines.append(f"- perplexity on held-out general text ({z.get('source', '')}; {ppl['n']} documents): "
-                     f"{z.get('perplexity', float('nan')):.3f} → {f.get('perplexity', float('nan')):.3f}, change "
-                     f"{100 * ppl['relative_change']:+.1f}% (95% paired interval [{100 * ppl['interval'][0]:+.1f}%, "
-                     f"{100 * ppl['interval'][1]:+.1f}%], p {ppl['p_value']:.3g})")
-    for name, paired in (costs.get("controls") or {}).items():
-        gain = paired["gain"]
-        before = (((zeroshot or {}).get("cost") or {}).get("controls") or {}).get(name, {})
-        after = (((finetuned or {}).get("cost") or {}).get("controls") or {}).get(name, {})
-        line = (f"- control `{name}` ({paired['metric']}, n = {paired['n']}): {before.get('value', float('nan')):.4f} → "
-                f"{after.get('value', float('nan')):.4f}, change {gain['difference']:+.4f} (95% paired interval "
-                f"[{gain['interval'][0]:+.4f}, {gain['interval'][1]:+.4f}], p {gain['p_value']:.3g})")
-        if "mcnemar" in paired:
-            line += f"; exact McNemar p = {paired['mcnemar']['p_value']:.3g}"
-        lines.append(line)
-    return lines
-
-
-def cost_figures(costs: dict | None) -> dict:
-    """A run's costs as comparable columns: `cost_perplexity_change` (relative) and `cost_<control>_<metric>`
-    (the paired difference), each `value [low, high]` with its 95% interval (compare and sweep tables)."""
-    out = {}
-    ppl = (costs or {}).get("perplexity")
-    if ppl:
-        out["cost_perplexity_change"] = (f"{100 * ppl['relative_change']:+.1f}% [{100 * ppl['interval'][0]:+.1f}%, "
-                                         f"{100 * ppl['interval'][1]:+.1f}%] (n {ppl['n']})")
-    for name, paired in ((costs or {}).get("controls") or {}).items():
-        gain = paired["gain"]
-        out[f"cost_{name}_{paired['metric']}"] = (f"{gain['difference']:+.4f} [{gain['interval'][0]:+.4f}, "
-                                                  f"{gain['interval'][1]:+.4f}] (n {paired['n']})")
-    return out

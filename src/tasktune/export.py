@@ -24,10 +24,11 @@ def dataset_of(report: dict, task) -> tuple[str, str]:
     return task.name, f"local file {Path(report['data']['source'].split(', ')[0]).name}"
 
 
-def _merge_note(quantization: str | None, merged: bool, method: str = "lora") -> str:
-    if method == "full":
+def _merge_note(method, merged: bool) -> str:
+    """How the card's parameter count relates to the base, for `method` (a `methods.Method`)."""
+    if method.whole_model:
         return "; every weight trained, so the model has the base's count"
-    if quantization:
+    if method.quantization:
         return ("; trained on the base in 4-bit NF4 (bitsandbytes, double quantization); "
                 + ("merged into that 4-bit base dequantized (not into the original weights), so the model has the "
                    "base's count" if merged else "apply it to the same 4-bit base"))
@@ -113,13 +114,14 @@ def model_card(report: dict, name: str, merged: bool, task):
         datasets=[dataset_type] if dataset_type != task.name else None,
         pipeline_tag="text-generation", eval_results=eval_results(report, task))
     cfg = report["config"]
-    method = cfg["train"].get("method", "lora")
-    title = get_method(method).title
+    method = get_method(cfg["train"].get("method", "lora"))
+    title = method.title
     zs, ft = report.get("zeroshot") or {}, report.get("finetuned") or {}
     adapted = (report.get("parameters") or {}).get("adapted") or {}
     base_total = ((report.get("parameters") or {}).get("base") or {}).get("total")
     proto = report["protocol"]
-    what = "Full fine-tune" if method == "full" else f"Merged {title} fine-tune" if merged else f"{title} adapter"
+    what = ("Full fine-tune" if method.whole_model else f"Merged {title} fine-tune" if merged
+            else f"{title} adapter")
     body = [
         f"# {name}", "",
         f"{what} of {origin}, for {report['task']}, made with "
@@ -134,11 +136,11 @@ def model_card(report: dict, name: str, merged: bool, task):
         "## Parameters", "",
         f"- base model: {base_total:,} parameters" if base_total else "- base model: (not recorded)",
         f"- {title} (trainable): {adapted.get('trainable', 0):,} ({100 * adapted.get('trainable_share', 0):.3f}% of "
-        f"{adapted.get('total', 0):,})" + _merge_note(get_method(method).quantization, merged, method), "",
+        f"{adapted.get('total', 0):,})" + _merge_note(method, merged), "",
         "## Training", "",
         f"- data: `{report['data']['source']}` ({report['data'].get('train')} training examples, split seed "
         f"{cfg['data']['seed']})",
-        f"- objective `{cfg['train']['objective']}`, method `{method}`, {get_method(method).settings(cfg['train'])}",
+        f"- objective `{cfg['train']['objective']}`, method `{method.name}`, {method.settings(cfg['train'])}",
         f"- AdamW lr {cfg['train']['learning_rate']} ({cfg['train']['lr_scheduler']}), batch {cfg['train']['batch_size']}"
         f" × {cfg['train']['grad_accum']}, {report['training'].get('global_step')} steps, dtype {report['dtype']}",
         "", "```yaml", yaml.safe_dump(cfg, sort_keys=False).strip(), "```", "",
@@ -154,12 +156,14 @@ def model_card(report: dict, name: str, merged: bool, task):
 
 
 def export_run(run_dir: Path, out: Path, merge: bool = False, overwrite: bool = False) -> Path:
-    from tasktune.run_layout import RunLayout, is_full_fine_tune, load_adapted_model
+    from tasktune.models import load_adapted_model
+    from tasktune.methods import saves_whole_model
+    from tasktune.run_layout import RunLayout
 
-    run_dir = require_finished_run(Path(run_dir), needs=("report.json", "adapter"))
+    run_dir = require_finished_run(Path(run_dir), trained=True)
     layout = RunLayout(run_dir)
     adapter = layout.adapter
-    merge = merge or is_full_fine_tune(adapter)  # a full fine-tune is exported whole: it has no adapter
+    merge = merge or saves_whole_model(adapter)  # a full fine-tune is exported whole: it has no adapter
     report = json.loads(layout.report.read_text())
     check_outside(Path(out), {"run": run_dir, "model": report["model"]})
     staging = StagingDir(Path(out), overwrite=overwrite, kind="export")  # refuse a bad --out before loading

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from tasktune.errors import TasktuneError
-from tasktune.run_layout import FULL_WEIGHTS, read_adapter_base
+from tasktune.run_layout import FULL_WEIGHTS
 
 LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.default)?\.weight$")
 IA3_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.ia3_l(?:\.default)?$")
@@ -117,17 +117,6 @@ def module_type(module: str) -> str:
     return module.rsplit(".", 1)[-1]
 
 
-def analyse(base_path: str, adapter_dir: Path, rank_tol: float = 1e-6) -> dict:
-    """Counts, the method's formula check, and per-module ΔW statistics for one saved adapter."""
-    record = read_adapter_base(Path(adapter_dir))
-    if record.get("method") == "full":
-        return analyse_full(base_path, Path(adapter_dir))
-    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
-    if config.get("peft_type") == "IA3":
-        return analyse_ia3(base_path, Path(adapter_dir), config)
-    return analyse_lora(base_path, Path(adapter_dir), rank_tol)
-
-
 def _layer_order(module: str) -> tuple:
     return int(LAYER.search(module)[1]) if LAYER.search(module) else -1, module
 
@@ -140,7 +129,9 @@ def _by_type(modules: list[dict]) -> dict:
             for t, v in sorted(by_type.items())}
 
 
-def analyse_lora(base_path: str, adapter_dir: Path, rank_tol: float = 1e-6) -> dict:
+def analyse_lora(base_path: str, adapter_dir: Path, method, record: dict, rank_tol: float = 1e-6) -> dict:
+    """`method`: the LoRA-family method that saved the adapter (`methods.LoraFamily`); `record`: its
+    ADAPTER_BASE record."""
     pairs, meta = lora_pairs(adapter_dir)
     cfg = meta["config"]
     r, alpha = cfg["r"], cfg["lora_alpha"]
@@ -168,31 +159,29 @@ def analyse_lora(base_path: str, adapter_dir: Path, rank_tol: float = 1e-6) -> d
         raise TasktuneError(f"DoRA magnitude parameters {magnitudes} differ from the sum of output features "
                             f"{expected_magnitudes}")
     extra = sum(meta["other_tensors"].values()) - magnitudes
-    record = read_adapter_base(adapter_dir)
-    method = record.get("method") or ("qlora" if record.get("quantization") else "dora" if cfg.get("use_dora")
-                                      else "rslora" if cfg.get("use_rslora") else "lora")
     trained_rank = record.get("trained_rank", r)
     stored = counted + magnitudes
-    if method == "pissa":  # converted to plain LoRA: rank 2r holds B·A − B₀·A₀; r×(in+out) were trained
+    converted = method.saved_as_difference
+    if converted:  # saved as plain LoRA: rank 2r holds B·A − B₀·A₀; r×(in+out) were trained
         if r != 2 * trained_rank:
             raise TasktuneError(f"{adapter_dir}: a converted PiSSA adapter has rank 2×{trained_rank}, found {r}")
         counted, formula = counted // 2, formula // 2
     return {
-        "adapter": {"method": method, "r": trained_rank, "alpha": alpha if method != "pissa" else alpha / 2,
+        "adapter": {"method": method.name, "r": trained_rank, "alpha": alpha / 2 if converted else alpha,
                     "scale": scale, "target_modules": sorted({m["type"] for m in modules}),
                     "modules": len(modules), "parameters": counted + magnitudes, "formula": formula + magnitudes,
                     "formula_text": "r×(in+out)" + (" + out per target (DoRA magnitudes)" if magnitudes else ""),
                     "formula_matches": formula == counted and magnitudes == expected_magnitudes,
                     "magnitude_parameters": magnitudes, "other_trainable": extra, "stored_parameters": stored,
-                    "settings": f"r={trained_rank}, alpha={alpha if method != 'pissa' else alpha / 2:g} (scale "
+                    "settings": f"r={trained_rank}, alpha={alpha / 2 if converted else alpha:g} (scale "
                                 f"{scale:.3g})" + ("; saved converted to plain LoRA of rank "
-                                                   f"{r} on the original base" if method == "pissa" else "")},
+                                                   f"{r} on the original base" if converted else "")},
         "by_type": _by_type(modules),
         "modules": modules,
     }
 
 
-def analyse_ia3(base_path: str, adapter_dir: Path, cfg: dict) -> dict:
+def analyse_ia3(base_path: str, adapter_dir: Path, cfg: dict, method_name: str) -> dict:
     """IA3 multiplies a target's weight by a learned vector: its output rows (l of shape out×1) or, for a
     feedforward module, its input columns (1×in). ΔW = W ⊙ (l − 1), exactly, from the vector and the base."""
     scales, extra = {}, {}
@@ -224,7 +213,7 @@ def analyse_ia3(base_path: str, adapter_dir: Path, cfg: dict) -> dict:
                         "scale_min": float(scale.min()), "scale_max": float(scale.max())})
         del W
     return {
-        "adapter": {"method": "ia3", "target_modules": sorted({m["type"] for m in modules}),
+        "adapter": {"method": method_name, "target_modules": sorted({m["type"] for m in modules}),
                     "feedforward_modules": sorted(feedforward), "modules": len(modules), "parameters": counted,
                     "formula": formula, "formula_text": "out per target (in for feedforward targets)",
                     "formula_matches": formula == counted, "magnitude_parameters": 0,
@@ -234,7 +223,7 @@ def analyse_ia3(base_path: str, adapter_dir: Path, cfg: dict) -> dict:
     }
 
 
-def analyse_full(base_path: str, adapter_dir: Path) -> dict:
+def analyse_full(base_path: str, adapter_dir: Path, method_name: str) -> dict:
     """A full fine-tune: ΔW = W_tuned − W_base for every stored tensor, one pair in memory at a time. The count
     check: the fine-tune trained as many parameters as the base stores (plus a fresh classification head)."""
     base = BaseWeights(base_path)
@@ -275,7 +264,7 @@ def analyse_full(base_path: str, adapter_dir: Path) -> dict:
             del W, tuned
     formula = base.numel() + fresh
     return {
-        "adapter": {"method": "full", "target_modules": sorted({m["type"] for m in modules}), "modules": len(modules),
+        "adapter": {"method": method_name, "target_modules": sorted({m["type"] for m in modules}), "modules": len(modules),
                     "parameters": counted, "formula": formula, "formula_text": "every weight of the base"
                     + (" + the fresh classification head" if fresh else ""), "formula_matches": formula == counted,
                     "magnitude_parameters": 0, "other_trainable": fresh, "stored_parameters": counted,

@@ -28,6 +28,7 @@ base, and a sweep's shared base, stay as loaded.
 
 from __future__ import annotations
 
+import json
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -55,6 +56,12 @@ class Method(ABC):
     # (QLoRA: the dequantized 4-bit base; PiSSA: converted to the original base).
     evaluate_as_saved: bool = False
     refuses: dict = {}  # {objective: why}: objectives this method cannot train, refused before anything loads
+    whole_model: bool = False     # saved as the whole fine-tuned model (FULL_WEIGHTS), not as a peft adapter
+
+    @property
+    def records_its_base(self) -> bool:
+        """It writes ADAPTER_BASE beside its weights: they sit on another base than plain peft's (or none)."""
+        return bool(self.quantization) or self.whole_model
 
     @abstractmethod
     def peft_config(self, train_cfg, seqcls: bool):
@@ -75,12 +82,16 @@ class Method(ABC):
             write_json(Path(adapter_dir) / ADAPTER_BASE, record)
 
     def base_record(self, model, head: str) -> dict:
-        """What `run_layout.read_adapter_base` reads back: {} for a plain peft adapter."""
+        """What `read_adapter_base` reads back: {} for a plain peft adapter."""
         return {"method": self.name, "quantization": self.quantization} if self.quantization else {}
 
     @abstractmethod
     def expected_parameters(self, r: int, modules: list[tuple[str, tuple[int, int]]]) -> int:
         """The trainable count its formula gives for these targets: (module type, (out, in) weight shape)."""
+
+    @abstractmethod
+    def analyse(self, base_path: str, adapter_dir: Path, rank_tol: float = 1e-6) -> dict:
+        """params.json's analysis of weights this method saved: counts, its formula check, ΔW per module."""
 
     def settings(self, train_cfg: dict) -> str:
         """Its settings as the report and model card name them."""
@@ -105,6 +116,8 @@ class LoraFamily(Method):
     quantization: str | None = None                      # QLoRA: `nf4`, the base's linear layers in 4 bits
     own_base: bool = False
     evaluate_as_saved: bool = False
+    # PiSSA: saved as the difference from its initialisation, B·A − B₀·A₀, one LoRA of twice the trained rank.
+    saved_as_difference: bool = False
 
     def peft_config(self, train_cfg, seqcls: bool):
         from peft import LoraConfig
@@ -117,6 +130,11 @@ class LoraFamily(Method):
     def expected_parameters(self, r: int, modules: list[tuple[str, tuple[int, int]]]) -> int:
         return sum(r * (out + inp) + (out if self.magnitude_vectors else 0) for _, (out, inp) in modules)
 
+    def analyse(self, base_path: str, adapter_dir: Path, rank_tol: float = 1e-6) -> dict:
+        from tasktune.lora_delta import analyse_lora
+
+        return analyse_lora(base_path, Path(adapter_dir), self, read_adapter_base(adapter_dir), rank_tol)
+
 
 @dataclass(frozen=True)
 class PiSSA(LoraFamily):
@@ -127,6 +145,7 @@ class PiSSA(LoraFamily):
                         "residual); saved converted to plain LoRA of rank 2r on the original base")
     own_base: bool = True
     evaluate_as_saved: bool = True
+    saved_as_difference: bool = True
     # peft 0.21's conversion (save_pretrained with path_initial_model_for_weight_conversion) raises a KeyError on
     # a classification head's modules_to_save (`base_model.model.score.weight`): seen in the method tests.
     refuses: dict = field(default_factory=lambda: {"seqcls": "peft cannot convert a PiSSA adapter that carries a "
@@ -152,8 +171,12 @@ class PiSSA(LoraFamily):
         model.save_pretrained(adapter_dir, path_initial_model_for_weight_conversion=str(Path(work) / self.INITIAL))
         write_json(Path(adapter_dir) / ADAPTER_BASE, self.base_record(model, head))
 
+    @property
+    def records_its_base(self) -> bool:
+        return True
+
     def base_record(self, model, head: str) -> dict:
-        return {"method": "pissa", "trained_rank": int(model.peft_config["default"].r)}
+        return {"method": self.name, "trained_rank": int(model.peft_config["default"].r)}
 
 
 @dataclass(frozen=True)
@@ -163,6 +186,7 @@ class FullFineTune(Method):
     description: str = "every weight trained (fp32 master weights under the run's bf16/fp16 autocast)"
     own_base: bool = True
     master_dtype: str | None = "fp32"
+    whole_model: bool = True
 
     def peft_config(self, train_cfg, seqcls: bool):
         return None
@@ -178,10 +202,15 @@ class FullFineTune(Method):
         write_json(Path(adapter_dir) / ADAPTER_BASE, self.base_record(model, head))
 
     def base_record(self, model, head: str) -> dict:
-        return {"method": "full", "head": head}
+        return {"method": self.name, "head": head}
 
     def expected_parameters(self, r: int, modules: list[tuple[str, tuple[int, int]]]) -> int:
         return sum(math.prod(shape) for _, shape in modules)
+
+    def analyse(self, base_path: str, adapter_dir: Path, rank_tol: float = 1e-6) -> dict:
+        from tasktune.lora_delta import analyse_full
+
+        return analyse_full(base_path, Path(adapter_dir), self.name)
 
     def settings(self, train_cfg: dict) -> str:
         return "every weight"
@@ -204,6 +233,11 @@ class IA3(Method):
     def expected_parameters(self, r: int, modules: list[tuple[str, tuple[int, int]]]) -> int:
         return sum(inp if kind in FEEDFORWARD_NAMES else out for kind, (out, inp) in modules)
 
+    def analyse(self, base_path: str, adapter_dir: Path, rank_tol: float = 1e-6) -> dict:
+        from tasktune.lora_delta import analyse_ia3
+
+        return analyse_ia3(base_path, Path(adapter_dir), _adapter_config(adapter_dir), self.name)
+
     def settings(self, train_cfg: dict) -> str:
         return f"scale vectors on {', '.join(train_cfg['target_modules'])}"
 
@@ -221,6 +255,9 @@ class Prompting(Method):
 
     def expected_parameters(self, r: int, modules: list[tuple[str, tuple[int, int]]]) -> int:
         return 0
+
+    def analyse(self, base_path: str, adapter_dir: Path, rank_tol: float = 1e-6) -> dict:
+        raise TasktuneError(f"{adapter_dir}: prompting trains nothing, so it saves no weights to analyse")
 
     def settings(self, train_cfg: dict) -> str:
         return "no training"
@@ -256,3 +293,86 @@ for _method in (
     Prompting(),
 ):
     register_method(_method)
+
+
+# --- what a method saved: read back from a run's adapter/ -------------------------------------------------------
+
+# What ADAPTER_BASE may say: QLoRA's 4-bit base ({"quantization": "nf4"} alone before commit bdb1bbc), a PiSSA
+# adapter converted to plain LoRA on the original base, a full fine-tune's head.
+_ADAPTER_BASE_KEYS = {"method": str, "quantization": str, "trained_rank": int, "head": str}
+
+
+def read_adapter_base(adapter_dir: Path) -> dict:
+    """The ADAPTER_BASE record beside a run's trained weights ({} for a plain peft adapter), checked."""
+    path = Path(adapter_dir) / ADAPTER_BASE
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TasktuneError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(record, dict):
+        raise TasktuneError(f"{path}: expected a JSON object, got {type(record).__name__}")
+    for key, value in record.items():
+        expected = _ADAPTER_BASE_KEYS.get(key)
+        if expected is None or type(value) is not expected:
+            raise TasktuneError(f"{path}: key {key!r} is not one of {sorted(_ADAPTER_BASE_KEYS)} with its type "
+                                f"(got {value!r})")
+    writers = [m.name for m in METHODS.values() if m.records_its_base]
+    checks = {"quantization": ("nf4",), "method": writers, "head": ("causal_lm", "seqcls")}
+    for key, allowed in checks.items():
+        if key in record and record[key] not in allowed:
+            raise TasktuneError(f"{path}: {key} must be one of {list(allowed)}, got {record[key]!r}")
+    if "method" in record and METHODS[record["method"]].whole_model and "head" not in record:
+        raise TasktuneError(f"{path}: a full fine-tune's record needs its head (causal_lm or seqcls)")
+    return record
+
+
+def adapter_base_quantization(adapter_dir: Path) -> str | None:
+    """How the adapter's base was quantized for training (`nf4` for QLoRA), else None."""
+    return read_adapter_base(adapter_dir).get("quantization")
+
+
+def _adapter_config(adapter_dir: Path) -> dict:
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.is_file():
+        raise TasktuneError(f"{adapter_dir} is not an adapter directory (no adapter_config.json, and no "
+                            f"{ADAPTER_BASE} of a full fine-tune)")
+    return json.loads(path.read_text())
+
+
+def saved_method(adapter_dir: Path) -> Method:
+    """The method whose weights `adapter_dir` holds: the one its ADAPTER_BASE record names (QLoRA's records
+    before commit bdb1bbc name only the quantization); a plain peft adapter is told by its config (IA3, or the
+    LoRA variant whose options it carries)."""
+    record = read_adapter_base(adapter_dir)
+    if "method" in record:
+        return METHODS[record["method"]]
+    if record.get("quantization"):
+        return next(m for m in METHODS.values() if m.quantization == record["quantization"])
+    config = _adapter_config(adapter_dir)
+    if config.get("peft_type") == "IA3":
+        return next(m for m in METHODS.values() if isinstance(m, IA3))
+    variants = [m for m in METHODS.values() if isinstance(m, LoraFamily) and not m.records_its_base
+                and all(config.get(k) == v for k, v in m.lora_options.items())]
+    return max(variants, key=lambda m: len(m.lora_options))  # the most specific: DoRA's use_dora over LoRA
+
+
+def saves_whole_model(adapter_dir: Path) -> bool:
+    """adapter/ holds the whole fine-tuned model (`full`), not a peft adapter."""
+    named = METHODS.get(read_adapter_base(adapter_dir).get("method"))
+    return bool(named and named.whole_model)
+
+
+def adapter_head(adapter_dir: Path) -> str:
+    """`seqcls` for an adapter saved with a classification head, else `causal_lm`."""
+    if saves_whole_model(adapter_dir):
+        if not (Path(adapter_dir) / FULL_WEIGHTS).is_file():
+            raise TasktuneError(f"{adapter_dir} is a full fine-tune without its weights ({FULL_WEIGHTS})")
+        return read_adapter_base(adapter_dir)["head"]
+    return "seqcls" if _adapter_config(adapter_dir).get("task_type") == "SEQ_CLS" else "causal_lm"
+
+
+def analyse_saved(base_path: str, adapter_dir: Path, rank_tol: float = 1e-6) -> dict:
+    """params.json's analysis of a run's saved weights, by the method that saved them."""
+    return saved_method(adapter_dir).analyse(base_path, adapter_dir, rank_tol)

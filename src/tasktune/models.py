@@ -18,6 +18,7 @@ import torch
 
 from tasktune.cache import cache_dir  # noqa: F401 (also imported from here)
 from tasktune.device import compute_device, place
+from tasktune.run_layout import FULL_WEIGHTS
 from tasktune.errors import TasktuneError
 from tasktune.rundir import sha256_file
 
@@ -280,3 +281,45 @@ def count_parameters(model: torch.nn.Module) -> dict:
     trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
     return {"total": total, "trainable": trainable,
             "trainable_share": trainable / total if total else 0.0}
+
+
+@dataclass
+class AdaptedModel:
+    model: object          # the base wrapped with the run's adapter (peft), or the fully fine-tuned model
+    head: str              # causal_lm | seqcls
+    lm: object | None      # the LoadedModel of the base, when this call loaded it
+    base_parameters: int   # the base's parameter count before the adapter was added
+
+
+def load_adapted_model(adapter_dir: Path, model: str, dtype: str, num_labels: int = 2, base=None,
+                       trust_remote_code: bool = False) -> AdaptedModel:
+    """A finished run's model: its base (loaded here, or `base` when a causal-LM base is already loaded; a
+    seqcls head always loads its own) with the run's adapter, the one way every command loads it. A full
+    fine-tune is a base of its own with every weight replaced by the run's."""
+    from peft import PeftModel
+
+    from tasktune.methods import adapter_head, read_adapter_base, saves_whole_model
+
+    head = adapter_head(adapter_dir)
+    record = read_adapter_base(adapter_dir)
+    if saves_whole_model(adapter_dir):
+        from safetensors.torch import load_model as load_weights
+
+        lm = load_model(model, dtype, head=head, num_labels=num_labels, trust_remote_code=trust_remote_code)
+        count = count_parameters(lm.model)["total"]
+        try:
+            load_weights(lm.model, Path(adapter_dir) / FULL_WEIGHTS)  # strict: every weight, the same shapes
+        except RuntimeError as exc:
+            reason = " ".join(str(exc).split())[:300]
+            raise TasktuneError(f"{Path(adapter_dir) / FULL_WEIGHTS}: the fine-tuned weights do not fit the base "
+                                f"model {model!r}: {reason}") from exc
+        return AdaptedModel(lm.model, head, lm, count)
+    quantized = record.get("quantization")
+    lm = None
+    if base is None or head == "seqcls" or quantized:
+        # A QLoRA adapter goes onto the 4-bit base it was trained on, dequantized (then merged like LoRA).
+        lm = load_model(model, dtype, head=head, num_labels=num_labels, trust_remote_code=trust_remote_code,
+                        quantization=f"{quantized}-dequantized" if quantized else None)
+        base = lm.model
+    count = count_parameters(base)["total"]
+    return AdaptedModel(PeftModel.from_pretrained(base, adapter_dir), head, lm, count)

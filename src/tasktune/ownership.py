@@ -29,17 +29,16 @@ from pathlib import Path
 from tasktune.atomic import write_bytes, write_json
 from tasktune.cache import cache_dir
 from tasktune.errors import TasktuneError
+from tasktune.run_layout import RunLayout
 
 MARKER = ".tasktune"
 LOCK_SUFFIX = ".lock"
 
-# What tasktune writes at the top of each kind of directory it makes (run_layout.RunLayout, the sweep's files):
+# What tasktune writes at the top of each kind of directory it makes (a run's: its RunLayout; the sweep's files):
 # in an unfinished directory, whose files change between seals (checkpoints rotate), only these are tasktune's; a
 # finished directory's manifest lists only files under them. Anything else in it is the user's.
 LAYOUTS = {
-    "run": {"recipe.yaml", "stages.json", "fingerprint.json", "split.json", "task.yaml", "run.json", "memory.json",
-            "run.log", "zeroshot", "finetuned", "adapter", "train", "params.json", "report.json", "report.md",
-            "report.html", "plots"},
+    "run": RunLayout.top_level_names(),
     "sweep": {"spec.json", "fingerprint.json", "study.db", "study.db-journal", "study.db-wal", "study.db-shm",
               "trials", "test", "leaderboard.json", "leaderboard.md", "sweep.json", "report.md", "report.html",
               "plots"},

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from tasktune.lora_delta import analyse, frozen_check
-from tasktune.run_layout import adapter_base_quantization
+from tasktune.lora_delta import frozen_check
+from tasktune.methods import adapter_base_quantization, saved_method
 from tasktune.errors import TasktuneError
 from tasktune.models import count_parameters
 from tasktune.rundir import write_json
@@ -17,13 +17,14 @@ from tasktune.rundir import write_json
 def parameter_report(base_path: str, adapter_dir: Path, base_count: int, merged_model) -> dict:
     """`base_count`: parameters of the model before LoRA was added (with its fresh head for seqcls);
     `merged_model`: the adapted model after `merge_and_unload` (in memory, any dtype)."""
-    analysis = analyse(base_path, adapter_dir)
+    method = saved_method(adapter_dir)
+    analysis = method.analyse(base_path, adapter_dir)
     merged = count_parameters(merged_model)["total"]
     if merged != base_count:
         raise AssertionError(f"merged model has {merged:,} parameters, base has {base_count:,}: merging must "
                              "not change the parameter count")
     modules = {m["module"] for m in analysis["modules"]}
-    if analysis["adapter"]["method"] == "full":  # every weight was trained: any may differ from the base
+    if method.whole_model:  # every weight was trained: any may differ from the base
         modules = {name.rsplit(".", 1)[0] for name in merged_model.state_dict()}
     reference = None
     if adapter_base_quantization(adapter_dir):
@@ -41,21 +42,11 @@ def parameter_report(base_path: str, adapter_dir: Path, base_count: int, merged_
             "frozen": frozen, "analysis": analysis}
 
 
-def adapter_section(params: dict) -> dict:
-    """params.json's adapter summary; runs written before 2026-12-02 named it `lora`, with `rank_formula`."""
-    analysis = params["analysis"]
-    if "adapter" in analysis:
-        return analysis["adapter"]
-    old = analysis["lora"]
-    return {**old, "formula": old["rank_formula"], "formula_matches": old["rank_formula_matches"],
-            "formula_text": "r×(in+out)" + (" + out per target (DoRA magnitudes)"
-                                           if old.get("magnitude_parameters") else "")}
-
-
 def params_for_run(run_dir: Path) -> dict:
     """Recompute params.json for an existing run directory (`tasktune params RUN_DIR`)."""
     from tasktune.infer import merge_for_inference
-    from tasktune.run_layout import RunLayout, load_adapted_model
+    from tasktune.models import load_adapted_model
+    from tasktune.run_layout import RunLayout
 
     layout = RunLayout(run_dir)
     if not layout.report.is_file() or not layout.adapter.is_dir():

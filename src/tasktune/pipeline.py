@@ -25,10 +25,10 @@ from tasktune.infer import merge_for_inference, unwrap
 from tasktune.data.split import overlap_warning
 from tasktune.errors import TasktuneError
 from tasktune.memory import MemoryLog, StepMemory
-from tasktune.models import LoadedModel, count_parameters, load_model, model_identity
+from tasktune.models import LoadedModel, count_parameters, load_adapted_model, load_model, model_identity
 from tasktune.param_report import parameter_report
-from tasktune.methods import get_method
-from tasktune.run_layout import RunLayout, adapter_head, load_adapted_model
+from tasktune.methods import adapter_head, get_method
+from tasktune.run_layout import RunLayout
 from tasktune.runlog import RunLog
 from tasktune.rundir import RunDir, write_json, write_jsonl, write_text
 from tasktune.tasks import PromptBuilder, get_task
@@ -608,8 +608,7 @@ def evaluate_run(run_dir: Path, out: Path, data_path: str | None = None, overwri
 
     from tasktune.ownership import check_outside
 
-    run_dir = require_finished_run(Path(run_dir), needs=("report.json", "adapter",
-                                                         "train/summary.json"))
+    run_dir = require_finished_run(Path(run_dir), trained=True)
     check_outside(Path(out), {"run": run_dir, "data": data_path})
     staging = StagingDir(Path(out), overwrite=overwrite)  # refuse a bad --out before loading anything
     # The task as the run recorded it, wherever the user's spec file is now.

@@ -13,9 +13,8 @@ from pathlib import Path
 from tasktune import plots
 from tasktune.html_page import markdown_to_html
 from tasktune.rundir import write_json, write_text
-from tasktune.costs import cost_lines, paired_costs
-from tasktune.param_report import adapter_section
-from tasktune.run_layout import RunLayout
+from tasktune.cost_report import cost_lines, paired_costs
+from tasktune.run_layout import RunLayout, read_jsonl
 
 
 def _fmt(value) -> str:
@@ -89,8 +88,9 @@ def write_report(run_dir: Path) -> dict:
 
 def paired_comparison(run_dir: Path, task) -> dict:
     """Zero-shot vs fine-tuned on the same test examples (the task's paired tests), from the run's files."""
-    return task.paired(_read_jsonl(RunLayout(run_dir).stage_predictions("zeroshot")),
-                       _read_jsonl(RunLayout(run_dir).stage_predictions("finetuned")))
+    layout = RunLayout(run_dir)
+    return task.paired(read_jsonl(layout.stage_predictions("zeroshot"), missing_ok=True),
+                       read_jsonl(layout.stage_predictions("finetuned"), missing_ok=True))
 
 
 def paired_lines(paired: dict | None) -> list[str]:
@@ -135,14 +135,11 @@ def task_of_run(run_dir: Path, report: dict):
                     config["eval"]["max_prompt_tokens"])
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
-
-
 def changed_examples(run_dir: Path, task, limit: int = 200) -> dict[str, list[dict]]:
     """Test examples whose outcome changed between zero-shot and fine-tuned, in both directions."""
-    before = {r["id"]: r for r in _read_jsonl(RunLayout(run_dir).stage_predictions("zeroshot"))}
-    after = {r["id"]: r for r in _read_jsonl(RunLayout(run_dir).stage_predictions("finetuned"))}
+    layout = RunLayout(run_dir)
+    before = {r["id"]: r for r in read_jsonl(layout.stage_predictions("zeroshot"), missing_ok=True)}
+    after = {r["id"]: r for r in read_jsonl(layout.stage_predictions("finetuned"), missing_ok=True)}
     fixed, broken = [], []
     for qid, new in after.items():
         old = before.get(qid)
@@ -299,6 +296,17 @@ def render_markdown(report, task, params, figures, changes, history: list[dict],
               "## Versions", "", *(f"- {k}: {v}" for k, v in report["versions"].items()), "",
               "## Configuration", "", "```json", json.dumps(report["config"], indent=1), "```", ""]
     return "\n".join(lines)
+
+
+def adapter_section(params: dict) -> dict:
+    """params.json's adapter summary; runs written before 2026-12-02 named it `lora`, with `rank_formula`."""
+    analysis = params["analysis"]
+    if "adapter" in analysis:
+        return analysis["adapter"]
+    old = analysis["lora"]
+    return {**old, "formula": old["rank_formula"], "formula_matches": old["rank_formula_matches"],
+            "formula_text": "r×(in+out)" + (" + out per target (DoRA magnitudes)"
+                                           if old.get("magnitude_parameters") else "")}
 
 
 def bought_and_cost(report: dict, task) -> list[str]:

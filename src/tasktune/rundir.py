@@ -21,6 +21,7 @@ import yaml
 from tasktune.atomic import fsync_dir as _fsync_dir
 from tasktune.atomic import write_bytes, write_json, write_jsonl, write_text  # noqa: F401 (the writers' home)
 from tasktune.errors import TasktuneError
+from tasktune.run_layout import RunLayout
 from tasktune.ownership import MARKER, check_replaceable, protected, read_marker, seal, sha256_file  # noqa: F401
 
 
@@ -243,24 +244,24 @@ class RunDir:
             remove_ours(self.work, allow_partial=True)
 
     def _same_config(self, folder: Path) -> bool:
-        path = folder / "recipe.yaml"
+        path = RunLayout(folder).recipe
         return path.is_file() and path.read_text() == self.config_text
 
     def start(self) -> Path:
         if not self.resumed:
             self.work.mkdir(parents=True)
             mark_as_ours(self.work, "run")
-            write_text(self.work / "recipe.yaml", self.config_text)
-            write_json(self.work / "stages.json", {"done": []})
+            write_text(RunLayout(self.work).recipe, self.config_text)
+            write_json(RunLayout(self.work).stages, {"done": []})
         return self.work
 
     def done(self, stage: str) -> bool:
-        return stage in json.loads((self.work / "stages.json").read_text())["done"]
+        return stage in json.loads(RunLayout(self.work).stages.read_text())["done"]
 
     def mark(self, stage: str) -> None:
-        stages = json.loads((self.work / "stages.json").read_text())
+        stages = json.loads(RunLayout(self.work).stages.read_text())
         stages["done"].append(stage)
-        write_json(self.work / "stages.json", stages)
+        write_json(RunLayout(self.work).stages, stages)
 
     before_finish = None  # called just before the directory is sealed (the pipeline closes run.log there)
 
@@ -275,8 +276,9 @@ class RunDir:
             self.lock.release()
 
 
-def require_finished_run(run_dir: Path, needs: tuple[str, ...] = ("report.json",)) -> Path:
-    """The run directory, or a one-line error saying why it is not a finished tasktune run."""
+def require_finished_run(run_dir: Path, trained: bool = False) -> Path:
+    """The run directory, or a one-line error saying why it is not a finished tasktune run (`trained`: one whose
+    trained weights and training summary are there too)."""
     run_dir = Path(run_dir)
     partial = run_dir.parent / f".{run_dir.name}.partial"
     if not run_dir.is_dir():
@@ -284,7 +286,8 @@ def require_finished_run(run_dir: Path, needs: tuple[str, ...] = ("report.json",
         raise TasktuneError(f"{run_dir} is not a directory{hint}")
     if run_dir.name.endswith(".partial"):
         raise TasktuneError(f"{run_dir} is an unfinished run: re-run its command to resume it first")
-    missing = [name for name in ("recipe.yaml", "stages.json", *needs) if not (run_dir / name).exists()]
+    missing = [path.relative_to(run_dir).as_posix() for path in RunLayout(run_dir).finished_paths(trained)
+               if not path.exists()]
     if missing:
         raise TasktuneError(f"{run_dir} is not a finished tasktune run (missing {', '.join(missing)})")
     return run_dir

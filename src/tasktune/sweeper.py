@@ -433,8 +433,10 @@ class Trials:
 
     def perplexity_increase(self, p, model, head: str) -> dict | None:
         """The trial model's perplexity on held-out general text against the base model's, paired over
-        documents (`costs.perplexity_change`); None for a model without its LM head (a classification head)."""
+        documents (`metrics.perplexity.perplexity_change`); None for a model without its LM head (a
+        classification head)."""
         from tasktune import costs
+        from tasktune.metrics.perplexity import perplexity_change
 
         if head != "causal_lm":
             return None
@@ -447,7 +449,7 @@ class Trials:
             documents, _ = costs.held_out_documents(base.recipe, base.examples, split_rows)
             self._base_perplexity = documents, costs.document_nll(self.base.lm.model, self.base.lm.tokenizer, documents)
         documents, base_nll = self._base_perplexity
-        change = costs.perplexity_change(base_nll, costs.document_nll(model, p.lm.tokenizer, documents))
+        change = perplexity_change(base_nll, costs.document_nll(model, p.lm.tokenizer, documents))
         return {k: change[k] for k in ("relative_change", "interval", "p_value", "n")}
 
     def train_features(self, p) -> list[dict]:
@@ -735,7 +737,7 @@ def evaluate_test(p, model, out_dir: Path, head: str = "causal_lm") -> dict:
 
 def finish(spec: SweepSpec, sweep_dir: Path, study, prepared) -> dict:
     """Winner by validation; then the test set, once each: zero-shot, winner, base recipe."""
-    from tasktune.report import _read_jsonl
+    from tasktune.run_layout import read_jsonl
     from tasktune.rundir import write_json, write_text
 
     board = leaderboard(study)
@@ -771,8 +773,8 @@ def finish(spec: SweepSpec, sweep_dir: Path, study, prepared) -> dict:
     paired = {}
     for role in ("base", "zeroshot"):
         if role in results and not (role == "base" and base_row and base_row["trial"] == winner["trial"]):
-            other = _read_jsonl(test / role / "predictions.jsonl")
-            paired[f"winner_vs_{role}"] = prepared.task.paired(other, _read_jsonl(test / "winner" / "predictions.jsonl"))
+            other = read_jsonl(test / role / "predictions.jsonl")
+            paired[f"winner_vs_{role}"] = prepared.task.paired(other, read_jsonl(test / "winner" / "predictions.jsonl"))
     within = (f" among trials with {spec.constraint} (perplexity on held-out general text against the base "
               "model, no test data)") if spec.constraint else ""
     result = {"name": spec.name, "selection": "highest validation "

@@ -67,3 +67,20 @@ def get_task(name_or_path: str, verbalizers: list[str] | None = None, max_prompt
     if verbalizers:
         raise TasktuneError(f"eval.verbalizers applies to tasks with labels, not to {spec.name!r} ({spec.type})")
     return kind(spec, max_prompt_tokens)
+
+
+# The general text `eval.perplexity: embedded` measures on: the Wikipedia paragraphs of this shipped task's data
+# (the package's copy, or $TASKTUNE_DATA_DIR/squad_v2/), a shipped task's data read as plain text.
+GENERAL_TEXT_TASK = "squad_v2"
+
+
+def general_text_paragraphs() -> tuple[dict[str, str | None], str]:
+    """({paragraph: its article's title}, where they came from), in the data's order."""
+    from tasktune.data import squad
+    from tasktune.tasks.spec import load_spec
+
+    rows, origin = squad.load(load_spec(GENERAL_TEXT_TASK), None)
+    title_of: dict[str, str | None] = {}
+    for row in rows:
+        title_of[row["context"]] = row.get("title")
+    return title_of, origin
