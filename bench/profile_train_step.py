@@ -39,7 +39,9 @@ def build_step(model_name: str, batch: int, quick: bool):
     builder = PromptBuilder(task, lm.tokenizer)
     rows = rows_for(batch, quick)
     label_ids = task.label_token_ids(builder, rows[0])
-    features = task.train_features(builder, rows, "label_lm", 64, label_ids)
+    from tasktune.losses import get_objective
+
+    features = task.train_features(builder, rows, get_objective("label_lm"), 64, label_ids)
     inputs = LeftPadCollator(lm.tokenizer.pad_token_id)(features)
     model = add_lora(lm.model, TrainConfig(lora_r=16, lora_alpha=32, lora_dropout=0.0), "label_lm")
     model.train()
@@ -151,17 +153,17 @@ def padding_shares(recipe_name: str, batch_sizes: list[int]) -> str:
 
     from tasktune.config import load_recipe
     from tasktune.models import load_tokenizer, resolve_model_path
-    from tasktune.pipeline import sample
     from tasktune.tasks import PromptBuilder, get_task
 
     recipe = load_recipe(recipe_name)
     task = get_task(recipe.task, recipe.eval.verbalizers, recipe.eval.max_prompt_tokens)
     rows, _ = task.load(recipe.data.path)
     by_id = {r["id"]: r for r in rows}
-    train = sample([by_id[i] for i in task.split(rows, recipe.data)["train"]], recipe.data.limit_train,
-                   recipe.data.seed)
+    train = task.training_sample([by_id[i] for i in task.split(rows, recipe.data)["train"]], recipe.data)
     builder = PromptBuilder(task, load_tokenizer(resolve_model_path(recipe.model)), recipe.eval.prompt_format)
-    features = task.train_features(builder, train, recipe.train.objective, recipe.train.max_length,
+    from tasktune.losses import get_objective
+
+    features = task.train_features(builder, train, get_objective(recipe.train.objective), recipe.train.max_length,
                                    task.label_token_ids(builder, train[0]))
     lengths = [len(f["input_ids"]) for f in features]
     table = []

@@ -90,7 +90,9 @@ def worker(config: str, model: str, batch: int, steps: int, warmup: int, seq_len
         random.Random(0).shuffle(examples)
         examples = examples[: batch * (steps + warmup)]
         # Both configs train on the same features: token labels on the verbalizer's tokens only.
-        features = task.train_features(builder, examples, "lm", seq_len, None)
+        from tasktune.losses import get_objective
+
+        features = task.train_features(builder, examples, get_objective("lm"), seq_len, None)
         model_ = add_lora(lm.model, TrainConfig(lora_r=16, lora_alpha=32, lora_dropout=0.0), "lm")
         timer = timer_callback(warmup)
         args = common_args(tmp + "/out", steps + warmup, batch)

@@ -54,7 +54,9 @@ def features_for(model: str, rows: list[dict], max_length: int, pad_to: int | No
     lm = load_model(model, "auto")
     task = get_task("squad_v2")
     builder = PromptBuilder(task, lm.tokenizer)
-    features = task.train_features(builder, rows, "answer", max_length)
+    from tasktune.losses import get_objective
+
+    features = task.train_features(builder, rows, get_objective("answer"), max_length)
     if pad_to:  # the tutorial: right-pad everything to max_length
         pad = lm.tokenizer.pad_token_id
         features = [{"input_ids": f["input_ids"] + [pad] * (pad_to - len(f["input_ids"])),

@@ -150,7 +150,9 @@ def worker_tasktune(model: str, rows: list[dict], batch: int, steps: int, warmup
     task = get_task("sst2")
     builder = PromptBuilder(task, lm.tokenizer)
     label_ids = task.label_token_ids(builder, rows[0])
-    features = task.train_features(builder, rows, objective, seq_len, label_ids)
+    from tasktune.losses import get_objective
+
+    features = task.train_features(builder, rows, get_objective(objective), seq_len, label_ids)
     model_ = add_lora(lm.model, TrainConfig(lora_r=16, lora_alpha=32, lora_dropout=0.0), objective)
     timer = timer_callback(warmup)
     with tempfile.TemporaryDirectory() as out:

@@ -129,29 +129,42 @@ def test_an_unregistered_objective_is_refused(tiny_llama, sst2_tsv, tmp_path, ca
 
 @pytest.fixture
 def toy_task_type(tmp_path):
-    """A task type from outside src/: sentiment scored by the classification machinery, under its own name."""
+    """The task type of tests/toy_first_word.py (one file, one registration), and a spec that names it."""
+    import toy_first_word
+
     from tasktune.tasks import base
-    from tasktune.tasks.classification import ClassificationTask
-    from tasktune.tasks.spec import shipped
 
-    class ToySentiment(ClassificationTask):
-        type_name = type = "toy_sentiment"
-        split_policies = ("row", "sentence")
-
-    base.register_task_type(ToySentiment)
-    spec = tmp_path / "toy.yaml"
-    text = shipped()["sst2"].read_text()
-    spec.write_text(re.sub(r"(?m)^type: .*$", "type: toy_sentiment", text).replace("name: sst2", "name: toy"))
-    yield spec
-    base.TASK_TYPES.pop("toy_sentiment")
+    toy_first_word.register()
+    yield toy_first_word.write_spec(tmp_path / "first_word.yaml")
+    base.TASK_TYPES.pop(toy_first_word.FirstWordTask.type_name)
 
 
-def test_a_task_type_registered_from_outside_runs_end_to_end(tiny_llama, sst2_tsv, tmp_path, toy_task_type):
-    assert main(run_args(tiny_llama, sst2_tsv, tmp_path, "toytask", f"task={toy_task_type}",
-                         "train.objective=verbalizer", "data.split_by=row")) == 0
-    report = json.loads((tmp_path / "toytask" / "report.json").read_text())
-    assert report["task_type"] == "toy_sentiment" and report["split"]["split_by"] == "row"
-    assert report["finetuned"]["score"]["n"] > 0
+def test_a_task_type_in_one_file_runs_every_stage(tiny_llama, sst2_tsv, tmp_path, toy_task_type):
+    """Zero-shot, training, the same protocol again, the paired test, report, compare, export and `eval --run`
+    for a type that implements only the contract's core."""
+    assert main(run_args(tiny_llama, sst2_tsv, tmp_path, "toytask", f"task={toy_task_type}", "train.objective=lm",
+                         "eval.limit_generate=null", protocols="generate")) == 0
+    run = tmp_path / "toytask"
+    report = json.loads((run / "report.json").read_text())
+    assert report["task_type"] == "toy_first_word" and report["split"]["split_by"] == "row"
+    tested = report["split"]["overlap"]["test_rows"]
+    assert report["finetuned"]["generate"]["n"] == report["zeroshot"]["generate"]["n"] == tested > 0
+    assert report["paired"]["generate"]["n"] == tested and "mcnemar" in report["paired"]["generate"]
+    assert "| exact |" in (run / "report.md").read_text()
+    assert main(["compare", str(run), str(run), "--out", str(tmp_path / "cmp")]) == 0
+    assert "finetuned_generate_exact" in (tmp_path / "cmp" / "compare.md").read_text()
+    assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 0
+    assert "exact" in (tmp_path / "export" / "README.md").read_text()
+    assert main(["eval", "--run", str(run), "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert again["generate"]["exact"] == report["finetuned"]["generate"]["exact"]
+
+
+def test_the_toy_task_type_is_one_file():
+    """Everything the toy type is lives in tests/toy_first_word.py: no other file names it."""
+    hits = [str(p.relative_to(ROOT)) for folder in ("src", "tests") for p in (ROOT / folder).rglob("*.py")
+            if "toy_first_word" in p.read_text() and p.name not in ("toy_first_word.py", "test_contracts.py")]
+    assert hits == []
 
 
 def test_the_default_objective_follows_the_verbalizers(tiny_llama, sst2_tsv, tmp_path):
@@ -369,7 +382,7 @@ def test_each_shipped_cpu_recipe_has_held_out_perplexity_documents(name):
     """The shipped recipes measure perplexity on the embedded paragraphs: each gets its documents, none of them
     a context of one of its examples (the SQuAD recipe reads every embedded paragraph's file, so only its
     unused paragraphs qualify). Red when the documents were taken from files the run does not read: none."""
-    from tasktune import pipeline, recipes
+    from tasktune import recipes
     from tasktune.config import load_recipe
     from tasktune.costs import held_out_documents
     from tasktune.tasks import get_task
@@ -379,7 +392,7 @@ def test_each_shipped_cpu_recipe_has_held_out_perplexity_documents(name):
     rows, _ = task.load(recipe.data.path)
     by_id = {r["id"]: r for r in rows}
     examples = {part: [by_id[i] for i in ids] for part, ids in task.split(rows, recipe.data).items()}
-    examples = pipeline.sampled_parts(examples, recipe.data)
+    examples = task.sampled_parts(examples, recipe.data)
     docs, origin = held_out_documents(recipe, examples)
     assert len(docs) == recipe.eval.perplexity_docs >= 50  # the recipe gets the documents it asks for
     used = {r["context"] for part in examples.values() for r in part if "context" in r}

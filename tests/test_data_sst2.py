@@ -193,10 +193,9 @@ def test_real_sst2_file(shared_data):
 def test_training_sample_takes_the_share_of_whole_sentences_asked_for():
     """data.train_sentences: that share of the sampled training rows are whole sentences, exactly; where one
     kind runs out the sample shrinks rather than drift back to the file's mix. Red when the share is ignored."""
-    from tasktune.pipeline import training_sample
-
     rows = phrase_rows()
     task = get_task("sst2")
+    training_sample = task.training_sample
     split = task.split(rows, DataConfig(seed=1, val_size=60))
     by_id = {r["id"]: r for r in rows}
     train = [by_id[i] for i in split["train"]]
@@ -219,8 +218,7 @@ def test_training_sample_takes_the_share_of_whole_sentences_asked_for():
 
 
 def test_train_sentences_needs_sentence_flags():
-    from tasktune.pipeline import training_sample
-
+    training_sample = get_task("sst2").training_sample
     rows = [{"id": i, "text": f"row {i}", "label": i % 2} for i in range(10)]
     with pytest.raises(TasktuneError, match="data.train_sentences=0.5 needs a sentence-split"):
         training_sample(rows, DataConfig(train_sentences=0.5, limit_train=4))

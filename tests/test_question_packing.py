@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from tasktune.losses import get_objective
 from tasktune.config import load_recipe
 from tasktune.errors import TasktuneError
 from tasktune.losses import objective_loss
@@ -47,8 +48,8 @@ def qa(tiny_llama):
 def test_each_question_is_trained_once_in_rows_of_one_context(qa):
     task, builder = qa
     examples = questions(6)
-    single = task.train_features(builder, examples, "answer", 256)
-    packed = task.train_features(builder, examples, "answer", 256, questions_per_context=4)
+    single = task.train_features(builder, examples, get_objective("answer"), 256)
+    packed = task.train_features(builder, examples, get_objective("answer"), 256, questions_per_context=4)
     assert len(single) == 12 and len(packed) == 4  # 6 questions per context: rows of 4 and 2
     assert [len(answer_spans(row)) for row in packed] == [4, 2, 4, 2]
     # Every answer once, each the answer its own row would train.
@@ -74,18 +75,18 @@ def test_the_evaluated_position_sees_unanswerable_questions_at_their_share(qa):
             answer = [] if i >= 6 else ["Paris"]
             examples.append({"id": f"{c}-{i}", "title": f"T{c}", "context": f"Paris is number {c} .",
                              "question": f"question {i} ?", "answers": answer, "answer_starts": [0] if answer else []})
-    packed = task.train_features(builder, examples, "answer", 256, questions_per_context=4)
+    packed = task.train_features(builder, examples, get_objective("answer"), 256, questions_per_context=4)
     abstain = task._answer_tokens(builder, examples[7])
     first = [answer_spans(row)[0] == abstain for row in packed]
     assert len(first) == 80 and 0.12 <= sum(first) / len(first) <= 0.4
-    assert task.train_features(builder, examples, "answer", 256, questions_per_context=4) == packed  # seeded
+    assert task.train_features(builder, examples, get_objective("answer"), 256, questions_per_context=4) == packed  # seeded
 
 
 def test_rows_never_exceed_max_length_and_lose_no_question(qa):
     task, builder = qa
     examples = questions(6)
-    one = max(len(f["input_ids"]) for f in task.train_features(builder, examples, "answer", 256))
-    packed = task.train_features(builder, examples, "answer", one + 12, questions_per_context=6)
+    one = max(len(f["input_ids"]) for f in task.train_features(builder, examples, get_objective("answer"), 256))
+    packed = task.train_features(builder, examples, get_objective("answer"), one + 12, questions_per_context=6)
     assert max(len(f["input_ids"]) for f in packed) <= one + 12
     assert sum(len(answer_spans(f)) for f in packed) == len(examples)
     assert len(packed) > 2  # the budget split each context's six questions over several rows
@@ -99,8 +100,8 @@ def test_a_packed_row_trains_its_first_question_as_a_row_of_its_own(tiny_models)
     builder = PromptBuilder(task, lm.tokenizer)
     examples = [ex for ex in questions(3) if ex["title"] == "Paris"]
     collate = LeftPadCollator(lm.tokenizer.pad_token_id)
-    (packed,) = task.train_features(builder, examples, "answer", 256, questions_per_context=3)
-    (alone,) = [one for one in task.train_features(builder, examples, "answer", 256)
+    (packed,) = task.train_features(builder, examples, get_objective("answer"), 256, questions_per_context=3)
+    (alone,) = [one for one in task.train_features(builder, examples, get_objective("answer"), 256)
                 if packed["input_ids"][:len(one["input_ids"])] == one["input_ids"]]
     first_only = dict(packed, labels=[lab if i < len(alone["labels"]) else -100
                                       for i, lab in enumerate(packed["labels"])])

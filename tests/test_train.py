@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tasktune.losses import get_objective
 from tasktune.config import TrainConfig
 from tasktune.infer import classify
 from tasktune.models import load_model
@@ -41,7 +42,7 @@ def test_objective_trains_and_changes_only_lora(tiny_models, tmp_path, arch, obj
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     train = rows(48)
-    features = task.train_features(builder, train, objective, 64, label_ids)
+    features = task.train_features(builder, train, get_objective(objective), 64, label_ids)
     val = rows(16, seed=1)
     summary = fit(model, lm.tokenizer, features, features[:1], cfg, tmp_path, objective,
                   lambda m: validation(task, m, builder, val, head), "accuracy", label_ids)
@@ -61,7 +62,7 @@ def test_objective_trains_and_changes_only_lora(tiny_models, tmp_path, arch, obj
 def test_verbalizer_loss_equals_full_logit_cross_entropy_on_label_rows(tiny_models):
     lm, task, builder, label_ids, _ = setup(tiny_models["gemma2"], "verbalizer")  # soft-capped logits
     batch_rows = rows(6)
-    features = task.train_features(builder, batch_rows, "verbalizer", 64, label_ids)
+    features = task.train_features(builder, batch_rows, get_objective("verbalizer"), 64, label_ids)
     batch = LeftPadCollator(lm.tokenizer.pad_token_id)(features)
     trainer = TaskTrainer.__new__(TaskTrainer)
     trainer.objective, trainer.label_token_ids = "verbalizer", label_ids
@@ -81,9 +82,9 @@ def test_label_lm_loss_equals_the_lm_objective_loss(tiny_models, arch):
     lm, task, builder, label_ids, _ = setup(tiny_models[arch], "label_lm")
     collate = LeftPadCollator(lm.tokenizer.pad_token_id)
     batch_rows = rows(6)
-    label_lm = objective_loss(lm.model, collate(task.train_features(builder, batch_rows, "label_lm", 64, label_ids)),
+    label_lm = objective_loss(lm.model, collate(task.train_features(builder, batch_rows, get_objective("label_lm"), 64, label_ids)),
                               "label_lm", label_ids)
-    lm_batch = collate(task.train_features(builder, batch_rows, "lm", 64, label_ids))
+    lm_batch = collate(task.train_features(builder, batch_rows, get_objective("lm"), 64, label_ids))
     full = lm.model(input_ids=lm_batch["input_ids"], attention_mask=lm_batch["attention_mask"],
                     position_ids=lm_batch["position_ids"], labels=lm_batch["labels"]).loss
     torch.testing.assert_close(label_lm, full, atol=1e-5, rtol=1e-5)
@@ -91,7 +92,7 @@ def test_label_lm_loss_equals_the_lm_objective_loss(tiny_models, arch):
 
 def test_lm_labels_mask_everything_but_the_label_token(tiny_llama):
     lm, task, builder, label_ids, _ = setup(tiny_llama, "lm")
-    (feature,) = task.train_features(builder, rows(1), "lm", 64, label_ids)
+    (feature,) = task.train_features(builder, rows(1), get_objective("lm"), 64, label_ids)
     assert feature["labels"][:-1] == [-100] * (len(feature["labels"]) - 1)
     assert feature["labels"][-1] == feature["input_ids"][-1] == label_ids[rows(1)[0]["label"]]
 
@@ -103,7 +104,7 @@ def test_seqcls_adapter_reloads_and_scores_identically(tiny_models, tmp_path):
     cfg = TrainConfig(objective="seqcls", lora_r=4, batch_size=8, max_steps=3, eval_steps=3, warmup_ratio=0.0,
                       learning_rate=1e-3)
     model = add_lora(lm.model, cfg, "seqcls")
-    features = task.train_features(builder, rows(24), "seqcls", 64, label_ids)
+    features = task.train_features(builder, rows(24), get_objective("seqcls"), 64, label_ids)
     fit(model, lm.tokenizer, features, features[:1], cfg, tmp_path, "seqcls",
         lambda m: validation(task, m, builder, rows(8), "seqcls"), "accuracy", label_ids)
     model.save_pretrained(tmp_path / "adapter")
@@ -125,7 +126,7 @@ def squad_features(model_dir, questions: list[tuple[str, list[str]]]):
     task = get_task("squad_v2")
     examples = [{"id": str(i), "title": "T", "context": "Paris is the capital of France .", "question": q,
                  "answers": a, "answer_starts": [0] if a else []} for i, (q, a) in enumerate(questions)]
-    return lm, task.train_features(PromptBuilder(task, lm.tokenizer), examples, "answer", 128)
+    return lm, task.train_features(PromptBuilder(task, lm.tokenizer), examples, get_objective("answer"), 128)
 
 
 @pytest.mark.parametrize("objective", ["answer", "lm"])
@@ -164,7 +165,7 @@ def test_bf16_base_trains_adapter_in_mixed_precision(tiny_models):
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.5)  # a non-zero update, so the LoRA branch counts
-    batch = LeftPadCollator(lm.tokenizer.pad_token_id)(task.train_features(builder, rows(8), "verbalizer", 64,
+    batch = LeftPadCollator(lm.tokenizer.pad_token_id)(task.train_features(builder, rows(8), get_objective("verbalizer"), 64,
                                                                              label_ids))
     trainer = TaskTrainer.__new__(TaskTrainer)
     trainer.objective, trainer.label_token_ids = "verbalizer", label_ids
@@ -208,7 +209,7 @@ def test_gradient_checkpointing_still_trains_every_adapter(tiny_models, tmp_path
                       logging_steps=1, learning_rate=1e-3, warmup_ratio=0.0, gradient_checkpointing=True)
     model = add_lora(lm.model, cfg, "label_lm")
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
-    features = task.train_features(builder, rows(16), "label_lm", 64, label_ids)
+    features = task.train_features(builder, rows(16), get_objective("label_lm"), 64, label_ids)
     fit(model, lm.tokenizer, features, features[:1], cfg, tmp_path, "label_lm",
         lambda m: validation(task, m, builder, rows(8, seed=1), head), "accuracy", label_ids)
     assert unwrap(model).is_activation_checkpointing
@@ -243,7 +244,7 @@ def test_the_best_checkpoint_keeps_its_own_validation_records(tiny_llama, tmp_pa
     cfg = TrainConfig(objective="label_lm", lora_r=4, lora_alpha=8, lora_dropout=0.1, batch_size=8, max_steps=8,
                       eval_steps=2, logging_steps=1, learning_rate=1e-3, warmup_ratio=0.0, patience=5)
     model = add_lora(lm.model, cfg, "label_lm")
-    features = task.train_features(builder, rows(48), "label_lm", 64, label_ids)
+    features = task.train_features(builder, rows(48), get_objective("label_lm"), 64, label_ids)
     validations, scripted = ValidationRecords(), iter([0.6, 0.9, 0.7, 0.8])  # the best is the 2nd of 4 passes
 
     def validate(m):
@@ -286,7 +287,7 @@ def test_train_compile_compiles_the_training_steps_only(tiny_llama, tmp_path):
             eager_in_validation.append(all(layer._compiled_call_impl is None for layer in layers))
             return validation(task, m, builder, rows(8, seed=1), head)
 
-        features = task.train_features(builder, rows(40), "label_lm", 64, label_ids)
+        features = task.train_features(builder, rows(40), get_objective("label_lm"), 64, label_ids)
         summary = fit(model, lm.tokenizer, features, features[:1], cfg, tmp_path / str(compiled), "label_lm",
                       validate, "accuracy", label_ids)
         assert eager_in_validation == [True, True]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import platform
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from tasktune.config import Recipe
 from tasktune.costs import held_out_documents
 from tasktune.device import describe as device_of, process_state
 from tasktune.infer import merge_for_inference, unwrap
+from tasktune.data.sampling import sample
 from tasktune.data.split import overlap_warning
 from tasktune.errors import TasktuneError
 from tasktune.memory import MemoryLog, StepMemory
@@ -32,6 +32,7 @@ from tasktune.run_layout import RunLayout
 from tasktune.runlog import RunLog
 from tasktune.rundir import RunDir, write_json, write_jsonl, write_text
 from tasktune.tasks import PromptBuilder, get_task
+from tasktune.tasks.base import TaskType
 
 
 def versions() -> dict:
@@ -44,77 +45,10 @@ def versions() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def is_whole_sentence(example: dict) -> bool:
-    """A row of a sentence-split classification file that no other row contains (SST-2's headline rows)."""
-    return example.get("sentence") is True
-
-
-def training_sample(rows: list[dict], data_cfg) -> list[dict]:
-    """The training rows a run uses: data.limit_train of them (seeded), and with data.train_sentences that share
-    of them whole sentences, the rest phrases. SST-2's file is nine phrases to a sentence, so a uniform sample
-    trains mostly on fragments while the headline is whole sentences. Where one kind runs out, the sample
-    shrinks to keep the share exact (and says so, when data.limit_train asked for more) rather than drifting
-    back toward the file's mix."""
-    share = data_cfg.train_sentences
-    if share is None:
-        return sample(rows, data_cfg.limit_train, data_cfg.seed)
-    if not any("sentence" in r for r in rows):
-        raise TasktuneError(f"data.train_sentences={share} needs a sentence-split classification file "
-                            "(data.split_by: sentence, whose rows are flagged whole sentence or phrase); these "
-                            "rows have no such flag")
-    sentences = [r for r in rows if is_whole_sentence(r)]
-    phrases = [r for r in rows if not is_whole_sentence(r)]
-    wanted = len(rows) if data_cfg.limit_train is None else min(data_cfg.limit_train, len(rows))
-    size = wanted  # the largest sample at exactly this share that the rows allow
-    if share > 0:
-        size = min(size, int(len(sentences) / share))
-    if share < 1:
-        size = min(size, int(len(phrases) / (1 - share)))
-    if size == 0:
-        raise TasktuneError(f"data.train_sentences={share}: the training part has {len(sentences)} whole sentences "
-                            f"and {len(phrases)} phrases, so no sample has that share")
-    n_sentences = min(len(sentences), round(share * size))
-    n_phrases = min(len(phrases), size - n_sentences)
-    if data_cfg.limit_train is not None and n_sentences + n_phrases < wanted:  # unset: as many as the share allows
-        print(f"[tasktune] data.train_sentences={share}: {len(sentences)} whole sentences and {len(phrases)} "
-              f"phrases give {n_sentences + n_phrases} training rows at that share, not {wanted}")
-    chosen = {r["id"] for r in sample(sentences, n_sentences, data_cfg.seed)
-              + sample(phrases, n_phrases, data_cfg.seed)}
-    return [r for r in rows if r["id"] in chosen]
-
-
-def sampled_parts(examples: dict[str, list[dict]], data_cfg) -> dict[str, list[dict]]:
-    """Each part of the split as the run uses it: the training sample (`training_sample`), and the validation and
-    test samples (data.limit_validation, data.limit_test), whole sentences first."""
-    out = {}
-    for part, key in (("train", "limit_train"), ("validation", "limit_validation"), ("test", "limit_test")):
-        limit = getattr(data_cfg, key)
-        if limit is not None and limit > len(examples[part]):
-            print(f"[tasktune] data.{key}={limit} is more than the {len(examples[part])} {part} rows: using all "
-                  f"{len(examples[part])}")
-        out[part] = (training_sample(examples[part], data_cfg) if part == "train"
-                     else sample(examples[part], limit, data_cfg.seed, keep=is_whole_sentence))
-    return out
-
-
-def sample(items: list, limit: int | None, seed: int, keep=None) -> list:
-    """A seeded random subset in the original order, or all items. `keep(item)`: items taken before any other
-    (the whole sentences of an SST-2 test split), then a seeded sample of the rest up to `limit`."""
-    if limit is None or limit >= len(items):
-        return list(items)
-    first = {i for i, x in enumerate(items) if keep is not None and keep(x)}
-    if len(first) >= limit:
-        chosen = set(random.Random(seed).sample(sorted(first), limit))
-    else:
-        rest = [i for i in range(len(items)) if i not in first]
-        chosen = first | set(random.Random(seed).sample(rest, limit - len(first)))
-    return [x for i, x in enumerate(items) if i in chosen]
-
-
 @dataclass
 class Prepared:
     recipe: Recipe
-    task: object
+    task: TaskType
     source: str
     split: dict[str, list[int]]
     examples: dict[str, list[dict]]
@@ -149,7 +83,7 @@ def prepare(recipe: Recipe, training: bool = True) -> Prepared:
         examples["test"], test_source = task.load(recipe.data.test_path)
         split["test"] = [r["id"] for r in examples["test"]]
     overlap = task.overlap(examples["train"] + examples["validation"], examples["test"])
-    examples = sampled_parts(examples, recipe.data)
+    examples = task.sampled_parts(examples, recipe.data)
     timings["data_s"] = time.perf_counter() - start
     # Before the model loads: a perplexity source without documents is bad input, refused first.
     documents = held_out_documents(recipe, examples) if recipe.eval.perplexity else None
@@ -256,8 +190,10 @@ def logged_figures(task, metrics: dict | None) -> dict:
 def training_features(p: Prepared) -> list[dict]:
     """The tokenized training rows of a prepared run, as its recipe's train keys make them."""
     cfg = p.recipe.train
-    return p.task.train_features(p.builder, p.examples["train"], cfg.objective, cfg.max_length, p.label_token_ids,
-                                 cfg.questions_per_context)
+    from tasktune.losses import get_objective
+
+    return p.task.train_features(p.builder, p.examples["train"], get_objective(cfg.objective), cfg.max_length,
+                                 p.label_token_ids, cfg.questions_per_context)
 
 
 def train_stage(p: Prepared, work: Path, logs=None, features: list[dict] | None = None,
@@ -352,7 +288,7 @@ def base_for_training(p: Prepared, head: str) -> torch.nn.Module:
     method = get_method(p.recipe.train.method)
     quantization = method.quantization
     if head == "seqcls" or method.own_base:
-        labels = len(getattr(p.task, "label_names", ()) or (0, 1))
+        labels = p.task.seqcls_labels()
         model = load_model(p.recipe.model, method.master_dtype or p.recipe.dtype, head=head, num_labels=labels,
                            trust_remote_code=p.recipe.trust_remote_code, quantization=quantization).model
         if quantization:
@@ -369,7 +305,7 @@ def load_trained(p: Prepared, work: Path) -> tuple[torch.nn.Module, dict, str]:
     layout = RunLayout(work)
     summary = json.loads(layout.summary.read_text())
     adapted = load_adapted_model(layout.adapter, p.recipe.model, p.recipe.dtype,
-                                 num_labels=len(getattr(p.task, "label_names", ()) or (0, 1)),
+                                 num_labels=p.task.seqcls_labels(),
                                  base=p.lm.model, trust_remote_code=p.recipe.trust_remote_code)
     return adapted.model, summary, adapted.head
 
@@ -574,7 +510,7 @@ def run_facts(p: Prepared, base_params: dict) -> dict:
     return {
         "model_path": p.lm.path, "dtype": str(p.lm.dtype).replace("torch.", ""),
         "dtype_reason": p.lm.dtype_reason, "task": p.task.name,
-        "task_type": p.task.type,
+        "task_type": p.task.type_name,
         "data": {"source": p.source, "origin": source_origin(p.source), **{k: len(v) for k, v in p.examples.items()}},
         "protocol": {**p.builder.describe(), "labels": list(p.task.label_names), "verbalizers": list(p.task.verbalizers),
                      "label_token_ids": p.label_token_ids},
@@ -655,7 +591,7 @@ def evaluate_model(recipe: Recipe, out: Path, adapter: str | None = None, rows: 
     model = p.lm.model
     if adapter:
         adapted = load_adapted_model(Path(adapter), recipe.model, recipe.dtype,
-                                     num_labels=len(getattr(p.task, "label_names", ()) or (0, 1)),
+                                     num_labels=p.task.seqcls_labels(),
                                      base=p.lm.model, trust_remote_code=recipe.trust_remote_code)
         model = merge_for_inference(adapted.model)
     protocol = {**p.builder.describe(), "data": p.source, "rows": rows, "model": recipe.model, "adapter": adapter}

@@ -416,12 +416,11 @@ class Trials:
         """The shared Prepared with this trial's recipe: task, prompt builder and training rows rebuilt from it
         (shots, verbalizers, prompt budget, data.limit_train and data.train_sentences may vary); split, validation
         sample and model are shared."""
-        from tasktune.pipeline import training_sample
         from tasktune.tasks import PromptBuilder, get_task
 
         base = self.base
         task = get_task(recipe.task, recipe.eval.verbalizers, recipe.eval.max_prompt_tokens)
-        train = training_sample(self.train_all, recipe.data)
+        train = task.training_sample(self.train_all, recipe.data)
         builder = PromptBuilder(task, base.lm.tokenizer, recipe.eval.prompt_format, recipe.eval.shots,
                                 shot_pool=train, seed=recipe.data.seed)
         from tasktune.pipeline import resolve_objective

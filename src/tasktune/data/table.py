@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tasktune.data import format_suffix, hub, read_text, resolve
 from tasktune.errors import TasktuneError, where
+from tasktune.prompt_template import template_fields
 
 
 class LabelMap:
@@ -56,8 +57,6 @@ class TableReader:
     def __init__(self, spec):
         self.spec = spec
         self.labels = LabelMap(spec)
-        from tasktune.tasks.spec import template_fields
-
         self.template_fields = template_fields(spec.template, spec.source)
 
     def columns(self, header: list[str], path, line) -> tuple[str, str]:

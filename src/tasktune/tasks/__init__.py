@@ -51,22 +51,20 @@ class PromptBuilder:
     def describe(self) -> dict:
         return {"prompt_format": self.format, "shots": self.shots,
                 "shot_ids": [ex.get("id") for ex in self.examples],
-                "template": getattr(self.task, "template", None)}
+                "template": self.task.spec.template}
 
 
 def get_task(name_or_path: str, verbalizers: list[str] | None = None, max_prompt_tokens: int = 384):
     """The task a recipe names: a shipped spec (`sst2`, `squad_v2`) or a path to a user's spec YAML, built by
     its type's module. Task types are the only code; tasks themselves are data."""
-    from tasktune.tasks.base import task_type
+    from tasktune.tasks.base import TaskOptions, task_type
     from tasktune.tasks.spec import load_spec
 
     spec = load_spec(name_or_path)
     kind = task_type(spec.type, spec.source)
-    if kind.takes_verbalizers:
-        return kind(spec, verbalizers)
-    if verbalizers:
+    if verbalizers and not kind.takes_verbalizers:
         raise TasktuneError(f"eval.verbalizers applies to tasks with labels, not to {spec.name!r} ({spec.type})")
-    return kind(spec, max_prompt_tokens)
+    return kind(spec, TaskOptions(tuple(verbalizers) if verbalizers else None, max_prompt_tokens))
 
 
 # The general text `eval.perplexity: embedded` measures on: the Wikipedia paragraphs of this shipped task's data

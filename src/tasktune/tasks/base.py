@@ -9,14 +9,25 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from tasktune.data.sampling import part_limits, sample, say_if_short
 from tasktune.errors import TasktuneError
 
 
+@dataclass(frozen=True)
+class TaskOptions:
+    """What a recipe's eval section says about the task itself: every type is built as `Type(spec, options)`."""
+    verbalizers: tuple[str, ...] | None = None  # eval.verbalizers: one word per label (types with labels)
+    max_prompt_tokens: int = 384                # eval.max_prompt_tokens: the prompt budget (long-context types)
+
+
 class TaskType(ABC):
-    """What every task type provides, grouped as the pipeline uses it."""
+    """What every task type provides, grouped as the pipeline uses it. Methods without a body here are the
+    contract; those with one are capabilities a type may declare (a sampling policy, a decision threshold,
+    labels for a classification head), whose defaults mean "this type has none"."""
 
     # --- declared by the type --------------------------------------------------------------------------------
     type_name: ClassVar[str]                     # the spec's `type:`
@@ -26,13 +37,23 @@ class TaskType(ABC):
     takes_verbalizers: ClassVar[bool] = False    # eval.verbalizers applies
     official_predictions: ClassVar[bool] = False  # `tasktune score` reads its prediction files
     template_fields: ClassVar[tuple[str, ...] | None] = None  # fields a template may name (None: any column)
-    report_rows: ClassVar[tuple[str, ...]]
     sampled_protocols: ClassVar[tuple[str, ...]] = ()
     calibration_protocol: ClassVar[str | None] = None
     packs_questions: ClassVar[bool] = False      # train.questions_per_context > 1 applies
 
     name: str
     metric_for_best: str
+    spec: object                                 # the TaskSpec it was built from
+    label_names: tuple[str, ...] | list[str] = ()  # a type with labels names them (a seqcls head has one per label)
+    verbalizers: tuple[str, ...] = ()            # the word that stands for each label in a prompt's answer
+
+    @abstractmethod
+    def __init__(self, spec, options: TaskOptions): ...
+
+    def seqcls_labels(self) -> int:
+        """Outputs of a classification head (head seqcls): one per label; 2, transformers' default, for a type
+        without labels (whose head is never seqcls)."""
+        return len(self.label_names) or 2
 
     @classmethod
     def check_spec(cls, spec) -> None:
@@ -57,8 +78,19 @@ class TaskType(ABC):
     @abstractmethod
     def load(self, path: str | None) -> tuple[list[dict], str]: ...
 
-    @abstractmethod
-    def split(self, rows: list[dict], data_cfg) -> dict[str, list]: ...
+    def split(self, rows: list[dict], data_cfg) -> dict[str, list]:
+        """{train, validation, test: row ids}: by row, seeded (data.test_size, then data.val_size of the
+        training part). A type whose rows share context (SST-2's phrases, SQuAD's paragraphs) splits its own way."""
+        from tasktune.data.split import random_split, split_errors, validation_size
+
+        ids = [r["id"] for r in rows]
+        with split_errors("data.test_size", len(rows)):
+            train, test = random_split(len(rows), data_cfg.test_size, data_cfg.seed)
+        val_n = validation_size(data_cfg.val_size, len(train))
+        with split_errors("data.val_size", len(train)):
+            fit, val = random_split(len(train), val_n / len(train), data_cfg.seed)
+        return {"train": [ids[train[i]] for i in fit], "validation": [ids[train[i]] for i in val],
+                "test": [ids[i] for i in test]}
 
     def split_policy(self, data_cfg) -> str:
         return self.split_policy_of(self.spec, data_cfg)
@@ -68,22 +100,46 @@ class TaskType(ABC):
         """The recipe's data.split_by, else the spec's, else the type's default (before a task is built)."""
         return data_cfg.split_by or spec.split_by or cls.split_policies[0]
 
-    @abstractmethod
-    def overlap(self, train: list[dict], test: list[dict]) -> dict: ...
+    def overlap(self, train: list[dict], test: list[dict]) -> dict:
+        """How much of the test set the training part has seen: its prompts, exactly or inside a training one."""
+        from tasktune.data.split import text_overlap
+
+        return text_overlap([self.prompt(r) for r in test], [self.prompt(r) for r in train])
+
+    def sampled_parts(self, examples: dict[str, list[dict]], data_cfg) -> dict[str, list[dict]]:
+        """Each part of the split as the run uses it: data.limit_train, data.limit_validation and
+        data.limit_test rows of it, a seeded sample in the data's order. A type with a sampling policy of its own
+        (classification's whole sentences first) overrides this and `training_sample`."""
+        say_if_short(examples, data_cfg)
+        return {part: (self.training_sample(examples[part], data_cfg) if part == "train"
+                       else sample(examples[part], limit, data_cfg.seed))
+                for part, limit in part_limits(data_cfg).items()}
+
+    def training_sample(self, rows: list[dict], data_cfg) -> list[dict]:
+        """The training rows a run (or a sweep's trial) uses: data.limit_train of them, seeded."""
+        if data_cfg.train_sentences is not None:
+            raise TasktuneError(f"data.train_sentences={data_cfg.train_sentences} needs a sentence-split "
+                                "classification file (data.split_by: sentence, whose rows are flagged whole "
+                                "sentence or phrase); these rows have no such flag")
+        return sample(rows, data_cfg.limit_train, data_cfg.seed)
 
     @abstractmethod
-    def train_features(self, builder, examples: list[dict], objective: str, max_length: int,
-                       label_token_ids: list[int] | None, questions_per_context: int = 1) -> list[dict]: ...
+    def train_features(self, builder, examples: list[dict], objective, max_length: int,
+                       label_token_ids: list[int] | None, questions_per_context: int = 1) -> list[dict]:
+        """Tokenized training rows for `objective` (a `losses.Objective`, resolved by the caller: a task type
+        never looks objectives up, so tasks/ does not import the training layer)."""
 
     # --- requests and metrics ----------------------------------------------------------------------------------
-    @abstractmethod
-    def protocols(self, requested: list[str], head: str = "causal_lm") -> list[str]: ...
+    def protocols(self, requested: list[str], head: str = "causal_lm") -> list[str]:
+        """The protocols evaluated for a recipe's eval.protocols (a type may map or refuse them)."""
+        return list(requested)
 
     @abstractmethod
     def validation_protocol(self, head: str = "causal_lm") -> str: ...
 
-    @abstractmethod
-    def new_records(self, examples: list[dict]) -> list[dict]: ...
+    def new_records(self, examples: list[dict]) -> list[dict]:
+        """One prediction record per example, before any protocol ran: its id and its target."""
+        return [{"id": ex["id"], "target": self.target(ex)} for ex in examples]
 
     @abstractmethod
     def requests(self, builder, examples: list[dict], protocol: str) -> tuple[list, list[dict]]: ...
@@ -91,8 +147,16 @@ class TaskType(ABC):
     @abstractmethod
     def read_results(self, records: list[dict], protocol: str, results: list) -> None: ...
 
-    @abstractmethod
-    def validation_metrics(self, records: list[dict]) -> dict: ...
+    def validation_metrics(self, records: list[dict]) -> dict:
+        """{metric_for_best: value} on the validation records (what early stopping reads)."""
+        metrics = self.score(records)
+        column = self.validation_protocol() if self.validation_protocol() in metrics else next(iter(metrics))
+        return {self.metric_for_best: metrics[column][self.metric_for_best]}
+
+    def choose_threshold(self, records: list[dict]) -> float | None:
+        """The decision threshold, chosen on the validation slice's `calibration_protocol` records, of a type
+        whose decisions need one (extractive QA's abstention); None: argmax decides."""
+        return None
 
     @abstractmethod
     def score(self, records: list[dict], seconds: dict | None = None, **extra) -> dict: ...
@@ -100,9 +164,14 @@ class TaskType(ABC):
     @abstractmethod
     def paired(self, before: list[dict], after: list[dict]) -> dict: ...
 
-    # --- reporting ---------------------------------------------------------------------------------------------
-    @abstractmethod
-    def report_columns(self, metrics: dict) -> list[tuple[str, dict]]: ...
+    # --- reporting: a metric table per protocol, `{column: {metric: value, "ci95": {metric: [low, high]},
+    # "n": n}}` as `score` returns it; the defaults read that table -------------------------------------------
+    report_rows: ClassVar[tuple[str, ...]] = ("n",)  # the metric rows a report shows, beside metric_for_best
+
+    def report_columns(self, metrics: dict) -> list[tuple[str, dict]]:
+        """(column, its metrics) of one stage, the headline first."""
+        return [(name, values) for name, values in metrics.items()
+                if isinstance(values, dict) and self.metric_for_best in values]
 
     def figure(self, metrics: dict, column: str | None = None) -> dict:
         """The task's metric with its 95% interval and n, in `column` or in the report's headline column (for
@@ -116,26 +185,39 @@ class TaskType(ABC):
                 "interval": (values.get("ci95") or {}).get(self.metric_for_best),
                 "n": values.get("n") or values.get("total")}
 
-    @abstractmethod
-    def protocol_notes(self, proto: dict) -> list[str]: ...
+    def protocol_notes(self, proto: dict) -> list[str]:
+        """Lines the report adds under "Protocol" (how this type asks and reads the model)."""
+        return []
 
-    @abstractmethod
-    def summary(self, metrics: dict) -> str: ...
+    def summary(self, metrics: dict) -> str:
+        """One line of a stage's figures, for the console."""
+        parts = []
+        for column, _ in self.report_columns(metrics):
+            f = self.figure(metrics, column)
+            interval = f" [{f['interval'][0]:.4f}, {f['interval'][1]:.4f}]" if f["interval"] else ""
+            parts.append(f"{column} {f['metric']} {f['value']:.4f}{interval} n {f['n']}")
+        return " | ".join(parts)
 
-    @abstractmethod
     def changed_example(self, old: dict, new: dict) -> tuple[bool, bool, dict] | None:
         """(right before, right after, the row the report shows) for one test example, or None to skip it."""
+        return None
 
-    @abstractmethod
-    def report_plots(self, zeroshot: dict | None, finetuned: dict | None, columns: list, out: Path) -> list: ...
+    def report_plots(self, zeroshot: dict | None, finetuned: dict | None, columns: list, out: Path) -> list:
+        """(title, PNG path) of the type's plots, from the two stages' metrics."""
+        from tasktune import plots
 
-    @abstractmethod
+        return [("Zero-shot vs fine-tuned", plots.metric_bars(columns, [self.metric_for_best],
+                                                             f"{self.name} test metrics", out / "metrics.png"))]
+
     def hub_eval_rows(self, finetuned: dict) -> list[tuple[str, float, str]]:
         """(metric type, value, label) of the fine-tuned test figures a model card lists."""
+        return [(self.metric_for_best, round(values[self.metric_for_best], 4),
+                 f"{self.metric_for_best} ({column}, test split)") for column, values in self.report_columns(finetuned)]
 
-    @abstractmethod
     def compare_figures(self, metrics: dict) -> dict:
         """{name: value} of one stage's figures that make runs of this task comparable (`tasktune compare`)."""
+        return {f"{column}_{self.metric_for_best}": values[self.metric_for_best]
+                for column, values in self.report_columns(metrics)}
 
 
 TASK_TYPES: dict[str, type[TaskType]] = {}

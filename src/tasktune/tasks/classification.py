@@ -12,12 +12,13 @@ import re
 
 from tasktune import inference_requests as req
 from tasktune.data import table
+from tasktune.data.sampling import part_limits, sample, say_if_short
 from tasktune.data.split import (containment_split, split_errors, stratified_split, text_overlap,
                                  validation_size, whole_sentences)
 from tasktune.errors import TasktuneError
 from tasktune.metrics.classification import classification_metrics
 from tasktune.metrics.intervals import bootstrap_weights, classification_intervals, mcnemar_exact, paired_difference
-from tasktune.tasks.base import TaskType, register_task_type
+from tasktune.tasks.base import TaskOptions, TaskType, register_task_type
 from tasktune.tasks.spec import TaskSpec, check_verbalizers
 
 
@@ -25,9 +26,14 @@ def words(text: str) -> list[str]:
     return re.findall(r"\w+", text.lower())
 
 
+def is_whole_sentence(example: dict) -> bool:
+    """A row of a sentence-split classification file that no other row contains (SST-2's headline rows)."""
+    return example.get("sentence") is True
+
+
 @register_task_type
 class ClassificationTask(TaskType):
-    type_name = type = "classification"
+    type_name = "classification"
     split_policies = ("sentence", "row")
     objectives = ("verbalizer", "label_lm", "lm", "seqcls")
     hub_task = ("text-classification", "Text Classification")
@@ -60,8 +66,9 @@ class ClassificationTask(TaskType):
         else `lm`, the objective multi-token verbalizers allow."""
         return "verbalizer" if single_token_verbalizers else "lm"
 
-    def __init__(self, spec: TaskSpec, verbalizers: list[str] | None = None):
-        """`verbalizers` (from a recipe's eval.verbalizers) replaces the spec's, one per label in order."""
+    def __init__(self, spec: TaskSpec, options: TaskOptions = TaskOptions()):
+        """`options.verbalizers` (a recipe's eval.verbalizers) replaces the spec's, one per label in order."""
+        verbalizers = options.verbalizers
         self.spec = spec
         self.name = spec.name
         self.template = spec.template
@@ -149,15 +156,52 @@ class ClassificationTask(TaskType):
         """How much of the test set the training part (training and validation rows) has seen."""
         return text_overlap([r["text"] for r in test], [r["text"] for r in train])
 
-    # --- training ---------------------------------------------------------------------------------
-    def train_features(self, builder, examples: list[dict], objective: str, max_length: int,
-                       label_token_ids: list[int] | None, questions_per_context: int = 1) -> list[dict]:
-        from tasktune.losses import get_objective
 
+    # --- sampling: whole sentences first ------------------------------------------------------------
+    def sampled_parts(self, examples: dict[str, list[dict]], data_cfg) -> dict[str, list[dict]]:
+        """As every type samples, but the validation and test samples take every whole sentence first (the
+        headline is measured on them) and the training sample follows data.train_sentences."""
+        say_if_short(examples, data_cfg)
+        return {part: (self.training_sample(examples[part], data_cfg) if part == "train"
+                       else sample(examples[part], limit, data_cfg.seed, keep=is_whole_sentence))
+                for part, limit in part_limits(data_cfg).items()}
+
+    def training_sample(self, rows: list[dict], data_cfg) -> list[dict]:
+        """The training rows a run uses: data.limit_train of them (seeded), and with data.train_sentences that share
+        of them whole sentences, the rest phrases. SST-2's file is nine phrases to a sentence, so a uniform sample
+        trains mostly on fragments while the headline is whole sentences. Where one kind runs out, the sample
+        shrinks to keep the share exact (and says so, when data.limit_train asked for more) rather than drifting
+        back toward the file's mix."""
+        share = data_cfg.train_sentences
+        if share is None or not any("sentence" in r for r in rows):  # no share asked, or no flags to take it by
+            return super().training_sample(rows, data_cfg)
+        sentences = [r for r in rows if is_whole_sentence(r)]
+        phrases = [r for r in rows if not is_whole_sentence(r)]
+        wanted = len(rows) if data_cfg.limit_train is None else min(data_cfg.limit_train, len(rows))
+        size = wanted  # the largest sample at exactly this share that the rows allow
+        if share > 0:
+            size = min(size, int(len(sentences) / share))
+        if share < 1:
+            size = min(size, int(len(phrases) / (1 - share)))
+        if size == 0:
+            raise TasktuneError(f"data.train_sentences={share}: the training part has {len(sentences)} whole sentences "
+                                f"and {len(phrases)} phrases, so no sample has that share")
+        n_sentences = min(len(sentences), round(share * size))
+        n_phrases = min(len(phrases), size - n_sentences)
+        if data_cfg.limit_train is not None and n_sentences + n_phrases < wanted:  # unset: as many as the share allows
+            print(f"[tasktune] data.train_sentences={share}: {len(sentences)} whole sentences and {len(phrases)} "
+                  f"phrases give {n_sentences + n_phrases} training rows at that share, not {wanted}")
+        chosen = {r["id"] for r in sample(sentences, n_sentences, data_cfg.seed)
+                  + sample(phrases, n_phrases, data_cfg.seed)}
+        return [r for r in rows if r["id"] in chosen]
+
+    # --- training ---------------------------------------------------------------------------------
+    def train_features(self, builder, examples: list[dict], objective, max_length: int,
+                       label_token_ids: list[int] | None, questions_per_context: int = 1) -> list[dict]:
         if questions_per_context != 1:  # refused in the recipe check (config.validate) already
             raise TasktuneError("train.questions_per_context applies to extractive QA only")
 
-        tokens = get_objective(objective).labels == "tokens"
+        tokens = objective.labels == "tokens"
         targets = self.verbalizer_tokens(builder, examples[0]) if tokens else None
         longest = max(len(t) for t in targets) if targets else 1
         if max_length < longest + 8:  # a slice of [-0:] or less would keep the whole prompt, not cut it

@@ -23,13 +23,13 @@ from tasktune.metrics.intervals import bootstrap_weights, paired_difference
 from tasktune.metrics.squad_v2 import (best_threshold, has_answer_map, normalize_answer, raw_scores, squad_intervals,
                                         squad_v2_metrics)
 from tasktune.metrics.text_overlap import text_overlap_metrics
-from tasktune.tasks.base import TaskType, register_task_type
+from tasktune.tasks.base import TaskOptions, TaskType, register_task_type
 
 
 
 @register_task_type
 class ExtractiveQATask(TaskType):
-    type_name = type = "extractive_qa"
+    type_name = "extractive_qa"
     split_policies = ("article", "question")
     objectives = ("answer",)
     hub_task = ("question-answering", "Question Answering")
@@ -38,7 +38,7 @@ class ExtractiveQATask(TaskType):
 
     @classmethod
     def check_spec(cls, spec) -> None:
-        from tasktune.tasks.spec import template_fields
+        from tasktune.prompt_template import template_fields
 
         extra = sorted(set(template_fields(spec.template, spec.source)) - set(cls.template_fields))
         if extra:
@@ -52,17 +52,15 @@ class ExtractiveQATask(TaskType):
         if any(not column.strip() for column in columns.values()) or len(set(columns.values())) != len(columns):
             raise TasktuneError(f"{spec.source}: data.columns {columns} must map each field to a different, "
                                 "non-empty column name")
-    label_names: tuple = ()  # no labels: answers are free text
-    verbalizers: tuple = ()
 
-    def __init__(self, spec, max_prompt_tokens: int = 384):
+    def __init__(self, spec, options: TaskOptions = TaskOptions()):
         self.spec = spec
         self.name = spec.name
         self.template = spec.template
         self.abstain_word = spec.abstain_word
         self.max_new_tokens = spec.max_new_tokens or 32
         self.metric_for_best = spec.headline or "f1"
-        self.max_prompt_tokens = max_prompt_tokens  # the recipe's eval.max_prompt_tokens
+        self.max_prompt_tokens = options.max_prompt_tokens  # the recipe's eval.max_prompt_tokens
 
     def prompt(self, example: dict) -> str:
         return self.template.format(title=example["title"].replace("_", " "), context=example["context"],
@@ -172,7 +170,7 @@ class ExtractiveQATask(TaskType):
                                 f"{{context}} and nothing but the question after it; got {template!r}")
         return tail
 
-    def train_features(self, builder, examples: list[dict], objective: str, max_length: int,
+    def train_features(self, builder, examples: list[dict], objective, max_length: int,
                        label_token_ids=None, questions_per_context: int = 1) -> list[dict]:
         """One row per question, or with `questions_per_context` > 1 up to that many questions about one context
         in one row (the context read once, each answer trained on): SQuAD has ~8 questions to a paragraph, and

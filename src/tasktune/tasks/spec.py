@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasktune.errors import TasktuneError
+from tasktune.prompt_template import template_fields
 
 TASKS_DIR = Path(__file__).parent
 
@@ -57,24 +57,6 @@ class TaskSpec:
     @property
     def sha256(self) -> str:
         return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
-
-
-def template_fields(template: str, where: str) -> list[str]:
-    """The named fields of a str.format template; positional, attribute and index fields are refused."""
-    names = []
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        raise TasktuneError(f"{where}: template is not a valid str.format template ({exc})") from exc
-    for _, name, spec, conversion in parsed:
-        if name is None:
-            continue
-        if not name.isidentifier() or spec or conversion:
-            raise TasktuneError(f"{where}: template field {{{name}{'!' + conversion if conversion else ''}"
-                                f"{':' + spec if spec else ''}}} must be a plain name such as {{text}} "
-                                "(no positions, attributes, indexes, conversions or format specs)")
-        names.append(name)
-    return names
 
 
 def validate(spec: TaskSpec) -> TaskSpec:
