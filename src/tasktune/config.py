@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from tasktune.errors import TasktuneError
+from tasktune.methods import METHODS
 from tasktune.typed_yaml import build_dataclass, read_yaml_mapping, yaml_error_line  # noqa: F401
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -75,11 +76,8 @@ class EvalConfig:
 class TrainConfig:
     objective: str | None = opt(None, "the loss (docs/protocols.md, section Training objectives); unset: the task "
                                       "type's default (classification `verbalizer`, extractive QA `answer`)")
-    method: str = opt("lora", "adaptation method: `lora`, `dora` (weight-decomposed LoRA), `rslora` (rank-stabilised "
-                              "scaling), `pissa` (LoRA initialised on the principal singular vectors), `ia3` (one "
-                              "scale vector per target; the lora_* keys do not apply), `qlora` (LoRA on a 4-bit NF4 "
-                              "base, needs the qlora extra) or `full` (every weight, fp32 master weights; the lora_* "
-                              "keys do not apply); see tasktune/methods.py")
+    method: str = opt("lora", "adaptation method, one of the registry's (tasktune/methods.py): " + "; ".join(
+        f"`{m.name}`: {m.description}" for m in METHODS.values()))
     lora_r: int = opt(16, "LoRA rank r of each adapter")
     lora_alpha: int = opt(32, "LoRA alpha (the update is scaled by alpha / r)")
     lora_dropout: float = opt(0.05, "dropout on the LoRA input")
@@ -193,8 +191,6 @@ def validate(recipe: Recipe, source: str) -> Recipe:
         raise TasktuneError(f"{source}: eval.protocols {recipe.eval.protocols} must be a non-empty subset "
                             f"of {list(PROTOCOLS)}")
     check_loggers(recipe.train.report_to, source)
-    from tasktune.methods import METHODS
-
     if recipe.train.method not in METHODS:
         raise TasktuneError(f"{source}: train.method {recipe.train.method!r} is not one of {sorted(METHODS)}")
     refused = METHODS[recipe.train.method].refuses.get(recipe.train.objective)

@@ -183,7 +183,8 @@ class PiSSA(LoraFamily):
 class FullFineTune(Method):
     name: str = "full"
     title: str = "full fine-tuning"
-    description: str = "every weight trained (fp32 master weights under the run's bf16/fp16 autocast)"
+    description: str = ("every weight trained (fp32 master weights under the run's bf16/fp16 autocast; the lora_* "
+                        "keys do not apply)")
     own_base: bool = True
     master_dtype: str | None = "fp32"
     whole_model: bool = True
@@ -221,7 +222,7 @@ class IA3(Method):
     name: str = "ia3"
     title: str = "IA3"
     description: str = ("one learned scale per output row of each target (per input column of the MLP's down "
-                        "projection)")
+                        "projection; the lora_* keys do not apply)")
 
     def peft_config(self, train_cfg, seqcls: bool):
         from peft import IA3Config
@@ -285,7 +286,8 @@ for _method in (
                description="weight-decomposed LoRA: LoRA direction plus a trainable magnitude per output row"),
     LoraFamily("rslora", "rsLoRA", {"use_rslora": True}, description="LoRA with rank-stabilised scaling alpha/sqrt(r)"),
     LoraFamily("qlora", "QLoRA", description="LoRA on a base whose linear layers are 4-bit NF4 with double "
-                                             "quantization (bitsandbytes); merged into the dequantized base",
+                                             "quantization (bitsandbytes, the qlora extra); merged into the "
+                                             "dequantized base",
                quantization="nf4", own_base=True, evaluate_as_saved=True),
     PiSSA(),
     FullFineTune(),
