@@ -627,3 +627,56 @@ def test_every_document_and_section_the_code_points_to_exists():
 def test_the_pointer_check_can_fail():
     assert doc_pointers("see docs/scale-out.md (section Memory) and docs/none.md; README section 'Memory'") == [
         ("docs/scale-out.md", "Memory"), ("docs/none.md", None), ("README.md", "Memory")]
+
+
+# --- layers: each module imports (anywhere in its code, lazy imports included) only its own layer or lower ---------
+
+LAYERS = [
+    # foundations
+    {"_version", "errors", "atomic", "cache", "device", "memory", "runlog", "html_page", "run_layout", "typed_yaml",
+     "prompt_template", "inference_requests", "infer", "metrics", "data.sampling"},
+    # files and data
+    {"ownership", "rundir", "checkpoints", "plots", "data", "data.hub", "data.split", "data.squad", "data.table"},
+    # tasks
+    {"tasks", "tasks.base", "tasks.spec", "tasks.classification", "tasks.extractive_qa"},
+    # models, methods, objectives, inference
+    {"runner", "evaluation", "lora_delta", "methods", "models", "losses", "gpu_memory", "recipes"},
+    # recipes as read
+    {"config", "recipe_reference"},
+    # what the stages measure
+    {"costs", "train", "param_report"},
+    # reading run files
+    {"cost_report", "report", "compare", "sweep_report", "export"},
+    # the commands
+    {"pipeline", "sweeper", "api", "cli", "__main__", ""},
+]
+MEASURING = {"costs", "train", "models", "infer", "runner", "evaluation", "param_report", "lora_delta", "pipeline",
+             "sweeper", "losses"}
+
+
+def layer_of(module: str) -> int:
+    name = module.removeprefix("tasktune").removeprefix(".")
+    found = [i for i, layer in enumerate(LAYERS) if name in layer or name.split(".")[0] + ".*" in layer
+             or (name.startswith("metrics.") and "metrics" in LAYERS[i])]
+    assert found, f"{module} has no layer in LAYERS: add it where it belongs"
+    return found[0]
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return [f"{a} -> {b}" for a, deps in graph.items() for b in deps if layer_of(b) > layer_of(a)]
+
+
+def test_every_import_points_down_the_layers():
+    assert upward_imports(import_graph(ROOT / "src" / "tasktune", "tasktune")) == []
+
+
+def test_the_layer_check_can_fail():
+    assert upward_imports({"tasktune.tasks.classification": {"tasktune.losses"}}) == [
+        "tasktune.tasks.classification -> tasktune.losses"]
+
+
+def test_reporting_never_imports_what_measures():
+    graph = import_graph(ROOT / "src" / "tasktune", "tasktune")
+    reporting = {"tasktune.report", "tasktune.compare", "tasktune.cost_report", "tasktune.sweep_report"}
+    hits = [f"{m} -> {d}" for m in reporting for d in graph[m] if d.removeprefix("tasktune.") in MEASURING]
+    assert hits == []
