@@ -35,7 +35,8 @@ class FirstWordTask(TaskType):
 
     def load(self, path: str | None) -> tuple[list[dict], str]:
         with open(path, newline="", encoding="utf-8") as file:
-            rows = [{"id": i, "text": row["sentence"].strip()} for i, row in enumerate(csv.DictReader(file, delimiter="\t"))]
+            table = csv.DictReader(file, delimiter="\t")
+            rows = [{"id": i, "text": row["sentence"].strip()} for i, row in enumerate(table)]
         return rows, str(path)
 
     def train_features(self, builder, examples, objective, max_length, label_token_ids=None, questions_per_context=1):
