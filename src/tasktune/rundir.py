@@ -21,8 +21,8 @@ import yaml
 from tasktune.atomic import fsync_dir as _fsync_dir
 from tasktune.atomic import write_bytes, write_json, write_jsonl, write_text  # noqa: F401 (the writers' home)
 from tasktune.errors import TasktuneError
-from tasktune.run_layout import RunLayout
 from tasktune.ownership import MARKER, check_replaceable, protected, read_marker, seal, sha256_file  # noqa: F401
+from tasktune.run_layout import RunLayout
 
 
 def mark_as_ours(folder: Path, kind: str) -> None:
