@@ -49,8 +49,8 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tasktune", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
-        description="Measure a causal LM zero-shot on a task, LoRA fine-tune it, measure it again with the "
-                    "same protocol, and write a report.")
+        description="Measure a causal LM zero-shot on a task, fine-tune it (train.method: LoRA, DoRA, QLoRA, "
+                    "full, ...), measure it again with the same protocol, and write a report.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     for name, help_text in (("run", "the whole pipeline: zero-shot eval, fine-tune (train.method), eval, report"),
