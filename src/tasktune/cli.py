@@ -222,8 +222,7 @@ def cmd_sweeps(args) -> int:
 def cmd_params(args) -> int:
     from tasktune.ownership import add_to_seal
     from tasktune.param_report import params_for_run
-    from tasktune.report import adapter_section
-    from tasktune.report import render
+    from tasktune.report import adapter_section, render
 
     layout = RunLayout(Path(args.run_dir))
     run_dir = require_owned_run(layout.root, trained=True, rewrites=(layout.params.name, *layout.rendered_names()))

@@ -325,7 +325,7 @@ def read_adapter_base(adapter_dir: Path) -> dict:
     for key, allowed in checks.items():
         if key in record and record[key] not in allowed:
             raise TasktuneError(f"{path}: {key} must be one of {list(allowed)}, got {record[key]!r}")
-    if "method" in record and METHODS[record["method"]].whole_model and "head" not in record:
+    if names_whole_model(record) and "head" not in record:
         raise TasktuneError(f"{path}: a full fine-tune's record needs its head (causal_lm or seqcls)")
     return record
 
@@ -360,18 +360,25 @@ def saved_method(adapter_dir: Path) -> Method:
     return max(variants, key=lambda m: len(m.lora_options))  # the most specific: DoRA's use_dora over LoRA
 
 
-def saves_whole_model(adapter_dir: Path) -> bool:
-    """adapter/ holds the whole fine-tuned model (`full`), not a peft adapter."""
-    named = METHODS.get(read_adapter_base(adapter_dir).get("method"))
+def names_whole_model(record: dict) -> bool:
+    """An ADAPTER_BASE record of a method saved as the whole fine-tuned model (`full`), not a peft adapter."""
+    named = METHODS.get(record.get("method"))
     return bool(named and named.whole_model)
 
 
-def adapter_head(adapter_dir: Path) -> str:
-    """`seqcls` for an adapter saved with a classification head, else `causal_lm`."""
-    if saves_whole_model(adapter_dir):
+def saves_whole_model(adapter_dir: Path) -> bool:
+    """adapter/ holds the whole fine-tuned model (`full`), not a peft adapter."""
+    return names_whole_model(read_adapter_base(adapter_dir))
+
+
+def adapter_head(adapter_dir: Path, record: dict | None = None) -> str:
+    """`seqcls` for an adapter saved with a classification head, else `causal_lm` (`record`: its ADAPTER_BASE
+    record, when the caller has read it already)."""
+    record = read_adapter_base(adapter_dir) if record is None else record
+    if names_whole_model(record):
         if not (Path(adapter_dir) / FULL_WEIGHTS).is_file():
             raise TasktuneError(f"{adapter_dir} is a full fine-tune without its weights ({FULL_WEIGHTS})")
-        return read_adapter_base(adapter_dir)["head"]
+        return record["head"]
     return "seqcls" if _adapter_config(adapter_dir).get("task_type") == "SEQ_CLS" else "causal_lm"
 
 

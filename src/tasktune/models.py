@@ -298,11 +298,11 @@ def load_adapted_model(adapter_dir: Path, model: str, dtype: str, num_labels: in
     fine-tune is a base of its own with every weight replaced by the run's."""
     from peft import PeftModel
 
-    from tasktune.methods import adapter_head, read_adapter_base, saves_whole_model
+    from tasktune.methods import adapter_head, names_whole_model, read_adapter_base
 
-    head = adapter_head(adapter_dir)
     record = read_adapter_base(adapter_dir)
-    if saves_whole_model(adapter_dir):
+    head = adapter_head(adapter_dir, record)
+    if names_whole_model(record):
         from safetensors.torch import load_model as load_weights
 
         lm = load_model(model, dtype, head=head, num_labels=num_labels, trust_remote_code=trust_remote_code)

@@ -108,12 +108,17 @@ class TaskType(ABC):
 
     def sampled_parts(self, examples: dict[str, list[dict]], data_cfg) -> dict[str, list[dict]]:
         """Each part of the split as the run uses it: data.limit_train, data.limit_validation and
-        data.limit_test rows of it, a seeded sample in the data's order. A type with a sampling policy of its own
-        (classification's whole sentences first) overrides this and `training_sample`."""
+        data.limit_test rows of it, a seeded sample in the data's order; the validation and test samples take the
+        rows `sampled_first` names before any other. A type with a sampling policy of its own (classification's
+        whole sentences) declares it there and in `training_sample`."""
         say_if_short(examples, data_cfg)
         return {part: (self.training_sample(examples[part], data_cfg) if part == "train"
-                       else sample(examples[part], limit, data_cfg.seed))
+                       else sample(examples[part], limit, data_cfg.seed, keep=self.sampled_first))
                 for part, limit in part_limits(data_cfg).items()}
+
+    def sampled_first(self, row: dict) -> bool:
+        """A validation or test row a sample takes before any other (the headline's rows); none by default."""
+        return False
 
     def training_sample(self, rows: list[dict], data_cfg) -> list[dict]:
         """The training rows a run (or a sweep's trial) uses: data.limit_train of them, seeded."""

@@ -12,7 +12,7 @@ import re
 
 from tasktune import inference_requests as req
 from tasktune.data import table
-from tasktune.data.sampling import part_limits, sample, say_if_short
+from tasktune.data.sampling import sample
 from tasktune.data.split import (containment_split, split_errors, stratified_split, text_overlap,
                                  validation_size, whole_sentences)
 from tasktune.errors import TasktuneError
@@ -158,13 +158,9 @@ class ClassificationTask(TaskType):
 
 
     # --- sampling: whole sentences first ------------------------------------------------------------
-    def sampled_parts(self, examples: dict[str, list[dict]], data_cfg) -> dict[str, list[dict]]:
-        """As every type samples, but the validation and test samples take every whole sentence first (the
-        headline is measured on them) and the training sample follows data.train_sentences."""
-        say_if_short(examples, data_cfg)
-        return {part: (self.training_sample(examples[part], data_cfg) if part == "train"
-                       else sample(examples[part], limit, data_cfg.seed, keep=is_whole_sentence))
-                for part, limit in part_limits(data_cfg).items()}
+    def sampled_first(self, row: dict) -> bool:
+        """Validation and test samples take every whole sentence first: the headline is measured on them."""
+        return is_whole_sentence(row)
 
     def training_sample(self, rows: list[dict], data_cfg) -> list[dict]:
         """The training rows a run uses: data.limit_train of them (seeded), and with data.train_sentences that share
