@@ -28,6 +28,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, TrainingArguments
 
     from tasktune.config import TrainConfig
+    from tasktune.losses import get_objective
     from tasktune.train import LeftPadCollator, TaskTrainer, add_lora
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,7 +57,7 @@ def main() -> None:
                                      use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
                                      bf16=torch.cuda.is_available(), disable_tqdm=True)
         trainer = TaskTrainer(model=model, args=training, train_dataset=features, data_collator=LeftPadCollator(0),
-                              objective="verbalizer", label_token_ids=[11, 12], validate=None)
+                              objective=get_objective("verbalizer"), label_token_ids=[11, 12], validate=None)
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start

@@ -9,7 +9,7 @@ that pass did not see the final model). This reads a finished sweep directory: p
 compiled a graph. The time outside training plus that excess is the per-trial overhead. Compiled graphs stay
 cached in the process, so the first trial of each shape pays for them and the rest reuse them: the mean over
 trials, not the median, is what a sweep pays per trial. Then, in a fresh process, it times what a `tasktune run`
-per trial would add: imports, data, split, model load and tokenization of the base recipe (`pipeline.prepare`
+per trial would add: imports, data, split, model load and tokenization of the base recipe (`stages.prepare`
 and `train_features`). Usage: python bench/sweep_overhead.py SWEEP_DIR [--no-record]
 """
 
@@ -29,7 +29,7 @@ FRESH = r"""
 import json, sys, time
 t0 = time.perf_counter()
 from tasktune.config import load_recipe
-from tasktune.pipeline import prepare, training_features
+from tasktune.stages import prepare, training_features
 t1 = time.perf_counter()
 recipe = load_recipe(sys.argv[1], sys.argv[2:])
 p = prepare(recipe)

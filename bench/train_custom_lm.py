@@ -99,7 +99,7 @@ def worker(config: str, model: str, batch: int, steps: int, warmup: int, seq_len
         args.train_sampling_strategy = "sequential"  # the same rows in the same order for both configs
         trainer = TaskTrainer(model=model_, args=args, train_dataset=features,
                               data_collator=LeftPadCollator(lm.tokenizer.pad_token_id, 32), callbacks=[timer],
-                              objective=config, label_token_ids=None, validate=None)
+                              objective=get_objective(config), label_token_ids=None, validate=None)
         started = time.perf_counter()
         trainer.train()
         total = time.perf_counter() - started

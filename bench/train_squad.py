@@ -70,6 +70,7 @@ def worker(config: str, model: str, batch: int, steps: int, warmup: int, max_len
 
     from flops import lora_training_flops
     from tasktune.config import TrainConfig
+    from tasktune.losses import get_objective
     from tasktune.train import CompiledLayers, LeftPadCollator, TaskTrainer, add_lora
 
     rows = squad_rows(batch * (steps + warmup), quick)
@@ -85,8 +86,8 @@ def worker(config: str, model: str, batch: int, steps: int, warmup: int, max_len
         if config.startswith("answer"):
             args.train_sampling_strategy = "group_by_length"
             trainer = TaskTrainer(model=peft_model, args=args, train_dataset=features,
-                                  data_collator=LeftPadCollator(pad), callbacks=[timer], objective="answer",
-                                  validate=None)
+                                  data_collator=LeftPadCollator(pad), callbacks=[timer],
+                                  objective=get_objective("answer"), validate=None)
             if config == "answer+compile":
                 trainer.compiled = CompiledLayers(peft_model)
         else:

@@ -160,7 +160,7 @@ def worker_tasktune(model: str, rows: list[dict], batch: int, steps: int, warmup
         args.train_sampling_strategy = "group_by_length"
         trainer = TaskTrainer(model=model_, args=args, train_dataset=features,
                               data_collator=LeftPadCollator(lm.tokenizer.pad_token_id), callbacks=[timer],
-                              objective=objective, label_token_ids=label_ids, validate=None)
+                              objective=get_objective(objective), label_token_ids=label_ids, validate=None)
         if compile:  # what `train.compile` does: the layers compiled inside the training steps
             trainer.compiled = CompiledLayers(model_)
         trainer.train()

@@ -300,7 +300,7 @@ def interrupted_sweep(tiny_llama, tmp_path, monkeypatch, data=None):
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(sweeper, "finish", killed)
+        patch.setattr(sweeper, "final_test", killed)
         assert main(["sweep", str(spec)]) != 0
     folder = tmp_path / "sweeps" / "tiny"
     assert (folder / "trials" / "1").is_dir() and not (folder / "sweep.json").exists()
@@ -333,39 +333,39 @@ def test_a_retried_trial_keeps_its_identity(tmp_path):
     still compares the winner with the base and finds the retry's files."""
     import optuna
 
-    from tasktune import sweeper
+    from tasktune import sweep_study
 
     study = optuna.create_study(direction="maximize")
     study.enqueue_trial({"train.lora_r": 16}, user_attrs={"base": True, "base_values": {"train.learning_rate": 1e-3}})
     trial = study.ask()
-    for key, value in {"identity": trial.number, "trial_dir": str(tmp_path / "trials" / "0"), "host": sweeper.socket.gethostname(),
+    for key, value in {"identity": trial.number, "trial_dir": str(tmp_path / "trials" / "0"), "host": sweep_study.socket.gethostname(),
                        "pid": 2**22 + 7, "process": "gone"}.items():
         trial.set_user_attr(key, value)
-    sweeper.fail_dead_local_trials(study)
+    sweep_study.fail_dead_local_trials(study)
     retry = study.ask()
     assert retry.number == 1
-    assert sweeper.identity_of(retry) == 0 and retry.user_attrs["base"] is True
+    assert sweep_study.identity_of(retry) == 0 and retry.user_attrs["base"] is True
     assert retry.user_attrs["base_values"] == {"train.learning_rate": 1e-3}
     assert retry.user_attrs["trial_dir"] == str(tmp_path / "trials" / "0") and retry.user_attrs["retry_of"] == 0
     study.tell(retry, 0.5)
-    board = sweeper.leaderboard(study)
+    board = sweep_study.leaderboard(study)
     assert [(r["trial"], r["base"]) for r in board] == [(0, True)]
 
 
 def test_a_reused_pid_is_not_taken_for_the_trial_that_died():
-    from tasktune import sweeper
+    from tasktune.sweep_study import is_alive, process_identity
 
     me = os.getpid()
-    assert sweeper._alive(me, sweeper.process_identity(me))
-    boot, pid, start = sweeper.process_identity(me).split(":")
-    assert not sweeper._alive(me, f"{boot}:{pid}:{int(start) + 1}")  # same pid, another process
-    assert not sweeper._alive(2**22 + 7, None)
+    assert is_alive(me, process_identity(me))
+    boot, pid, start = process_identity(me).split(":")
+    assert not is_alive(me, f"{boot}:{pid}:{int(start) + 1}")  # same pid, another process
+    assert not is_alive(2**22 + 7, None)
 
 
 def test_the_main_process_says_which_trials_it_waits_for(monkeypatch, capsys):
     import optuna
 
-    from tasktune import sweeper
+    from tasktune import sweep_study
 
     study = optuna.create_study()
     trial = study.ask()
@@ -378,8 +378,8 @@ def test_the_main_process_says_which_trials_it_waits_for(monkeypatch, capsys):
         if len(polls) == 2:
             study.tell(trial, 1.0)
 
-    monkeypatch.setattr(sweeper.time, "sleep", finish_after_two_polls)
-    sweeper._wait_for_workers(study)
+    monkeypatch.setattr(sweep_study.time, "sleep", finish_after_two_polls)
+    sweep_study.wait_for_workers(study)
     out = capsys.readouterr().out
     assert "waiting for trial(s) still running in other processes: 0 (host another-host, pid 12)" in out
 

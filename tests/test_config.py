@@ -94,7 +94,7 @@ def test_verbalizers_must_match_the_tasks_labels(tmp_path):
     with pytest.raises(TasktuneError, match="must give one word per label of task 'sst2'"):
         load_recipe(recipe, ["eval.verbalizers=[' bad']"])
     assert load_recipe(recipe, ["eval.verbalizers=[' awful', ' great']"]).eval.verbalizers == [" awful", " great"]
-    # Unset: chosen once the tokenizer shows what the verbalizers allow (pipeline.resolve_objective).
+    # Unset: chosen once the tokenizer shows what the verbalizers allow (adaptation.Adaptation.resolve).
     assert load_recipe(recipe).train.objective is None
     squad = write(tmp_path, "name: x\ntask: squad_v2\n")
     with pytest.raises(TasktuneError, match="must give one word per label"):

@@ -366,11 +366,11 @@ def test_qlora_without_bitsandbytes_is_one_line_before_anything_loads(tiny_llama
                                                                     capsys):
     import importlib.util
 
-    from tasktune import pipeline
+    from tasktune import stages
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(stages, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     assert main(run_args(tiny_llama, sst2_tsv, tmp_path, "q", "train.method=qlora")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'train.method qlora needs bitsandbytes: pip install "tasktune[qlora]"' in err[0]
@@ -420,11 +420,11 @@ def test_fewer_perplexity_documents_than_asked_are_said(tmp_path, capsys, asked,
 
 def test_a_perplexity_source_without_documents_is_refused_before_the_model_loads(tiny_llama, sst2_tsv, tmp_path,
                                                                                 monkeypatch, capsys):
-    from tasktune import pipeline
+    from tasktune import stages
 
     empty = tmp_path / "general.txt"
     empty.write_text("\n\n  \n")
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(stages, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     assert main(run_args(tiny_llama, sst2_tsv, tmp_path, "empty", f"eval.perplexity={empty}")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"tasktune: error: eval.perplexity: {empty} has no documents (non-empty blocks separated by "
@@ -640,18 +640,20 @@ LAYERS = [
     # tasks
     {"tasks", "tasks.base", "tasks.spec", "tasks.classification", "tasks.extractive_qa"},
     # models, methods, objectives, inference
-    {"runner", "evaluation", "lora_delta", "methods", "models", "losses", "gpu_memory", "recipes"},
+    {"runner", "evaluation", "lora_delta", "methods", "models", "losses", "gpu_memory", "recipes", "adaptation"},
     # recipes as read
     {"config", "recipe_reference"},
     # what the stages measure
     {"costs", "train", "param_report"},
+    # the stage API that run and sweep share
+    {"stages"},
     # reading run files
     {"cost_report", "report", "compare", "sweep_report", "export"},
     # the commands
-    {"pipeline", "sweeper", "api", "cli", "__main__", ""},
+    {"pipeline", "sweep_spec", "sweep_study", "sweep_trials", "sweep_final", "sweeper", "api", "cli", "__main__", ""},
 ]
-MEASURING = {"costs", "train", "models", "infer", "runner", "evaluation", "param_report", "lora_delta", "pipeline",
-             "sweeper", "losses"}
+MEASURING = {"costs", "train", "models", "infer", "runner", "evaluation", "param_report", "lora_delta", "stages",
+             "pipeline", "sweep_study", "sweep_trials", "sweep_final", "sweeper", "losses", "adaptation"}
 
 
 def layer_of(module: str) -> int:
@@ -680,3 +682,40 @@ def test_reporting_never_imports_what_measures():
     reporting = {"tasktune.report", "tasktune.compare", "tasktune.cost_report", "tasktune.sweep_report"}
     hits = [f"{m} -> {d}" for m in reporting for d in graph[m] if d.removeprefix("tasktune.") in MEASURING]
     assert hits == []
+
+
+def private_imports(folder: Path) -> list[str]:
+    """`from tasktune.x import _name`: a module reaching past another's public API."""
+    hits = []
+    for file in sorted(folder.rglob("*.py")):
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tasktune"):
+                hits += [f"{file.name}: {node.module}.{a.name}" for a in node.names
+                         if a.name.startswith("_") and a.name != "__version__"]
+    return hits
+
+
+def test_run_and_sweep_call_one_public_stage_api(tmp_path):
+    """The sweep is a loop over the stages `run` calls (stages.py), not over the run command's internals: no
+    sweep module imports pipeline, both import stages, and no module imports another's private name."""
+    graph = import_graph(ROOT / "src" / "tasktune", "tasktune")
+    sweep = {m for m in graph if m.startswith("tasktune.sweep")}
+    assert sweep >= {"tasktune.sweeper", "tasktune.sweep_spec", "tasktune.sweep_study", "tasktune.sweep_trials",
+                     "tasktune.sweep_final", "tasktune.sweep_report"}
+    assert [m for m in sweep if "tasktune.pipeline" in graph[m]] == []
+    assert all("tasktune.stages" in graph[m] for m in ("tasktune.pipeline", "tasktune.sweep_trials",
+                                                       "tasktune.sweep_final", "tasktune.sweeper"))
+    assert private_imports(ROOT / "src" / "tasktune") == []
+    (tmp_path / "a.py").write_text("from tasktune.pipeline import _run\n")  # the check can fail
+    assert private_imports(tmp_path) == ["a.py: tasktune.pipeline._run"]
+
+
+def test_the_resolved_method_and_objective_travel_with_the_prepared_run():
+    """`stages.prepare` (and `stages.variant` for a trial) resolve the method and objective once, into
+    `Prepared.adaptation`; the stages and the commands never look them up by name again. The run command's one
+    lookup refuses `train.method: none` before anything loads."""
+    lookups = re.compile(r"\bget_(?:method|objective)\(")
+    counts = {name: len(lookups.findall((ROOT / "src" / "tasktune" / f"{name}.py").read_text()))
+              for name in ("stages", "pipeline", "sweeper", "sweep_spec", "sweep_study", "sweep_trials",
+                           "sweep_final")}
+    assert counts == {**dict.fromkeys(counts, 0), "pipeline": 1}

@@ -228,7 +228,7 @@ def test_limit_validation_takes_whole_sentences_first(tiny_llama, tmp_path):
     """data.limit_validation samples the validation slice as data.limit_test samples the test split: every whole
     sentence first, so the figure that early stopping and a sweep read measures what the headline measures."""
     from tasktune.config import load_recipe
-    from tasktune.pipeline import prepare
+    from tasktune.stages import prepare
 
     data = tmp_path / "phrases.tsv"
     data.write_text("sentence\tlabel\n" + "".join(f"{r['text']}\t{r['label']}\n" for r in phrase_rows()))

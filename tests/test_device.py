@@ -107,7 +107,7 @@ def test_perplexity_runs_on_the_model_device(meta_lm):
 
 def test_control_task_runs_on_the_model_device(on_meta, tiny_models, sst2_tsv, tmp_path):
     """The control-task path of `costs.measure`, from a prepared run whose model loaded on the device."""
-    from tasktune.pipeline import prepare
+    from tasktune.stages import prepare
 
     recipe = load_recipe(TINY_RUN_RECIPE, [*TINY_RUN_OVERRIDES, f"model={tiny_models['gemma2']}",
                                            f"data.path={sst2_tsv}", "eval.controls=[sst2]", "eval.control_rows=4",

@@ -51,7 +51,7 @@ def test_fp16_base_trains_with_a_gradient_scaler(tiny_llama, tmp_path):
     assert all(p.dtype == torch.float16 for n, p in model.named_parameters() if not p.requires_grad)
     before = {n: p.detach().clone() for n, p in trainable.items()}
     features = task.train_features(builder, rows(48), get_objective("verbalizer"), 64, label_ids)
-    summary = fit(model, lm.tokenizer, features, features[:1], cfg, tmp_path, "verbalizer",
+    summary = fit(model, lm.tokenizer, features, features[:1], cfg, tmp_path, get_objective("verbalizer"),
                   lambda m: validation(task, m, builder, rows(16, seed=1), head), "accuracy", label_ids)
     assert summary["grad_scaler_scale"] is not None and summary["grad_scaler_scale"] > 0
     losses = [h["loss"] for h in summary["log_history"] if "loss" in h]
@@ -65,6 +65,6 @@ def test_fp32_training_has_no_scaler(tiny_llama, tmp_path):
                       logging_steps=1, learning_rate=1e-3, warmup_ratio=0.0)
     model = add_lora(lm.model, cfg, "verbalizer")
     features = task.train_features(builder, rows(16), get_objective("verbalizer"), 64, label_ids)
-    summary = fit(model, lm.tokenizer, features, features[:1], cfg, tmp_path, "verbalizer",
+    summary = fit(model, lm.tokenizer, features, features[:1], cfg, tmp_path, get_objective("verbalizer"),
                   lambda m: validation(task, m, builder, rows(8, seed=1), head), "accuracy", label_ids)
     assert summary["grad_scaler_scale"] is None

@@ -51,17 +51,17 @@ def rows_of(sweep_dir: Path) -> list[tuple]:
 
 def test_a_sweep_chooses_on_validation_and_reads_the_test_set_once_per_reported_model(sweep_inputs, tmp_path,
                                                                                        monkeypatch):
-    from tasktune import sweeper as sweep_module
+    from tasktune import sweep_final
 
     model, data = sweep_inputs
     reads = []
-    real = sweep_module.evaluate_test
+    real = sweep_final.evaluate_test
 
     def counted(p, m, out_dir, head="causal_lm"):
         reads.append(out_dir.name)
         return real(p, m, out_dir, head)
 
-    monkeypatch.setattr(sweep_module, "evaluate_test", counted)
+    monkeypatch.setattr(sweep_final, "evaluate_test", counted)
     assert main(["sweep", str(write_sweep(tmp_path, model, data))]) == 0
     folder = tmp_path / "sweeps" / "tiny"
     result = json.loads((folder / "sweep.json").read_text())
@@ -103,12 +103,12 @@ def test_the_trained_base_model_is_left_clean_between_trials(sweep_inputs, tmp_p
 def test_methods_with_a_base_of_their_own_compete_in_a_sweep(sweep_inputs, tmp_path, monkeypatch):
     """full, PiSSA and QLoRA load their own base per trial; the one shared base stays bit-identical through
     them (PiSSA rewrites its base, full trains every weight), and the winner and the base recipe are tested."""
-    from tasktune import sweeper as sweep_module
     from tasktune.lora_delta import tensor_hash
+    from tasktune.sweep_trials import Trials
 
     model, data = sweep_inputs
     hashes = []
-    real = sweep_module.Trials.run
+    real = Trials.run
 
     def watched(self, trial):
         def state():
@@ -120,7 +120,7 @@ def test_methods_with_a_base_of_their_own_compete_in_a_sweep(sweep_inputs, tmp_p
         finally:
             hashes.append(state())
 
-    monkeypatch.setattr(sweep_module.Trials, "run", watched)
+    monkeypatch.setattr(Trials, "run", watched)
     spec = write_sweep(tmp_path, model, data, trials=5, pruner="none", sampler="grid",
                        space={"train.method": {"type": "categorical", "choices": ["lora", "full", "pissa", "qlora"]}})
     assert main(["sweep", str(spec)]) == 0
@@ -137,11 +137,10 @@ def test_a_trial_figure_is_its_best_checkpoint_validation_pass(sweep_inputs, tmp
     """A trial's figure is the best checkpoint's own validation pass, equal to a fresh pass over the trained
     model; a second pass runs only where the evaluated model is not the one validated in training (full: cast
     to the run's dtype; PiSSA, QLoRA: evaluated as saved)."""
-    from tasktune import pipeline
-    from tasktune import sweeper as sweep_module
+    from tasktune import sweep_trials
 
     model, data = sweep_inputs
-    real_figure, real_release = sweep_module.validation_figure, pipeline.release_base
+    real_figure, real_release = sweep_trials.validate_stage, sweep_trials.release_base
     second_passes, fresh = [], []
 
     def counted(p, m, head):
@@ -152,8 +151,8 @@ def test_a_trial_figure_is_its_best_checkpoint_validation_pass(sweep_inputs, tmp
         fresh.append(real_figure(p, m, "causal_lm"))
         return real_release(p, m)
 
-    monkeypatch.setattr(sweep_module, "validation_figure", counted)
-    monkeypatch.setattr(pipeline, "release_base", release)
+    monkeypatch.setattr(sweep_trials, "validate_stage", counted)
+    monkeypatch.setattr(sweep_trials, "release_base", release)
     spec = write_sweep(tmp_path, model, data, trials=5, pruner="none", sampler="grid",
                        space={"train.method": {"type": "categorical", "choices": ["lora", "full", "pissa", "qlora"]}})
     body = yaml.safe_load(spec.read_text())
@@ -252,7 +251,7 @@ def test_bad_sweep_files_are_one_line_before_anything_loads(sweep_inputs, tmp_pa
 
 def test_shipped_sweeps_are_valid_and_copy_like_recipes(tmp_path, capsys):
     from tasktune import recipes
-    from tasktune.sweeper import load_sweep
+    from tasktune.sweep_spec import load_sweep
 
     names = recipes.shipped_sweeps()
     assert {"sst2-gemma3-270m-cpu", "squad2-gemma3-270m-cpu"} <= set(names)
@@ -316,10 +315,10 @@ def test_a_cost_constraint_chooses_the_best_trial_within_it(sweep_inputs, tmp_pa
     against the base model (paired, with its interval), trials over the limit rank below those within it, the
     winner is the best within it, and the Pareto front is reported. The measurement is real; to make the
     constraint bite whatever the tiny model learns, every trial but the base recipe's is then put over it."""
-    from tasktune import sweeper as sweep_module
+    from tasktune.sweep_trials import Trials
 
     measured = []
-    real = sweep_module.Trials.perplexity_increase
+    real = Trials.perplexity_increase
 
     def over_unless_base(self, p, model, head):
         change = real(self, p, model, head)
@@ -327,7 +326,7 @@ def test_a_cost_constraint_chooses_the_best_trial_within_it(sweep_inputs, tmp_pa
         is_base = p.recipe.train.learning_rate == self.base.recipe.train.learning_rate
         return {**change, "relative_change": 0.0 if is_base else 0.5}
 
-    monkeypatch.setattr(sweep_module.Trials, "perplexity_increase", over_unless_base)
+    monkeypatch.setattr(Trials, "perplexity_increase", over_unless_base)
     model, data = sweep_inputs
     spec = write_sweep(tmp_path, model, data, trials=4, pruner="none", constraint="perplexity_increase <= 5%")
     assert main(["sweep", str(spec)]) == 0

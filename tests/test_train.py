@@ -44,7 +44,7 @@ def test_objective_trains_and_changes_only_lora(tiny_models, tmp_path, arch, obj
     train = rows(48)
     features = task.train_features(builder, train, get_objective(objective), 64, label_ids)
     val = rows(16, seed=1)
-    summary = fit(model, lm.tokenizer, features, features[:1], cfg, tmp_path, objective,
+    summary = fit(model, lm.tokenizer, features, features[:1], cfg, tmp_path, get_objective(objective),
                   lambda m: validation(task, m, builder, val, head), "accuracy", label_ids)
     assert summary["global_step"] == 6
     assert any("eval_accuracy" in h for h in summary["log_history"])
@@ -105,7 +105,7 @@ def test_seqcls_adapter_reloads_and_scores_identically(tiny_models, tmp_path):
                       learning_rate=1e-3)
     model = add_lora(lm.model, cfg, "seqcls")
     features = task.train_features(builder, rows(24), get_objective("seqcls"), 64, label_ids)
-    fit(model, lm.tokenizer, features, features[:1], cfg, tmp_path, "seqcls",
+    fit(model, lm.tokenizer, features, features[:1], cfg, tmp_path, get_objective("seqcls"),
         lambda m: validation(task, m, builder, rows(8), "seqcls"), "accuracy", label_ids)
     model.save_pretrained(tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
@@ -210,7 +210,7 @@ def test_gradient_checkpointing_still_trains_every_adapter(tiny_models, tmp_path
     model = add_lora(lm.model, cfg, "label_lm")
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
     features = task.train_features(builder, rows(16), get_objective("label_lm"), 64, label_ids)
-    fit(model, lm.tokenizer, features, features[:1], cfg, tmp_path, "label_lm",
+    fit(model, lm.tokenizer, features, features[:1], cfg, tmp_path, get_objective("label_lm"),
         lambda m: validation(task, m, builder, rows(8, seed=1), head), "accuracy", label_ids)
     assert unwrap(model).is_activation_checkpointing
     unchanged = [n for n, p in model.named_parameters() if n in before and torch.equal(p.cpu(), before[n].cpu())]
@@ -251,7 +251,7 @@ def test_the_best_checkpoint_keeps_its_own_validation_records(tiny_llama, tmp_pa
         validations.latest = [{"pass": len(validations.by_step) + 1}]
         return {"accuracy": next(scripted)}
 
-    summary = fit(model, lm.tokenizer, features, features[:1], cfg, tmp_path, "label_lm", validate, "accuracy",
+    summary = fit(model, lm.tokenizer, features, features[:1], cfg, tmp_path, get_objective("label_lm"), validate, "accuracy",
                   label_ids, callbacks=[validations])
     assert sorted(validations.by_step) == [2, 4, 6, 8]
     assert summary["best_checkpoint"] == "checkpoint-4"
@@ -288,7 +288,7 @@ def test_train_compile_compiles_the_training_steps_only(tiny_llama, tmp_path):
             return validation(task, m, builder, rows(8, seed=1), head)
 
         features = task.train_features(builder, rows(40), get_objective("label_lm"), 64, label_ids)
-        summary = fit(model, lm.tokenizer, features, features[:1], cfg, tmp_path / str(compiled), "label_lm",
+        summary = fit(model, lm.tokenizer, features, features[:1], cfg, tmp_path / str(compiled), get_objective("label_lm"),
                       validate, "accuracy", label_ids)
         assert eager_in_validation == [True, True]
         assert all(layer._compiled_call_impl is None for layer in layers)  # eager after training

@@ -252,7 +252,7 @@ def validate(recipe: Recipe, source: str) -> Recipe:
     ppl = recipe.eval.perplexity
     if ppl is not None and ppl != "embedded" and not Path(ppl).is_file():
         raise TasktuneError(f"{source}: eval.perplexity {ppl!r} is neither `embedded` nor an existing text file")
-    # An unset objective is chosen once the tokenizer shows what the verbalizers allow (pipeline.prepare).
+    # An unset objective is chosen once the tokenizer shows what the verbalizers allow (stages.prepare).
     allowed = objectives_for(spec.type)
     if recipe.train.objective is not None and recipe.train.objective not in allowed:
         raise TasktuneError(f"{source}: objective {recipe.train.objective!r} does not apply to task "

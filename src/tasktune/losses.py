@@ -144,9 +144,11 @@ for _objective in (
     OBJECTIVES[_objective.name] = _objective
 
 
-def objective_loss(model, batch: dict, objective: str, label_token_ids: list[int] | None = None) -> torch.Tensor:
-    """The training loss of `objective` for one collated batch (see the module docstring)."""
-    return OBJECTIVES[objective].loss(model, batch, label_token_ids)
+def objective_loss(model, batch: dict, objective: Objective | str, label_token_ids: list[int] | None = None
+                   ) -> torch.Tensor:
+    """The training loss of `objective` (resolved, or its name: benchmarks and tests) for one collated batch."""
+    resolved = get_objective(objective) if isinstance(objective, str) else objective
+    return resolved.loss(model, batch, label_token_ids)
 
 
 def _data_parallel(model) -> bool:

@@ -1,4 +1,5 @@
-"""The whole job for one recipe: data → task → model → zero-shot eval → LoRA → same-protocol eval → report.
+"""`tasktune run` and `tasktune eval`: the stages of `stages.py` in a run directory. split → zero-shot →
+train → params → fine-tuned → report, each stage done once across invocations (an interrupted run resumes).
 
 Everything that can be checked (recipe, data file, model, verbalizers) is checked before the run
 directory is created; the directory itself is staged and renamed into place only when complete.
@@ -10,7 +11,6 @@ import contextlib
 import json
 import platform
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,21 +18,21 @@ from accelerate import PartialState
 
 from tasktune._version import __version__
 from tasktune.config import Recipe
-from tasktune.costs import held_out_documents
-from tasktune.device import describe as device_of, process_state
-from tasktune.infer import merge_for_inference, unwrap
 from tasktune.data.sampling import sample
 from tasktune.data.split import overlap_warning
+from tasktune.device import process_state
 from tasktune.errors import TasktuneError
-from tasktune.memory import MemoryLog, StepMemory
-from tasktune.models import LoadedModel, count_parameters, load_adapted_model, load_model, model_identity
+from tasktune.infer import merge_for_inference
+from tasktune.memory import MemoryLog
+from tasktune.methods import adapter_head
+from tasktune.models import count_parameters, load_adapted_model
 from tasktune.param_report import parameter_report
-from tasktune.methods import adapter_head, get_method
 from tasktune.run_layout import RunLayout
+from tasktune.rundir import RunDir, write_json, write_text
 from tasktune.runlog import RunLog
-from tasktune.rundir import RunDir, write_json, write_jsonl, write_text
-from tasktune.tasks import PromptBuilder, get_task
-from tasktune.tasks.base import TaskType
+from tasktune.stages import (Prepared, check_fingerprint, evaluate_stage, load_trained, prepare, run_fingerprint,
+                             train_stage)
+from tasktune.tasks import PromptBuilder
 
 
 def versions() -> dict:
@@ -45,297 +45,13 @@ def versions() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-@dataclass
-class Prepared:
-    recipe: Recipe
-    task: TaskType
-    source: str
-    split: dict[str, list[int]]
-    examples: dict[str, list[dict]]
-    lm: LoadedModel
-    builder: PromptBuilder
-    label_token_ids: list[int] | None
-    overlap: dict  # how much of the test set the training part has seen (see the task's `overlap`)
-    test_source: str | None = None  # data.test_path, when the test set is a separate file
-    timings: dict = field(default_factory=dict)
-    started: float = field(default_factory=time.perf_counter)  # for the wall time of this invocation
-    memory: MemoryLog = field(default_factory=MemoryLog)
-    rows: list[dict] = field(default_factory=list)  # every row of the data file, as loaded (read once)
-    documents: tuple[list[str], str] | None = None  # eval.perplexity's held-out documents and their origin
-
-    @property
-    def sources(self) -> str:
-        """Every data file the run reads (for fingerprints)."""
-        return self.source + (f", {self.test_source}" if self.test_source else "")
-
-
-def prepare(recipe: Recipe, training: bool = True) -> Prepared:
-    """Load and check everything the run needs (`training=False`: an evaluation only); writes nothing."""
-    timings = {}
-    started = start = time.perf_counter()
-    task = get_task(recipe.task, recipe.eval.verbalizers, recipe.eval.max_prompt_tokens)
-    rows, source = task.load(recipe.data.path)
-    split = task.split(rows, recipe.data)
-    by_id = {r["id"]: r for r in rows}
-    examples = {part: [by_id[i] for i in ids] for part, ids in split.items()}
-    test_source = None
-    if recipe.data.test_path:  # a separate test file; the data file's own test part is then left unused
-        examples["test"], test_source = task.load(recipe.data.test_path)
-        split["test"] = [r["id"] for r in examples["test"]]
-    overlap = task.overlap(examples["train"] + examples["validation"], examples["test"])
-    examples = task.sampled_parts(examples, recipe.data)
-    timings["data_s"] = time.perf_counter() - start
-    # Before the model loads: a perplexity source without documents is bad input, refused first.
-    documents = held_out_documents(recipe, examples) if recipe.eval.perplexity else None
-
-    start = time.perf_counter()
-    lm = load_model(recipe.model, recipe.dtype, trust_remote_code=recipe.trust_remote_code)
-    timings["model_load_s"] = time.perf_counter() - start
-    if training:
-        check_target_modules(lm.model, recipe.train.target_modules)
-    memory = MemoryLog()
-    memory.stage("model loaded")
-    builder = PromptBuilder(task, lm.tokenizer, recipe.eval.prompt_format, recipe.eval.shots,
-                            shot_pool=examples["train"], seed=recipe.data.seed)
-    label_ids = task.label_token_ids(builder, examples["test"][0])
-    resolve_objective(recipe, task, label_ids, training)
-    check_prompt_lengths(recipe, task, builder, lm, examples, source if not test_source else
-                         f"{source} or {test_source}", training)
-    return Prepared(recipe, task, source, split, examples, lm, builder, label_ids, overlap, test_source, timings,
-                    started, memory, rows, documents)
-
-
-def check_prompt_lengths(recipe: Recipe, task, builder, lm: LoadedModel, examples: dict, source: str,
-                         training: bool) -> None:
-    """Before any stage: the longest evaluation prompts must fit the model's positions (the rule every evaluation
-    applies, `inference_requests.check_positions`, here on the few longest rows so that a run refuses before its
-    directory exists), and so must a training row of train.max_length tokens."""
-    from tasktune.inference_requests import check_positions, model_positions
-
-    positions = model_positions(lm.model.config)
-    if positions is None:
-        return
-    if training and recipe.train.max_length > positions:
-        raise TasktuneError(f"train.max_length={recipe.train.max_length} is more than the {positions} positions the "
-                            "model reads (config.max_position_embeddings)")
-    rows = examples["test"] + examples["validation"]
-    longest = sorted(rows, key=lambda ex: -len(builder.render(ex)))[:3]
-    for protocol in task.protocols(recipe.eval.protocols, "causal_lm"):
-        requests, _ = task.requests(builder, longest, protocol)
-        check_positions(requests, longest, positions, source)
-
-
-def resolve_objective(recipe: Recipe, task, label_ids: list[int] | None, training: bool) -> None:
-    """An unset train.objective becomes the task type's choice for these verbalizers (single tokens: the fast
-    `verbalizer`; several: `lm`); a set one that needs single tokens is refused when they are not."""
-    from tasktune.losses import get_objective
-
-    if recipe.train.objective is None:
-        recipe.train.objective = task.default_objective(label_ids is not None)
-    if training and label_ids is None and get_objective(recipe.train.objective).single_token_verbalizers:
-        raise TasktuneError(f"train.objective={recipe.train.objective} needs single-token verbalizers; those of "
-                            f"{task.name!r} are several tokens for this tokenizer: use train.objective=lm")
-
-
-def check_target_modules(model: torch.nn.Module, targets: list[str]) -> None:
-    """Every train.target_modules name must be a linear layer of this model: fail here, before the run
-    directory exists, rather than in peft after the zero-shot evaluation."""
-    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                     if isinstance(module, torch.nn.Linear)})
-    missing = [t for t in targets if t not in linear]
-    if missing:
-        raise TasktuneError(f"train.target_modules {missing} are not linear layers of this model (expected some "
-                            f"of {linear})")
-
-
 STAGES = ("split", "zeroshot", "train", "params", "finetuned")
-
-
-def evaluate_stage(p: Prepared, model, out_dir: Path, head: str = "causal_lm", protocol: dict | None = None) -> dict:
-    """Evaluate the test split with the run's protocol (and its threshold chosen on the validation slice).
-    Under `accelerate launch`/`torchrun` the runner shards the requests across processes and gathers the
-    results, so every process computes the same metrics; only the main process writes."""
-    from tasktune import evaluation
-    from tasktune.runner import Runner
-
-    cfg = p.recipe.eval
-    state = process_state()
-    test = p.examples["test"]
-    generate_ids = {ex["id"] for ex in sample(test, cfg.limit_generate, p.recipe.data.seed)}
-    start = time.perf_counter()
-    runner = Runner(model, p.lm.tokenizer, cfg.batch_size)
-    metrics, records = evaluation.evaluate(p.task, runner, p.builder, test, cfg.protocols, head, generate_ids,
-                                           validation=p.examples["validation"])
-    metrics["seconds"] = round(time.perf_counter() - start, 3)
-    metrics["processes"] = state.num_processes
-    metrics["device"] = device_of(model)  # where this stage computed (the GPU session checks it)
-    if state.is_main_process:
-        from tasktune.costs import measure
-
-        start = time.perf_counter()
-        cost = measure(p, model, out_dir, head)  # perplexity and controls, when the recipe asks for them
-        if cost:
-            metrics["cost"] = {**cost, "seconds": round(time.perf_counter() - start, 3)}
-        write_json(RunLayout.metrics(out_dir), {**metrics, **({"protocol": protocol} if protocol else {})})
-        write_jsonl(RunLayout.predictions(out_dir), records)
-    return metrics
 
 
 def logged_figures(task, metrics: dict | None) -> dict:
     """The report's numeric rows, flattened for experiment loggers: {"score/accuracy": 0.92, ...}."""
     return {f"{column}/{row}": values[row] for column, values in task.report_columns(metrics or {})
             for row in task.report_rows if isinstance(values.get(row), (int, float))}
-
-
-def training_features(p: Prepared) -> list[dict]:
-    """The tokenized training rows of a prepared run, as its recipe's train keys make them."""
-    cfg = p.recipe.train
-    from tasktune.losses import get_objective
-
-    return p.task.train_features(p.builder, p.examples["train"], get_objective(cfg.objective), cfg.max_length,
-                                 p.label_token_ids, cfg.questions_per_context)
-
-
-def train_stage(p: Prepared, work: Path, logs=None, features: list[dict] | None = None,
-                callbacks: tuple = ()) -> tuple[torch.nn.Module, dict, str]:
-    """Fine-tuning with the recipe's method (resuming from a checkpoint when one exists); writes adapter/ and
-    train/summary.json. `features`: the tokenized training rows when the caller has them (a sweep caches them
-    across trials)."""
-    from tasktune.train import wrap_for_training
-
-    cfg = p.recipe.train
-    head = objective_head(cfg.objective)
-    base = base_for_training(p, head)
-    base_count = count_parameters(base)["total"]
-    if features is None:
-        features = training_features(p)
-    torch.manual_seed(cfg.seed)  # LoRA initialisation
-    model = wrap_for_training(base, cfg, cfg.objective, work / "train")
-    try:
-        return _train_adapted(p, work, logs, features, callbacks, model, head, base_count)
-    except BaseException:
-        release_base(p, model)
-        raise
-
-
-def _train_adapted(p: Prepared, work: Path, logs, features: list[dict], callbacks: tuple, model, head: str,
-                   base_count: int) -> tuple[torch.nn.Module, dict, str]:
-    from tasktune import evaluation
-    from tasktune.train import ValidationRecords, fit
-
-    cfg = p.recipe.train
-    params = count_parameters(model)
-    val_features = features[:1]  # the Trainer wants an eval set; validation runs through `validate`
-    validations = ValidationRecords()
-
-    def validate(m):  # each process runs the whole validation slice (the Trainer evaluates on every process)
-        from tasktune.runner import Runner
-
-        runner = Runner(m, p.lm.tokenizer, p.recipe.eval.batch_size, shard=False)
-        validations.latest = evaluation.validation_records(p.task, runner, p.builder, p.examples["validation"], head)
-        return p.task.validation_metrics(validations.latest)
-
-    method = get_method(cfg.method)
-    summary = fit(model, p.lm.tokenizer, features, val_features, cfg, work / "train", cfg.objective, validate,
-                  p.task.metric_for_best, p.label_token_ids, logs=logs,
-                  callbacks=[StepMemory(p.memory), validations, *callbacks],
-                  autocast=p.lm.dtype if method.master_dtype and p.lm.dtype != torch.float32 else None)
-    if method.master_dtype:  # evaluated, analysed and saved in the run's dtype, as the zero-shot base was
-        model = model.to(p.lm.dtype)
-    summary.pop("log_history")
-    # The best checkpoint's validation figure from its own pass, where that pass saw the model as it now is
-    # (the Trainer reloaded that checkpoint's weights); not for a model cast after training (full) or
-    # evaluated as saved (QLoRA, PiSSA), nor for a checkpoint validated before a resume.
-    records = validations.of_checkpoint(summary.get("best_checkpoint"))
-    summary["best_validation"] = (evaluation.validation_figure(p.task, records, head)
-                                  if records is not None and not method.master_dtype
-                                  and not method.evaluate_as_saved else None)
-    # What was trained on: QLoRA's 4-bit linear layers are counted, so that a silent fall-back to 16 bits shows.
-    quantized = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
-    # Training rows, which are not the training examples where several questions share a row.
-    summary.update(parameters=params, base_parameters_before_lora=base_count, head=head,
-                   quantized_linear_layers=quantized, training_rows=len(features), device=device_of(model))
-    state = process_state()
-    if state.is_main_process:
-        method.save(model, RunLayout(work).adapter, work / "train", head)
-        write_json(RunLayout(work).summary, summary)
-    state.wait_for_everyone()
-    if method.evaluate_as_saved:
-        # Evaluated as it is exported: QLoRA's adapter on the dequantized 4-bit base; PiSSA's converted adapter
-        # on the original base (checks the conversion, and the merged model is the same either way).
-        del model
-        model, _, head = load_trained(p, work)
-    return model, summary, head
-
-
-def release_base(p: Prepared, model) -> None:
-    """Take the adapter off the run's loaded base when `model` wraps it, so that a sweep trains on it again
-    (methods with a base of their own, and classification heads, leave it untouched)."""
-    if hasattr(model, "unload") and unwrap(model) is p.lm.model:
-        model.unload()
-
-
-def objective_head(objective: str) -> str:
-    from tasktune.losses import get_objective
-
-    return get_objective(objective).head
-
-
-def base_for_training(p: Prepared, head: str) -> torch.nn.Module:
-    """The loaded base (a causal-LM head), or a base of its own: with a fresh classification head, in 4 bits
-    for QLoRA (prepared as peft prescribes: norms and head in fp32, inputs requiring grad), rewritten by the
-    method (PiSSA), or in fp32 master weights (full)."""
-    method = get_method(p.recipe.train.method)
-    quantization = method.quantization
-    if head == "seqcls" or method.own_base:
-        labels = p.task.seqcls_labels()
-        model = load_model(p.recipe.model, method.master_dtype or p.recipe.dtype, head=head, num_labels=labels,
-                           trust_remote_code=p.recipe.trust_remote_code, quantization=quantization).model
-        if quantization:
-            from peft import prepare_model_for_kbit_training
-
-            model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=p.recipe.train.gradient_checkpointing)
-        return model
-    return p.lm.model
-
-
-def load_trained(p: Prepared, work: Path) -> tuple[torch.nn.Module, dict, str]:
-    """The train stage's results when it already finished in an earlier (interrupted) invocation."""
-    layout = RunLayout(work)
-    summary = json.loads(layout.summary.read_text())
-    adapted = load_adapted_model(layout.adapter, p.recipe.model, p.recipe.dtype,
-                                 num_labels=p.task.seqcls_labels(),
-                                 base=p.lm.model, trust_remote_code=p.recipe.trust_remote_code)
-    return adapted.model, summary, adapted.head
-
-
-def data_fingerprint(source: str) -> dict:
-    """sha256 of every local data file the run read, of its content (decompressed, for the embedded .gz
-    files, so it matches the published file's hash); hub datasets are named, not hashed."""
-    from tasktune.data import content_sha256
-
-    return {path: content_sha256(Path(path)) for path in source.split(", ") if Path(path).is_file()}
-
-
-def run_fingerprint(p: Prepared) -> dict:
-    """What a run is made from: its data, its model and its task spec (a resumed run must match all three)."""
-    return {"data_sha256": data_fingerprint(p.sources), "model": model_identity(p.lm),
-            "task_sha256": p.task.spec.sha256}
-
-
-def check_fingerprint(folder: Path, fingerprint: dict, what: str) -> None:
-    """Refuse to continue (or call complete) a run made from other data or another model than this one's."""
-    path = RunLayout(folder).fingerprint
-    if not path.is_file():
-        return
-    saved = json.loads(path.read_text())
-    for key, label in (("data_sha256", "data"), ("model", "model"), ("task_sha256", "task spec")):
-        if saved.get(key) != fingerprint[key]:
-            raise TasktuneError(
-                f"{folder} was made from different {label} than this command reads ({label} now: "
-                f"{fingerprint[key]}; in the run: {saved.get(key)}): mixing them would report figures of one "
-                f"{label} next to training on another; {what}")
 
 
 def run(recipe: Recipe, overwrite: bool = False, train_only: bool = False, resume: bool = False) -> Path:

@@ -20,23 +20,17 @@ from tasktune.atomic import write_json
 from tasktune.checkpoints import SealCheckpoints, StopOnSignal, last_complete_checkpoint
 from tasktune.errors import TasktuneError, TrainingInterrupted
 from tasktune.infer import left_pad, position_ids_from_mask, unwrap
-from tasktune.losses import adapter_autocast, adapter_input_casting_off, get_objective, objective_loss
+from tasktune.losses import Objective, adapter_autocast, adapter_input_casting_off, get_objective, objective_loss
 
 def add_lora(model, train_cfg, objective: str):
-    """Wrap `model` with the peft config of the recipe's method (LoRA, DoRA, rsLoRA, IA3): the benchmarks' way."""
+    """Wrap `model` with the peft config of the recipe's method (LoRA, DoRA, rsLoRA, IA3), both named: the
+    benchmarks' and tests' shortcut (a run wraps through its resolved `Adaptation`, in `stages.train_stage`)."""
     from peft import get_peft_model
 
     from tasktune.methods import get_method
 
     config = get_method(train_cfg.method).peft_config(train_cfg, seqcls=get_objective(objective).head == "seqcls")
     return get_peft_model(model, config)
-
-
-def wrap_for_training(model, train_cfg, objective: str, work: Path):
-    """The model the Trainer trains, as the recipe's method makes it (methods.py; `work`: the train folder)."""
-    from tasktune.methods import get_method
-
-    return get_method(train_cfg.method).wrap(model, train_cfg, get_objective(objective).head == "seqcls", work)
 
 
 class CompiledLayers:
@@ -176,7 +170,7 @@ class TaskTrainer(Trainer):
             sampler.set_epoch(kwargs["epoch"] if "epoch" in kwargs else args[1])
         return super()._run_epoch(*args, **kwargs)
 
-    def __init__(self, *args, objective: str, label_token_ids: list[int] | None = None,
+    def __init__(self, *args, objective: Objective, label_token_ids: list[int] | None = None,
                  validate: Callable[[torch.nn.Module], dict] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.objective, self.label_token_ids, self.validate = objective, label_token_ids, validate
@@ -297,7 +291,7 @@ def training_arguments(train_cfg, output_dir: Path, metric: str, fp16: bool = Fa
 
 
 def fit(model, tokenizer, train_features: list[dict], val_features: list[dict], train_cfg, output_dir: Path,
-        objective: str, validate: Callable, metric: str, label_token_ids: list[int] | None = None,
+        objective: Objective, validate: Callable, metric: str, label_token_ids: list[int] | None = None,
         logs: "TestMetricLogs | None" = None, callbacks: list[TrainerCallback] = (),
         autocast: torch.dtype | None = None) -> dict:
     """Train `model` (already wrapped by its method) in place and return the Trainer's log history and timings.
