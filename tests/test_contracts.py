@@ -648,7 +648,7 @@ LAYERS = [
     # the stage API that run and sweep share
     {"stages"},
     # reading run files
-    {"cost_report", "report", "compare", "sweep_report", "export"},
+    {"cost_report", "report", "compare", "sweep_report", "export", "gguf_export"},
     # the commands
     {"pipeline", "sweep_spec", "sweep_study", "sweep_trials", "sweep_final", "sweeper", "api", "cli", "__main__", ""},
 ]

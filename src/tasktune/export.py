@@ -98,7 +98,19 @@ def _test_n(report: dict) -> int | None:
     return report["data"].get("test")
 
 
-def model_card(report: dict, name: str, merged: bool, task):
+def gguf_section(gguf: dict) -> list[str]:
+    """How to run the exported GGUF file (llama.cpp, Ollama)."""
+    adapter = gguf["type"] == "adapter"
+    run = (f"`llama-cli -m BASE.gguf --lora {gguf['file']}` (BASE: the unmerged base model as GGUF)" if adapter
+           else f"`llama-cli -m {gguf['file']}`")
+    return ["## GGUF (llama.cpp, Ollama)", "",
+            f"- `{gguf['file']}`: {'LoRA adapter for llama.cpp' if adapter else 'merged model'}, type "
+            f"`{gguf['type']}`, {gguf['bytes'] / 2**20:.1f} MiB, {gguf['tensors']} tensors",
+            f"- llama.cpp: {run}; Ollama: `ollama create NAME -f Modelfile` (greedy, the prompt passed through as "
+            "tasktune renders it)", ""]
+
+
+def model_card(report: dict, name: str, merged: bool, task, gguf: dict | None = None):
     """A `huggingface_hub.ModelCard`: metadata through `ModelCardData` (base model, licence, datasets, tags,
     model-index), then the protocol, the figures with their intervals and the parameter counts."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -109,8 +121,10 @@ def model_card(report: dict, name: str, merged: bool, task):
     dataset_type, _ = dataset_of(report, task)
     base_id, license_id, origin = base_model_facts(report["model"])
     data = ModelCardData(
-        model_name=name, base_model=base_id, license=license_id, library_name="transformers" if merged else "peft",
-        tags=["tasktune", report["config"]["train"].get("method", "lora"), task.name] + ([] if merged else ["peft"]),
+        model_name=name, base_model=base_id, license=license_id,
+        library_name="gguf" if gguf else "transformers" if merged else "peft",
+        tags=["tasktune", report["config"]["train"].get("method", "lora"), task.name]
+        + (["gguf"] if gguf else [] if merged else ["peft"]),
         datasets=[dataset_type] if dataset_type != task.name else None,
         pipeline_tag="text-generation", eval_results=eval_results(report, task))
     cfg = report["config"]
@@ -144,6 +158,7 @@ def model_card(report: dict, name: str, merged: bool, task):
         f"- AdamW lr {cfg['train']['learning_rate']} ({cfg['train']['lr_scheduler']}), batch {cfg['train']['batch_size']}"
         f" × {cfg['train']['grad_accum']}, {report['training'].get('global_step')} steps, dtype {report['dtype']}",
         "", "```yaml", yaml.safe_dump(cfg, sort_keys=False).strip(), "```", "",
+        *(gguf_section(gguf) if gguf else []),
         "## Intended use", "",
         f"Research and demonstration of task adaptation for {report['task']}, with the prompt recorded above (the "
         "model expects the same prompt format).", "",
@@ -185,6 +200,66 @@ def export_run(run_dir: Path, out: Path, merge: bool = False, overwrite: bool = 
         write_json(work / "tasktune_report.json", report)
         name = Path(out).name
         model_card(report, name, merge, task_of_run(run_dir, report)).save(work / "README.md")
+    return Path(out)
+
+
+def export_gguf(run_dir: Path, out: Path, gguf_type: str, overwrite: bool = False) -> Path:
+    """`tasktune export RUN --gguf TYPE`: the run's model as a GGUF file (merged, or llama.cpp's LoRA adapter) with
+    an Ollama Modelfile, the run's report and a model card. Every refusal comes before anything loads."""
+    from transformers import AutoConfig
+
+    from tasktune import gguf_export
+    from tasktune.methods import adapter_head, saved_method
+    from tasktune.models import base_gguf, load_adapted_model, resolve_model_path
+    from tasktune.run_layout import RunLayout
+
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise TasktuneError('--gguf needs the gguf package (the llama.cpp project\'s writer): pip install '
+                            '"tasktune[gguf]"')
+    run_dir = require_finished_run(Path(run_dir), trained=True)
+    layout = RunLayout(run_dir)
+    report = json.loads(layout.report.read_text())
+    method = saved_method(layout.adapter)
+    if gguf_type not in gguf_export.GGUF_TYPES:
+        raise TasktuneError(f"--gguf {gguf_type!r} is not one of {list(gguf_export.GGUF_TYPES)}")
+    if gguf_type == "q4_k_m":
+        raise TasktuneError("--gguf q4_k_m needs llama.cpp's K-quant quantizer, which the gguf package does not "
+                            "have: export f16 and run llama.cpp's `llama-quantize FILE out.gguf Q4_K_M`, or export "
+                            "q8_0")
+    if adapter_head(layout.adapter) == "seqcls":
+        raise TasktuneError("this run trained a classification head (train.objective seqcls), which GGUF has no "
+                            "form for (llama.cpp runs causal LMs): export it with --merge as a Hugging Face model")
+    if gguf_type == "adapter" and not method.gguf_adapter:
+        raise TasktuneError(f"{method.title} has no llama.cpp LoRA-adapter form (it holds more than low-rank A/B "
+                            "pairs, or none): export it merged, --gguf f16 or q8_0")
+    gguf_export.architecture_of(AutoConfig.from_pretrained(resolve_model_path(report["model"])))
+    check_outside(Path(out), {"run": run_dir, "model": report["model"]})
+    staging = StagingDir(Path(out), overwrite=overwrite, kind="export")  # refuse a bad --out before loading
+    with base_gguf(report["model"]) as base_path:
+        if gguf_type != "adapter" and base_path is None:
+            raise TasktuneError(f"a merged GGUF copies the base GGUF's tokenizer and metadata; this run's base "
+                                f"{report['model']!r} is a Hugging Face checkpoint: export --gguf adapter and apply "
+                                "it to a GGUF of the base (llama.cpp's convert_hf_to_gguf.py), or export --merge and "
+                                "convert that")
+        adapted = load_adapted_model(layout.adapter, report["model"], report["dtype"],
+                                     num_labels=len(report["protocol"].get("labels") or [0, 1]))
+        name = "adapter-f32.gguf" if gguf_type == "adapter" else f"model-{gguf_type}.gguf"
+        with staging as work:
+            if gguf_type == "adapter":
+                written = gguf_export.write_adapter(adapted.model, work / name)
+            else:
+                model = adapted.model.merge_and_unload() if hasattr(adapted.model, "merge_and_unload") \
+                    else adapted.model
+                written = gguf_export.write_model(model, base_path, work / name, gguf_type)
+            stop = [adapted.lm.tokenizer.eos_token] if adapted.lm.tokenizer.eos_token else []
+            (work / "Modelfile").write_text(gguf_export.modelfile(name, gguf_type == "adapter", stop))
+            write_json(work / "tasktune_report.json", report)
+            gguf = {"file": name, "type": gguf_type, "bytes": written.path.stat().st_size, "tensors": written.tensors}
+            write_json(work / "gguf.json", gguf)
+            model_card(report, Path(out).name, gguf_type != "adapter", task_of_run(run_dir, report),
+                       gguf=gguf).save(work / "README.md")
     return Path(out)
 
 

@@ -63,6 +63,12 @@ class Method(ABC):
         """It writes ADAPTER_BASE beside its weights: they sit on another base than plain peft's (or none)."""
         return bool(self.quantization) or self.whole_model
 
+    @property
+    def gguf_adapter(self) -> bool:
+        """Its saved weights are plain low-rank pairs (A, B per target and one scale): llama.cpp's LoRA adapter
+        format holds them (`tasktune export --gguf adapter`); other methods ship merged only."""
+        return False
+
     @abstractmethod
     def peft_config(self, train_cfg, seqcls: bool):
         """The peft config that wraps the base model for training (None: nothing is trained)."""
@@ -126,6 +132,10 @@ class LoraFamily(Method):
             r=train_cfg.lora_r, lora_alpha=train_cfg.lora_alpha, lora_dropout=train_cfg.lora_dropout,
             target_modules=list(train_cfg.target_modules), bias="none", task_type=_task_type(seqcls),
             **self.lora_options)
+
+    @property
+    def gguf_adapter(self) -> bool:
+        return not self.magnitude_vectors  # DoRA's magnitude vectors have no place in llama.cpp's adapter
 
     def expected_parameters(self, r: int, modules: list[tuple[str, tuple[int, int]]]) -> int:
         return sum(r * (out + inp) + (out if self.magnitude_vectors else 0) for _, (out, inp) in modules)

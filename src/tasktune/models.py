@@ -7,10 +7,12 @@ quantizer that refuses `save_pretrained`, and reloading safetensors takes ~1 s i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +130,34 @@ def _atomic_convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+@contextlib.contextmanager
+def base_gguf(name: str) -> Iterator[Path | None]:
+    """The GGUF file a model came from: a packaged alias assembled into a temporary folder (removed after), or
+    the user's .gguf file (read, never written); None for a Hugging Face checkpoint. A user's file must still
+    be the one the run converted (its sha256 names the converted copy)."""
+    if name in GGUF_ALIASES:
+        try:
+            package = __import__(GGUF_ALIASES[name])
+        except ImportError as exc:
+            raise TasktuneError(f"model alias {name!r} needs the PyPI package {GGUF_ALIASES[name]!r}: "
+                                "pip install 'tasktune[demo]'") from exc
+        folder = Path(tempfile.mkdtemp(prefix="tasktune-gguf-"))
+        try:
+            yield Path(package.assemble(folder / f"{name}.gguf"))  # checks the sha256 itself
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return
+    path = Path(name).expanduser()
+    if not name.endswith(".gguf"):
+        yield None
+        return
+    if not path.is_file():
+        raise TasktuneError(f"model file {path} does not exist (expected the .gguf file the run was made from)")
+    if not (cache_dir() / "models" / f"{path.stem}-{sha256_file(path)[:16]}").is_dir():
+        raise TasktuneError(f"model file {path} is not the GGUF file the run was made from (its sha256 changed)")
+    yield path
 
 
 def resolve_model_path(name: str) -> str:
