@@ -638,7 +638,7 @@ LAYERS = [
     # files and data
     {"ownership", "rundir", "checkpoints", "plots", "data", "data.hub", "data.split", "data.squad", "data.table"},
     # tasks
-    {"tasks", "tasks.base", "tasks.spec", "tasks.classification", "tasks.extractive_qa"},
+    {"tasks", "tasks.base", "tasks.spec", "tasks.classification", "tasks.extractive_qa", "tasks.multiple_choice"},
     # models, methods, objectives, inference
     {"runner", "evaluation", "lora_delta", "methods", "models", "losses", "gpu_memory", "recipes", "adaptation"},
     # recipes as read

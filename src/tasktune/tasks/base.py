@@ -226,7 +226,8 @@ class TaskType(ABC):
 
 
 TASK_TYPES: dict[str, type[TaskType]] = {}
-BUILT_IN = {"classification": "tasktune.tasks.classification", "extractive_qa": "tasktune.tasks.extractive_qa"}
+BUILT_IN = {"classification": "tasktune.tasks.classification", "extractive_qa": "tasktune.tasks.extractive_qa",
+            "multiple_choice": "tasktune.tasks.multiple_choice"}
 
 
 def register_task_type(cls: type[TaskType]) -> type[TaskType]:

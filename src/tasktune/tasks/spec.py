@@ -42,7 +42,7 @@ class DataSpec:
 @dataclass
 class TaskSpec:
     name: str
-    type: str                       # classification | extractive_qa
+    type: str                       # classification | extractive_qa | multiple_choice, or a plug-in type
     description: str = ""
     template: str = ""              # str.format-style, named fields only: {text}, or any column of the data
     labels: list[LabelSpec] = field(default_factory=list)  # classification: two or more

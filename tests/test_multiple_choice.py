@@ -1,0 +1,133 @@
+"""The `multiple_choice` task type: a spec and a JSON-lines file, the same proof as classification (zero-shot →
+fine-tuned, same protocol, intervals, McNemar), lm-evaluation-harness's acc / acc_norm, and bad rows refused."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasktune.cli import main
+from test_careful_user import one_error_line
+from tiny import FILLER, NEGATIVE_WORDS, POSITIVE_WORDS, TINY_RUN_OVERRIDES, TINY_RUN_RECIPE
+
+SPEC = """name: tiny_mc
+type: multiple_choice
+description: Which word says the sentence's sentiment (a tiny test task).
+template: "{text}\\nQuestion: Is this sentence positive or negative?\\nAnswer:"
+headline: acc
+"""
+
+
+def write_mc(folder: Path, n: int = 120, seed: int = 0) -> tuple[Path, Path]:
+    """A spec and its data: three choices per question, the gold one by index or by text."""
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n):
+        positive = i % 2 == 0
+        words = rng.sample(FILLER, 4) + [rng.choice(POSITIVE_WORDS if positive else NEGATIVE_WORDS)]
+        rng.shuffle(words)
+        choices = ["positive", "negative", "film"]
+        answer = "positive" if positive else "negative"
+        lines.append(json.dumps({"text": " ".join(words), "choices": choices,
+                                 "answer": choices.index(answer) if i % 3 else answer}))
+    (folder / "spec.yaml").write_text(SPEC)
+    (folder / "mc.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "spec.yaml", folder / "mc.jsonl"
+
+
+def mc_args(model, spec, data, out, name, *extra):
+    return ["run", TINY_RUN_RECIPE, *TINY_RUN_OVERRIDES, f"task={spec}", f"model={model}", f"data.path={data}",
+            f"output_dir={out}", f"name={name}", "data.split_by=null", "data.train_sentences=null",
+            "eval.protocols=[score,generate]", "train.max_steps=8", "train.eval_steps=4", "train.batch_size=8",
+            "train.learning_rate=0.003", "train.objective=lm", *extra]
+
+
+def test_a_multiple_choice_task_runs_every_stage_with_acc_and_acc_norm(tiny_llama, tmp_path):
+    spec, data = write_mc(tmp_path)
+    assert main(mc_args(tiny_llama, spec, data, tmp_path / "runs", "mc")) == 0
+    run = tmp_path / "runs" / "mc"
+    report = json.loads((run / "report.json").read_text())
+    for stage in ("zeroshot", "finetuned"):
+        score = report[stage]["score"]
+        assert score["n"] == len(json.loads((run / "split.json").read_text())["test"])
+        assert set(score["ci95"]) == {"acc", "acc_norm"} and 0 <= score["acc"] <= 1
+        assert report[stage]["generate"]["n"] > 0
+    assert report["paired"]["score"]["mcnemar"]["test"] == "exact McNemar (two-sided)"
+    assert report["finetuned"]["score"]["acc"] > report["zeroshot"]["score"]["acc"]
+    assert "acc_norm" in (run / "report.md").read_text()
+    # The same protocol outside `run`, and the export a user ships.
+    assert main(["eval", "--run", str(run), "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert again["score"]["acc"] == report["finetuned"]["score"]["acc"]
+    assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 0
+
+
+def test_score_sums_each_choices_log_probabilities_after_the_prompt(tiny_llama, tmp_path):
+    """lm-evaluation-harness's loglikelihood, computed here by hand with the model's forward: the prompt and
+    " choice" encoded together, the choice's tokens' log-probabilities summed; acc takes the highest sum, acc_norm
+    the highest per character of the choice."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec, data = write_mc(tmp_path, n=40)
+    assert main(["eval", "--task", str(spec), "--model", str(tiny_llama), "--data", str(data), "--split", "all",
+                 "--protocol", "score", "--dtype", "fp32", "--out", str(tmp_path / "eval")]) == 0
+    records = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    template = "{text}\nQuestion: Is this sentence positive or negative?\nAnswer:"
+    for record in records[:6]:
+        context = template.format(text=rows[record["id"]]["text"])
+        context_ids = tokenizer(context)["input_ids"]
+        sums = []
+        for choice in record["choices"]:
+            ids = tokenizer(context + " " + choice)["input_ids"]
+            with torch.no_grad():
+                logits = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+            sums.append(sum(float(logits[i - 1, ids[i]]) for i in range(len(context_ids), len(ids))))
+        assert record["score_logprobs"] == pytest.approx(sums, abs=1e-4)
+        assert record["score_pred"] == max(range(3), key=sums.__getitem__)
+        norm = [s / len(c) for s, c in zip(sums, record["choices"])]
+        assert record["score_norm_pred"] == max(range(3), key=norm.__getitem__)
+
+
+def test_acc_norm_divides_by_the_choices_length_in_characters(tmp_path):
+    from tasktune.tasks import get_task
+
+    spec, _ = write_mc(tmp_path, n=4)
+    task = get_task(str(spec))
+    records = [{"id": 0, "label": 1, "choices": ["a", "bbbb"]}]
+    task.read_results(records, "score", [[-2.0, -4.0]])
+    assert records[0]["score_pred"] == 0 and records[0]["score_norm_pred"] == 1  # -2/1 < -4/4
+    metrics = task.score(records)["score"]
+    assert (metrics["acc"], metrics["acc_norm"], metrics["n"]) == (0.0, 1.0, 1)
+
+
+@pytest.mark.parametrize("row, expected", [
+    ({"text": "good film", "choices": ["positive", "negative"], "answer": 2},
+     "'answer' 2 is out of range for 2 choices (expected 0 to 1)"),
+    ({"text": "good film", "choices": ["positive", "negative"], "answer": "neutral"},
+     "'answer' 'neutral' is not one of the choices"),
+    ({"text": "good film", "choices": "positive", "answer": 0},
+     "'choices' must be a list of two or more non-empty texts"),
+    ({"text": "good film", "choices": ["positive", "positive"], "answer": 0}, "holds the same choice twice"),
+    ({"choices": ["positive", "negative"], "answer": 0}, "the template's field 'text' must be text, got None"),
+])
+def test_a_bad_row_is_one_line_naming_the_file_and_line_before_the_model_loads(row, expected, tiny_llama, tmp_path,
+                                                                               monkeypatch, capsys):
+    from tasktune import stages
+
+    spec, data = write_mc(tmp_path, n=30)
+    lines = data.read_text().splitlines()
+    lines[6] = json.dumps(row)
+    data.write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(stages, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    capsys.readouterr()
+    assert main(mc_args(tiny_llama, spec, data, tmp_path / "runs", "bad")) == 2
+    line = one_error_line(capsys)
+    assert f"{data}: line 7: " in line and expected in line, line
+    assert not (tmp_path / "runs" / "bad").exists()
