@@ -129,5 +129,5 @@ def test_a_bad_row_is_one_line_naming_the_file_and_line_before_the_model_loads(r
     capsys.readouterr()
     assert main(mc_args(tiny_llama, spec, data, tmp_path / "runs", "bad")) == 2
     line = one_error_line(capsys)
-    assert f"{data}: line 7: " in line and expected in line, line
+    assert f"{data}, line 7: " in line and expected in line, line
     assert not (tmp_path / "runs" / "bad").exists()

@@ -136,15 +136,7 @@ class TableReader:
 
     def jsonl(self, path: Path) -> list[dict]:
         rows = []
-        for n, line in enumerate(read_text(path).splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TasktuneError(f"{path}, line {n}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(obj, dict):
-                raise TasktuneError(f"{path}, line {n}: expected a JSON object, got {type(obj).__name__}")
+        for n, obj in json_objects(path):
             text_col, label_col = self.columns(list(obj), path, f"line {n}")
             rows.append(self.row(obj, len(rows), path, n, text_col, label_col))
         return rows
@@ -160,6 +152,21 @@ class TableReader:
                 values[label_col] = names[values[label_col]]
             rows.append(self.row(values, i, name, i, text_col, label_col))
         return rows
+
+
+def json_objects(path: Path):
+    """(line number, object) for each non-blank line of a JSON-lines file (UTF-8, optionally .gz); a line that is
+    not a JSON object is refused naming the file and line."""
+    for n, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TasktuneError(f"{path}, line {n}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(obj, dict):
+            raise TasktuneError(f"{path}, line {n}: expected a JSON object, got {type(obj).__name__}")
+        yield n, obj
 
 
 def pick_files(spec):

@@ -11,8 +11,6 @@ under the spec's `data.columns: {choices: ..., answer: ...}`.
 
 from __future__ import annotations
 
-import gzip
-import json
 from pathlib import Path
 
 import numpy as np
@@ -64,33 +62,21 @@ class MultipleChoiceTask(TaskType):
     # --- data ------------------------------------------------------------------------------------------------
     def load(self, path: str | None) -> tuple[list[dict], str]:
         from tasktune.data import resolve
-        from tasktune.data.table import pick_files
+        from tasktune.data.table import json_objects, pick_files
 
         files = resolve(self.spec, path, pick_files(self.spec))
         if not isinstance(files, list):
             raise TasktuneError(f"{self.spec.source}: a multiple_choice task reads a local JSON-lines file "
                                 f"(data.path), not {files}")
         file = Path(files[0])
-        opener = gzip.open if file.suffix == ".gz" else open
-        rows = []
-        with opener(file, "rt", encoding="utf-8") as handle:
-            for line_no, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise TasktuneError(f"{file}: line {line_no} is not JSON ({exc.msg})") from None
-                rows.append(self.row(record, len(rows), file, line_no))
+        rows = [self.row(record, i, file, line_no) for i, (line_no, record) in enumerate(json_objects(file))]
         if not rows:
             raise TasktuneError(f"{file} holds no rows (expected one JSON object per line)")
         return rows, str(file)
 
-    def row(self, record, row_id: int, file: Path, line_no: int) -> dict:
+    def row(self, record: dict, row_id: int, file: Path, line_no: int) -> dict:
         """One question as the stages use it; any malformed field is named with its file and line."""
-        where = f"{file}: line {line_no}"
-        if not isinstance(record, dict):
-            raise TasktuneError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        where = f"{file}, line {line_no}"
         choices = record.get(self.choices_column)
         if (not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip()
                                                                          for c in choices)):
