@@ -36,8 +36,9 @@ SHRINK = ["data.limit_train=32", "data.val_size=16", "data.limit_validation=8", 
           "eval.limit_generate=8", "train.max_steps=4", "train.eval_steps=2", "train.logging_steps=1",
           "eval.perplexity=embedded", "eval.perplexity_docs=4", "eval.control_rows=8", "train.compile=false"]
 # The CPU rehearsal trains and evaluates less (2 CPU cores; the same stages and code paths).
-CPU_SHRINK = ["train.batch_size=4", "train.max_steps=2", "train.eval_steps=1", "data.limit_test=12",
-              "eval.perplexity_docs=2", "eval.control_rows=4", "data.limit_validation=4", "eval.limit_generate=4"]
+CPU_SHRINK = ["train.batch_size=4", "train.max_steps=2", "train.eval_steps=1", "data.limit_test=8",
+              "eval.perplexity_docs=2", "eval.control_rows=4", "data.limit_validation=4", "eval.limit_generate=4",
+              "eval.max_prompt_tokens=192", "train.max_length=224"]  # SQuAD's contexts cut shorter
 T4_GIB = 15.0
 # name: (shipped recipe, seed model, extra overrides, emulate a T4)
 RUNS = {

@@ -93,16 +93,17 @@ def test_methods_table_quick():
     """bench/methods.py runs every method through `tasktune run` (QLoRA on its 4-bit base) and prints one row each,
     paired against LoRA; --quick writes nothing."""
     before = (ROOT / "bench" / "RESULTS.md").read_text()
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "methods.py"), "--quick"], capture_output=True,
-                          text=True, timeout=600)
+    # One method per learning-rate rule and base (LoRA's family, IA3, QLoRA's 4-bit base, full): each method
+    # itself trains in tests/test_contracts.py.
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "methods.py"), "--quick", "--methods",
+                           "lora,ia3,qlora,full"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and not line.startswith("| method")]
-    assert [row.split(" | ")[0].strip("| ").split(" ")[0] for row in rows] == ["lora", "dora", "rslora", "pissa",
-                                                                               "ia3", "qlora", "full"]
+    assert [row.split(" | ")[0].strip("| ").split(" ")[0] for row in rows] == ["lora", "ia3", "qlora", "full"]
     from tasktune.config import load_recipe
 
     recipe = f"{load_recipe('sst2-gemma3-270m-cpu').train.learning_rate:g}"  # the LoRA family's rate
-    assert [row.split(" | ")[1] for row in rows] == [recipe] * 4 + ["0.003", recipe, "5e-05"]
+    assert [row.split(" | ")[1] for row in rows] == [recipe, "0.003", recipe, "5e-05"]
     assert "qlora (4-bit base: " in proc.stdout and "McNemar" in proc.stdout
     assert (ROOT / "bench" / "RESULTS.md").read_text() == before
 
@@ -151,14 +152,15 @@ def test_gpu_peers_tiny_runs_the_baseline_and_tasktune_and_names_missing_peers()
     a ratio to the baseline; a peer that cannot be imported here (Unsloth, Liger: CUDA and Triton) is a row
     saying why, not a crash and not a silent gap; no RESULTS.md entry."""
     before = (ROOT / "bench" / "RESULTS.md").read_text()
+    # One architecture: the peers' rows and ratios are the same code for both (Gemma 2 trains in test_gpu_session).
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_peers.py"), "--tiny", "--models",
-                           "llama-3.2-1b,gemma-2-2b"], capture_output=True, text=True, timeout=900)
+                           "llama-3.2-1b"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in proc.stdout.splitlines()
-            if line.startswith("| llama-3.2-1b |") or line.startswith("| gemma-2-2b |")}
-    assert set(rows) == {(m, c) for m in ("llama-3.2-1b", "gemma-2-2b")
+            if line.startswith("| llama-3.2-1b |")}
+    assert set(rows) == {(m, c) for m in ("llama-3.2-1b",)
                          for c in ("hf", "hf+liger", "unsloth", "tasktune", "tasktune+compile")}
-    for model in ("llama-3.2-1b", "gemma-2-2b"):
+    for model in ("llama-3.2-1b",):
         for config in ("hf", "tasktune", "tasktune+compile"):
             cells = [c.strip() for c in rows[(model, config)].split("|")[1:-1]]
             assert float(cells[2].replace(",", "")) > 0 and cells[6].endswith(")"), cells  # tokens/s, × hf
