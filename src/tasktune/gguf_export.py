@@ -99,11 +99,12 @@ def file_type(gguf_type: str) -> int:
             "q8_0": LlamaFileType.MOSTLY_Q8_0}[gguf_type]
 
 
-def copy_metadata(writer, base_path: Path) -> None:
-    """Every key of the base GGUF but the ones a merged file sets itself, with its value and type unchanged."""
-    from gguf import GGUFReader, GGUFValueType
+def copy_metadata(writer, base) -> None:
+    """Every key of the base GGUF (a `gguf.GGUFReader`) but the ones a merged file sets itself, with its value
+    and type unchanged."""
+    from gguf import GGUFValueType
 
-    for key, field in GGUFReader(base_path).fields.items():
+    for key, field in base.fields.items():
         if key.startswith("GGUF.") or key in OWN_KEYS:
             continue
         kind = field.types[0]
@@ -129,7 +130,7 @@ def write_model(model, base_path: Path, out: Path, gguf_type: str) -> Written:
         raise TasktuneError(f"the model has no weight for the base GGUF's tensors {missing[:5]}: not the same "
                             "architecture")
     writer = GGUFWriter(out, arch)
-    copy_metadata(writer, base_path)
+    copy_metadata(writer, base)
     writer.add_file_type(file_type(gguf_type))
     writer.add_quantization_version(2)
     size = 0

@@ -52,12 +52,12 @@ class MultipleChoiceTask(TaskType):
     def target(self, example: dict) -> str:
         return " " + example["choices"][example["label"]]
 
-    def choice_tokens(self, builder, example: dict) -> list[list[int]]:
-        """Each choice's tokens as they follow the prompt: the prompt and " choice" encoded together, the prompt's
-        own length cut off (lm-evaluation-harness's split of context and continuation)."""
+    def encoded(self, builder, example: dict) -> tuple[list[int], list[list[int]]]:
+        """The prompt's tokens, and each choice's tokens as they follow it: the prompt and " choice" encoded
+        together, the prompt's own length cut off (lm-evaluation-harness's split of context and continuation)."""
         context = builder.render(example)
-        base = len(builder.encode(context))
-        return [builder.encode(context + " " + choice)[base:] for choice in example["choices"]]
+        ids = builder.encode(context)
+        return ids, [builder.encode(context + " " + choice)[len(ids):] for choice in example["choices"]]
 
     # --- data ------------------------------------------------------------------------------------------------
     def load(self, path: str | None) -> tuple[list[dict], str]:
@@ -116,8 +116,9 @@ class MultipleChoiceTask(TaskType):
                        label_token_ids: list[int] | None, questions_per_context: int = 1) -> list[dict]:
         features = []
         for ex in examples:
-            target = self.choice_tokens(builder, ex)[ex["label"]]
-            ids = builder.encode(builder.render(ex))[-max(max_length - len(target), 1):]
+            ids, choices = self.encoded(builder, ex)
+            target = choices[ex["label"]]
+            ids = ids[-max(max_length - len(target), 1):]
             features.append({"input_ids": ids + target, "labels": [-100] * len(ids) + target})
         return features
 
@@ -129,16 +130,14 @@ class MultipleChoiceTask(TaskType):
         return [{"id": ex["id"], "label": ex["label"], "choices": ex["choices"]} for ex in examples]
 
     def requests(self, builder, examples: list[dict], protocol: str) -> tuple[list, list[dict]]:
-        if protocol == "score":
-            requests = [req.Score(tuple(builder.encode(builder.render(ex))),
-                                  tuple(tuple(t) for t in self.choice_tokens(builder, ex))) for ex in examples]
-        elif protocol == "generate":
-            requests = [req.Generate(tuple(builder.encode(builder.render(ex))),
-                                     max(len(t) for t in self.choice_tokens(builder, ex)) + 1, stop_at_newline=True)
-                        for ex in examples]
-        else:
+        if protocol not in ("score", "generate"):
             raise TasktuneError(f"protocol {protocol!r} does not apply to a multiple_choice task (expected score "
                                 "or generate)")
+        requests = []
+        for ex in examples:
+            ids, choices = self.encoded(builder, ex)
+            requests.append(req.Score(tuple(ids), tuple(tuple(t) for t in choices)) if protocol == "score" else
+                            req.Generate(tuple(ids), max(len(t) for t in choices) + 1, stop_at_newline=True))
         return requests, [{} for _ in examples]
 
     def read_results(self, records: list[dict], protocol: str, results: list) -> None:
