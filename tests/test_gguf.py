@@ -96,7 +96,7 @@ def read_back(path: Path, model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3"])
-@pytest.mark.parametrize("gguf_type", ["f16", "q8_0"])
+@pytest.mark.parametrize("gguf_type", ["f16", "bf16", "q8_0"])
 def test_every_weight_reads_back_through_transformers_gguf_loader(arch, gguf_type, tmp_path):
     """write_model's tensors, read by transformers' loader (which reverses Llama's rotary interleave and Gemma's
     1 + w its own way), equal the model's weights as the type stores them."""
@@ -110,8 +110,8 @@ def test_every_weight_reads_back_through_transformers_gguf_loader(arch, gguf_typ
     assert back and set(back) <= set(state)
     for name, tensor in back.items():
         expected = state[name].float()
-        if expected.ndim == 2 and gguf_type == "f16":
-            expected = expected.half().float()
+        if expected.ndim == 2 and gguf_type in ("f16", "bf16"):
+            expected = expected.to(torch.float16 if gguf_type == "f16" else torch.bfloat16).float()
         # Q8_0: steps of d = block max / 127, d itself stored as F16 (|error| <= d/2 + 127 d 2^-11); vectors stay
         # F32 (the ±1 of Gemma's norms rounds once).
         step = float(expected.abs().max()) / 127
@@ -119,7 +119,7 @@ def test_every_weight_reads_back_through_transformers_gguf_loader(arch, gguf_typ
         torch.testing.assert_close(torch.as_tensor(np.asarray(tensor)).float(), expected, atol=tol, rtol=0,
                                    msg=f"{name} differs")
     kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(written.path).tensors}
-    assert {k for n, k in kinds.items() if "norm" not in n} == {"F16" if gguf_type == "f16" else "Q8_0"}
+    assert {k for n, k in kinds.items() if "norm" not in n} == {gguf_type.upper()}
 
 
 def test_the_layout_check_can_fail(tmp_path, monkeypatch):

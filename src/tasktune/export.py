@@ -12,7 +12,7 @@ import yaml
 from tasktune.errors import TasktuneError
 from tasktune.report import task_of_run
 from tasktune.ownership import check_outside
-from tasktune.rundir import StagingDir, require_finished_run, write_json
+from tasktune.rundir import StagingDir, require_finished_run, write_json, write_text
 
 
 def dataset_of(report: dict, task) -> tuple[str, str]:
@@ -210,10 +210,11 @@ def export_gguf(run_dir: Path, out: Path, gguf_type: str, overwrite: bool = Fals
 
     from tasktune import gguf_export
     from tasktune.methods import adapter_head, saved_method
-    from tasktune.models import base_gguf, load_adapted_model, resolve_model_path
-    from tasktune.run_layout import RunLayout
-
     import importlib.util
+
+    from tasktune.infer import merge_for_inference
+    from tasktune.models import base_gguf, came_as_gguf, load_adapted_model, resolve_model_path
+    from tasktune.run_layout import RunLayout
 
     if importlib.util.find_spec("gguf") is None:
         raise TasktuneError('--gguf needs the gguf package (the llama.cpp project\'s writer): pip install '
@@ -234,15 +235,15 @@ def export_gguf(run_dir: Path, out: Path, gguf_type: str, overwrite: bool = Fals
     if gguf_type == "adapter" and not method.gguf_adapter:
         raise TasktuneError(f"{method.title} has no llama.cpp LoRA-adapter form (it holds more than low-rank A/B "
                             "pairs, or none): export it merged, --gguf f16 or q8_0")
+    if gguf_type != "adapter" and not came_as_gguf(report["model"]):
+        raise TasktuneError(f"a merged GGUF copies the base GGUF's tokenizer and metadata; this run's base "
+                            f"{report['model']!r} is a Hugging Face checkpoint: export --gguf adapter and apply "
+                            "it to a GGUF of the base (llama.cpp's convert_hf_to_gguf.py), or export --merge and "
+                            "convert that")
     gguf_export.architecture_of(AutoConfig.from_pretrained(resolve_model_path(report["model"])))
     check_outside(Path(out), {"run": run_dir, "model": report["model"]})
     staging = StagingDir(Path(out), overwrite=overwrite, kind="export")  # refuse a bad --out before loading
     with base_gguf(report["model"]) as base_path:
-        if gguf_type != "adapter" and base_path is None:
-            raise TasktuneError(f"a merged GGUF copies the base GGUF's tokenizer and metadata; this run's base "
-                                f"{report['model']!r} is a Hugging Face checkpoint: export --gguf adapter and apply "
-                                "it to a GGUF of the base (llama.cpp's convert_hf_to_gguf.py), or export --merge and "
-                                "convert that")
         adapted = load_adapted_model(layout.adapter, report["model"], report["dtype"],
                                      num_labels=len(report["protocol"].get("labels") or [0, 1]))
         name = "adapter-f32.gguf" if gguf_type == "adapter" else f"model-{gguf_type}.gguf"
@@ -250,11 +251,10 @@ def export_gguf(run_dir: Path, out: Path, gguf_type: str, overwrite: bool = Fals
             if gguf_type == "adapter":
                 written = gguf_export.write_adapter(adapted.model, work / name)
             else:
-                model = adapted.model.merge_and_unload() if hasattr(adapted.model, "merge_and_unload") \
-                    else adapted.model
-                written = gguf_export.write_model(model, base_path, work / name, gguf_type)
+                written = gguf_export.write_model(merge_for_inference(adapted.model), base_path, work / name,
+                                                  gguf_type)
             stop = [adapted.lm.tokenizer.eos_token] if adapted.lm.tokenizer.eos_token else []
-            (work / "Modelfile").write_text(gguf_export.modelfile(name, gguf_type == "adapter", stop))
+            write_text(work / "Modelfile", gguf_export.modelfile(name, gguf_type == "adapter", stop))
             write_json(work / "tasktune_report.json", report)
             gguf = {"file": name, "type": gguf_type, "bytes": written.path.stat().st_size, "tensors": written.tensors}
             write_json(work / "gguf.json", gguf)

@@ -83,7 +83,7 @@ def stored(gguf_type: str, weight: np.ndarray):
     from gguf import quants
 
     weight = np.ascontiguousarray(weight, dtype=np.float32)
-    if weight.ndim == 1 or gguf_type == "f32":
+    if weight.ndim == 1:
         return weight, Q.F32
     if gguf_type == "q8_0" and weight.shape[-1] % 32 == 0:
         return quants.quantize(weight, Q.Q8_0), Q.Q8_0
@@ -95,7 +95,7 @@ def stored(gguf_type: str, weight: np.ndarray):
 def file_type(gguf_type: str) -> int:
     from gguf import LlamaFileType
 
-    return {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16,
+    return {"f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16,
             "q8_0": LlamaFileType.MOSTLY_Q8_0}[gguf_type]
 
 

@@ -153,6 +153,11 @@ def converted_dir(gguf_path: Path) -> Path:
     return cache_dir() / "models" / f"{gguf_path.stem}-{sha256_file(gguf_path)[:16]}"
 
 
+def came_as_gguf(name: str) -> bool:
+    """Whether `--model` names a GGUF file: a packaged alias, or a .gguf path."""
+    return name in GGUF_ALIASES or name.endswith(".gguf")
+
+
 @contextlib.contextmanager
 def base_gguf(name: str) -> Iterator[Path | None]:
     """The GGUF file a model came from: a packaged alias assembled (`assembled_gguf`), or the user's .gguf file
@@ -162,10 +167,10 @@ def base_gguf(name: str) -> Iterator[Path | None]:
         with assembled_gguf(name) as path:
             yield path
         return
-    path = Path(name).expanduser()
-    if not name.endswith(".gguf"):
+    if not came_as_gguf(name):
         yield None
         return
+    path = Path(name).expanduser()
     if not path.is_file():
         raise TasktuneError(f"model file {path} does not exist (expected the .gguf file the run was made from)")
     if not converted_dir(path).is_dir():
