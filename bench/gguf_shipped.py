@@ -27,7 +27,6 @@ def main() -> int:
     parser.add_argument("--protocols", default="score", help="the run's protocols to evaluate (comma-separated)")
     args = parser.parse_args()
 
-    import torch
     from transformers import AutoModelForCausalLM
 
     from tasktune.cli import main as tasktune
@@ -73,7 +72,6 @@ def main() -> int:
                          "bytes": (out / name).stat().st_size, "export_s": round(export_s, 1),
                          "eval_s": round(eval_s, 1)})
         del model
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
     finetuned = json.loads(RunLayout.metrics(RunLayout(run).stage("finetuned")).read_text())
     print(f"run {run}: adapter (PyTorch, {p.lm.dtype}) vs each GGUF file's weights, same protocol and rows")
     print("| shipped as | column | n | accuracy [95% CI] | adapter's | agreement | McNemar (adapter vs file) | size MiB |")
