@@ -149,6 +149,26 @@ class NewlineStop(StoppingCriteria):
         return torch.tensor(["\n" in text for text in last], dtype=torch.bool, device=input_ids.device)
 
 
+class StopStrings(StoppingCriteria):
+    """Stops a row once the text it generated holds one of `stops` (special tokens kept, so an EOS or a chat
+    template's end-of-turn token written as text counts). Decoding each row's new tokens per step, as
+    `NewlineStop` does, works for any tokenizer; stops are few and answers short."""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...], prompt_length: int):
+        self.tokenizer, self.stops, self.prompt_length = tokenizer, stops, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:].tolist())
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], dtype=torch.bool,
+                            device=input_ids.device)
+
+
+def cut_at_stops(text: str, stops: tuple[str, ...]) -> str:
+    """The text before the first of `stops` it holds."""
+    ends = [text.find(s) for s in stops if s in text]
+    return text[:min(ends)] if ends else text
+
+
 class FirstStepWatch(LogitsProcessor):
     """At the first generation step, reads P(token), whether it is the greedy choice, and its margin (its logit
     minus the best other token's: > 0 exactly when greedy picks it) from the raw logits, and with `suppress`
@@ -187,7 +207,7 @@ class Generations:
 @torch.inference_mode()
 def generate(model, tokenizer, encoded: list[list[int]], max_new_tokens: int, batch_size: int = 16,
              stop_at_newline: bool = False, first_token_id: int | None = None, suppress_first: bool = False,
-             desc: str = "generate") -> Generations:
+             stop_strings: tuple[str, ...] = (), desc: str = "generate") -> Generations:
     """Greedy generation for every prompt, batched with a KV cache.
 
     With `first_token_id`, also return that token's probability at the first generation step, read from the
@@ -208,13 +228,21 @@ def generate(model, tokenizer, encoded: list[list[int]], max_new_tokens: int, ba
             if first_token_id is not None:
                 watch = FirstStepWatch(first_token_id, suppress_first)
                 extra["logits_processor"] = LogitsProcessorList([watch])
+            if stop_strings:
+                extra["stopping_criteria"] = StoppingCriteriaList([StopStrings(tokenizer, stop_strings, ids.shape[1])])
             out = lm.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
                               max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                               top_p=None, top_k=None, temperature=None,
                               pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
                               use_cache=True,  # the Trainer switches `config.use_cache` off
                               **extra)
-            decoded = tokenizer.batch_decode(out.sequences[:, ids.shape[1]:], skip_special_tokens=True)
+            new_tokens = out.sequences[:, ids.shape[1]:]
+            if stop_strings:  # cut at the first stop text, then drop any special token left in the answer
+                decoded = [cut_at_stops(text, stop_strings) for text in tokenizer.batch_decode(new_tokens)]
+                for special in tokenizer.all_special_tokens:
+                    decoded = [text.replace(special, "") for text in decoded]
+            else:
+                decoded = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             for row, i in enumerate(idx):
                 texts[i] = decoded[row].split("\n", 1)[0] if stop_at_newline else decoded[row]
             if watch is not None:

@@ -22,13 +22,15 @@ class Score:
 
 @dataclass(frozen=True)
 class Generate:
-    """Greedy generation. With `watch_token`, also P(watch_token) at the first step (from the same forward),
+    """Greedy generation, until the model's EOS token, a newline (`stop_at_newline`), one of `stop_strings`, or
+    `max_new_tokens`. With `watch_token`, also P(watch_token) at the first step (from the same forward),
     and whether greedy decoding would have chosen it; `suppress_watch_token` forbids it as the first token."""
     prompt: tuple[int, ...]
     max_new_tokens: int
     stop_at_newline: bool = False
     watch_token: int | None = None
     suppress_watch_token: bool = False
+    stop_strings: tuple[str, ...] = ()  # texts that end a row's answer (cut off with what follows)
 
     @property
     def positions(self) -> int:

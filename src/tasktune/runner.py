@@ -100,10 +100,10 @@ class Runner:
             return logprobs.tolist()
         if kind is Classify:
             return infer.classify(self.model, [list(r.input) for r in group], pad, self.batch_size, desc).tolist()
-        _, max_new_tokens, stop_at_newline, watch, suppress = key
+        _, max_new_tokens, stop_at_newline, watch, suppress, stop_strings = key
         out = infer.generate(self.model, self.tokenizer, [list(r.prompt) for r in group], max_new_tokens,
                              self.batch_size, stop_at_newline=stop_at_newline, first_token_id=watch,
-                             suppress_first=suppress, desc=desc)
+                             suppress_first=suppress, stop_strings=stop_strings, desc=desc)
         if watch is None:
             return [Generated(text) for text in out.texts]
         watched = zip(out.texts, out.first_token_probs, out.first_token_is_top, out.first_token_margins)
@@ -116,4 +116,4 @@ def _group_key(request: Request) -> tuple:
     if isinstance(request, Classify):
         return (Classify,)
     return (Generate, request.max_new_tokens, request.stop_at_newline, request.watch_token,
-            request.suppress_watch_token)
+            request.suppress_watch_token, request.stop_strings)

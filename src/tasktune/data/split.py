@@ -132,6 +132,30 @@ def text_overlap(test_texts: list[str], train_texts: list[str]) -> dict:
             "exact_rate": exact / n if n else 0.0, "contained_rate": contained / n if n else 0.0}
 
 
+def near_duplicates(test_texts: list[str], train_texts: list[str], n: int = 5, threshold: float = 0.8) -> int:
+    """Test rows that nearly repeat a training row: the Jaccard similarity of their word n-gram sets (after
+    `normalize_text`) is at least `threshold` with some training row. An inverted index from n-gram to the
+    training rows holding it keeps this linear in the shared n-grams, not quadratic in rows."""
+    from collections import Counter
+
+    def shingles(text: str) -> set[tuple[str, ...]]:
+        words = normalize_text(text).split()
+        return {tuple(words[i:i + n]) for i in range(max(len(words) - n + 1, 1))}
+
+    train_sets = [shingles(t) for t in train_texts]
+    index: dict[tuple[str, ...], list[int]] = {}
+    for row, grams in enumerate(train_sets):
+        for gram in grams:
+            index.setdefault(gram, []).append(row)
+    found = 0
+    for text in test_texts:
+        grams = shingles(text)
+        shared = Counter(row for gram in grams for row in index.get(gram, ()))
+        found += any(common / (len(grams) + len(train_sets[row]) - common) >= threshold
+                     for row, common in shared.items())
+    return found
+
+
 OVERLAP_WARNING = 0.01  # share of test rows seen in training above which a run warns
 
 

@@ -41,8 +41,12 @@ class PromptBuilder:
     def render(self, example: dict) -> str:
         text = self.prefix + self.task.prompt(example)
         if self.format == "chat":
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+            turns = self.task.chat_turns(example) or [{"role": "user", "content": self.task.prompt(example)}]
+            if self.prefix:  # shots go before the first user turn's text
+                first = next(i for i, t in enumerate(turns) if t["role"] == "user")
+                turns = [*turns[:first], {"role": "user", "content": self.prefix + turns[first]["content"]},
+                         *turns[first + 1:]]
+            text = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
         return text
 
     def encode(self, text: str) -> list[int]:

@@ -74,6 +74,10 @@ class TaskType(ABC):
     def label_token_ids(self, builder, example: dict) -> list[int] | None:
         return None
 
+    def chat_turns(self, example: dict) -> list[dict] | None:
+        """The conversation before the answer, for a chat template (chat data); None: the prompt is one user turn."""
+        return None
+
     # --- data --------------------------------------------------------------------------------------------------
     @abstractmethod
     def load(self, path: str | None) -> tuple[list[dict], str]: ...
@@ -227,7 +231,7 @@ class TaskType(ABC):
 
 TASK_TYPES: dict[str, type[TaskType]] = {}
 BUILT_IN = {"classification": "tasktune.tasks.classification", "extractive_qa": "tasktune.tasks.extractive_qa",
-            "multiple_choice": "tasktune.tasks.multiple_choice"}
+            "multiple_choice": "tasktune.tasks.multiple_choice", "generation": "tasktune.tasks.generation"}
 
 
 def register_task_type(cls: type[TaskType]) -> type[TaskType]:

@@ -42,12 +42,15 @@ class DataSpec:
 @dataclass
 class TaskSpec:
     name: str
-    type: str                       # classification | extractive_qa | multiple_choice, or a plug-in type
+    type: str                       # classification | extractive_qa | multiple_choice | generation, or a plug-in
     description: str = ""
     template: str = ""              # str.format-style, named fields only: {text}, or any column of the data
     labels: list[LabelSpec] = field(default_factory=list)  # classification: two or more
     abstain_word: str = "unanswerable"  # extractive_qa: what the model says for an unanswerable question
-    max_new_tokens: int = 0         # generate protocol; 0: the longest verbalizer plus one token
+    max_new_tokens: int = 0         # generate protocol; 0: the type's default (the longest verbalizer plus one token)
+    stop: list[str] = field(default_factory=list)     # generation: texts that end an answer (besides the EOS token)
+    metrics: list[str] = field(default_factory=list)  # generation: exact, contains, regex, json_fields, chrf, ...
+    regex: str = ""                 # generation, metric regex: the pattern whose first group is compared
     split_by: str | None = None     # default split policy (see SPLITS)
     headline: str = ""              # the metric a report leads with
     data: DataSpec = field(default_factory=DataSpec)
