@@ -152,7 +152,7 @@ def gemma3_gguf_run(tmp_path_factory):
     cfg = tiny_config("gemma3", vocab_size=len(vocabulary))
     cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id = 0, 1, 2
     base = base_gguf_of(AutoModelForCausalLM.from_config(cfg), root / "tiny-gemma3.gguf", vocabulary)
-    assert main(run_args(base, data, root / "runs", "g", "train.learning_rate=0.01")) == 0
+    assert main(run_args(base, data, root / "runs", "g", "train.learning_rate=0.01", protocols="[score,generate]")) == 0
     return root / "runs" / "g", base
 
 
@@ -221,11 +221,16 @@ def one_error_line(capsys) -> str:
     return err[0]
 
 
-def test_q4_k_m_and_classification_heads_and_dora_are_refused_in_one_line(gemma3_gguf_run, tiny_llama, tmp_path,
-                                                                         capsys):
+def test_q4_k_m_without_llama_cpp_and_classification_heads_and_dora_are_refused_in_one_line(
+        gemma3_gguf_run, tiny_llama, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
     run, _ = gemma3_gguf_run
-    capsys.readouterr()
-    assert main(["export", str(run), "--gguf", "q4_k_m", "--out", str(tmp_path / "q4")]) == 2
+    real = importlib.util.find_spec
+    with monkeypatch.context() as patched:
+        patched.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+        capsys.readouterr()
+        assert main(["export", str(run), "--gguf", "q4_k_m", "--out", str(tmp_path / "q4")]) == 2
     assert "K-quant quantizer" in one_error_line(capsys) and not (tmp_path / "q4").exists()
     data = write_sst2_tsv(tmp_path / "train.tsv")
     for name, extra, fmt, expected in (

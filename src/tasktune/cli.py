@@ -89,7 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "--data every row of that file. --task/--model and the protocol options are then ignored")
     e.add_argument("--task", help="a shipped task (`tasktune tasks`) or the path of a task spec YAML")
     e.add_argument("--model", help="hub id, local dir, .gguf file or alias")
-    e.add_argument("--adapter", help="a LoRA adapter directory saved by tasktune (merged before evaluating)")
+    e.add_argument("--adapter", help="a LoRA adapter directory saved by tasktune (merged before evaluating); with "
+                                     "--runtime llama.cpp, a GGUF LoRA adapter for the --model GGUF")
+    e.add_argument("--runtime", choices=["transformers", "llama.cpp"], default="transformers",
+                   help="llama.cpp: run --model FILE.gguf (and --adapter FILE.gguf) through llama-cpp-python with the "
+                        "same requests; with --run, the run's protocol and test split, compared row by row with the "
+                        "run's adapter (what shipping as GGUF changed)")
     e.add_argument("--data", help="data file or directory (default: $TASKTUNE_DATA_DIR, then the hub)")
     e.add_argument("--split", choices=["all", "test"], default="all",
                    help="evaluate every row, or the test part of the recipe split (default: all)")
@@ -381,7 +386,11 @@ def cmd_eval(args) -> int:
     from tasktune.pipeline import evaluate_model, evaluate_run
 
     if args.run:
-        metrics, summary = evaluate_run(Path(args.run), Path(args.out), args.data, overwrite=args.overwrite)
+        gguf = args.runtime == "llama.cpp"
+        if gguf and not args.model:
+            raise TasktuneError("eval --run RUN --runtime llama.cpp needs --model FILE.gguf (what the run shipped as)")
+        metrics, summary = evaluate_run(Path(args.run), Path(args.out), args.data, overwrite=args.overwrite,
+                                        gguf=args.model if gguf else None, gguf_adapter=args.adapter if gguf else None)
     elif not args.task or not args.model:
         raise TasktuneError("eval needs --run RUN_DIR, or both --task and --model")
     else:
@@ -393,7 +402,7 @@ def cmd_eval(args) -> int:
                              "max_prompt_tokens": args.max_prompt_tokens,
                              "protocols": ["score", "generate"] if args.protocol == "both" else [args.protocol]}}
         metrics, summary = evaluate_model(load_recipe(None, defaults=settings), Path(args.out), args.adapter,
-                                          args.split, overwrite=args.overwrite)
+                                          args.split, overwrite=args.overwrite, runtime=args.runtime)
     print(f"[tasktune] {summary}")
     return 0
 

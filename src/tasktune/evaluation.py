@@ -8,10 +8,10 @@ early stopping, `tasktune eval` and the Python API.
 from __future__ import annotations
 
 from tasktune.inference_requests import check_positions
-from tasktune.runner import Runner
+from tasktune.runner import RequestRunner
 
 
-def predict(task, runner: Runner, builder, examples: list[dict], protocols: list[str], head: str = "causal_lm",
+def predict(task, runner: RequestRunner, builder, examples: list[dict], protocols: list[str], head: str = "causal_lm",
             generate_ids: set | None = None) -> tuple[list[dict], dict]:
     """One prediction record per example, and the seconds each protocol took.
 
@@ -35,7 +35,7 @@ def predict(task, runner: Runner, builder, examples: list[dict], protocols: list
     return records, seconds
 
 
-def choose_threshold(task, runner: Runner, builder, validation: list[dict]) -> float | None:
+def choose_threshold(task, runner: RequestRunner, builder, validation: list[dict]) -> float | None:
     """The task's decision threshold chosen on the validation slice, when its type has one (extractive QA's
     abstention); None for classification (argmax decides)."""
     if task.calibration_protocol is None or not validation:
@@ -44,13 +44,13 @@ def choose_threshold(task, runner: Runner, builder, validation: list[dict]) -> f
     return task.choose_threshold(records)
 
 
-def validation_records(task, runner: Runner, builder, validation: list[dict], head: str = "causal_lm") -> list[dict]:
+def validation_records(task, runner: RequestRunner, builder, validation: list[dict], head: str = "causal_lm") -> list[dict]:
     """The prediction records of the validation slice, under the task's validation protocol."""
     records, _ = predict(task, runner, builder, validation, [task.validation_protocol(head)], head)
     return records
 
 
-def validation_metrics(task, runner: Runner, builder, validation: list[dict], head: str = "causal_lm") -> dict:
+def validation_metrics(task, runner: RequestRunner, builder, validation: list[dict], head: str = "causal_lm") -> dict:
     """The metric early stopping reads, on the validation slice."""
     return task.validation_metrics(validation_records(task, runner, builder, validation, head))
 
@@ -60,7 +60,7 @@ def validation_figure(task, records: list[dict], head: str = "causal_lm") -> dic
     return task.figure(task.score(records), column=task.validation_protocol(head))
 
 
-def evaluate(task, runner: Runner, builder, examples: list[dict], protocols: list[str], head: str = "causal_lm",
+def evaluate(task, runner: RequestRunner, builder, examples: list[dict], protocols: list[str], head: str = "causal_lm",
              generate_ids: set | None = None, validation: list[dict] | None = None) -> tuple[dict, list[dict]]:
     """Metrics and prediction records. With `validation`, a task whose decisions need a threshold chooses it
     there first and reports the calibrated decision beside the raw one."""

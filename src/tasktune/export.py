@@ -225,10 +225,9 @@ def export_gguf(run_dir: Path, out: Path, gguf_type: str, overwrite: bool = Fals
     method = saved_method(layout.adapter)
     if gguf_type not in gguf_export.GGUF_TYPES:
         raise TasktuneError(f"--gguf {gguf_type!r} is not one of {list(gguf_export.GGUF_TYPES)}")
-    if gguf_type == "q4_k_m":
-        raise TasktuneError("--gguf q4_k_m needs llama.cpp's K-quant quantizer, which the gguf package does not "
-                            "have: export f16 and run llama.cpp's `llama-quantize FILE out.gguf Q4_K_M`, or export "
-                            "q8_0")
+    if gguf_type in gguf_export.LLAMA_CPP_TYPES and importlib.util.find_spec("llama_cpp") is None:
+        raise TasktuneError(f"--gguf {gguf_type} needs llama.cpp's K-quant quantizer (the gguf package has none): "
+                            "pip install \"tasktune[llama-cpp]\", or export q8_0")
     if adapter_head(layout.adapter) == "seqcls":
         raise TasktuneError("this run trained a classification head (train.objective seqcls), which GGUF has no "
                             "form for (llama.cpp runs causal LMs): export it with --merge as a Hugging Face model")
@@ -250,6 +249,10 @@ def export_gguf(run_dir: Path, out: Path, gguf_type: str, overwrite: bool = Fals
         with staging as work:
             if gguf_type == "adapter":
                 written = gguf_export.write_adapter(adapted.model, work / name)
+            elif gguf_type in gguf_export.LLAMA_CPP_TYPES:  # f16 first, quantized by llama.cpp, then removed
+                f16 = gguf_export.write_model(merge_for_inference(adapted.model), base_path, work / "f16.tmp.gguf",
+                                              "f16")
+                written = gguf_export.quantize_with_llama_cpp(f16, work / name, gguf_type)
             else:
                 written = gguf_export.write_model(merge_for_inference(adapted.model), base_path, work / name,
                                                   gguf_type)

@@ -8,8 +8,8 @@ query/key rows are interleaved per head as llama.cpp's converter does, and Gemma
 1 + w. A merged file takes every metadata key of the base's GGUF (tokenizer, hyper-parameters) unchanged but the
 file type: the base must have come as GGUF (the Gemma 3 270M alias, or a `.gguf` path). A base from a Hugging
 Face checkpoint is refused for merged export in one line (its tokenizer would need llama.cpp's converter,
-`convert_hf_to_gguf.py`, which is not on PyPI); its adapter exports. `q4_k_m` needs llama.cpp's K-quant
-quantizer, which the `gguf` package does not have.
+`convert_hf_to_gguf.py`, which is not on PyPI); its adapter exports. `q4_k_m` is quantized from the f16 file by
+llama.cpp's own quantizer (`llama_model_quantize`, through llama-cpp-python: the `gguf` package has no K-quants).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from tasktune.errors import TasktuneError
 # Hugging Face model_type -> GGUF architecture, for the architectures whose layout this module writes.
 ARCHITECTURES = {"llama": "llama", "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
 MERGED_TYPES = ("f16", "bf16", "q8_0")
-GGUF_TYPES = (*MERGED_TYPES, "q4_k_m", "adapter")
+LLAMA_CPP_TYPES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}  # quantized by llama.cpp from the f16 file
+GGUF_TYPES = (*MERGED_TYPES, *LLAMA_CPP_TYPES, "adapter")
 # Metadata a merged file sets itself rather than copying from the base: what its tensors are stored as.
 OWN_KEYS = ("general.architecture", "general.file_type", "general.quantization_version")
 
@@ -141,6 +142,22 @@ def write_model(model, base_path: Path, out: Path, gguf_type: str) -> Written:
         size += data.nbytes
     _finish(writer)
     return Written(out, len(base.tensors), size)
+
+
+def quantize_with_llama_cpp(f16: Written, out: Path, gguf_type: str) -> Written:
+    """llama.cpp's quantizer (`llama_model_quantize`, as its `llama-quantize` tool) from the f16 file this export
+    wrote, which is then removed: it keeps the metadata and names, and picks each tensor's K-quant (Q4_K_M mixes
+    Q4_K and Q6_K; a row too short for a K-quant block gets a fallback type)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, LLAMA_CPP_TYPES[gguf_type])
+    params.nthread = 0  # all cores
+    status = llama_cpp.llama_model_quantize(str(f16.path).encode(), str(out).encode(), params)
+    f16.path.unlink()
+    if status != 0:
+        raise TasktuneError(f"llama.cpp could not quantize the f16 export to {gguf_type} (status {status})")
+    return Written(out, f16.tensors, out.stat().st_size)
 
 
 def lora_layers(peft_model):

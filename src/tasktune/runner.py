@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from tasktune import infer
 from tasktune.inference_requests import Classify, Generate, Score  # noqa: F401 (the requests run here)
@@ -27,6 +28,14 @@ class Generated:
 
 
 Request = Score | Generate | Classify
+
+
+class RequestRunner(Protocol):
+    """What executes requests: `Runner` (PyTorch, here) and `llama_cpp_runtime.LlamaCppRunner` (a GGUF file)."""
+    positions: int | None  # the longest sequence the model reads
+    shard: bool            # whether results came from several processes
+
+    def run(self, requests: list[Request], desc: str = "evaluate") -> tuple[list, float, list[int]]: ...
 
 
 class Runner:

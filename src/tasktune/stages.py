@@ -307,11 +307,13 @@ def validate_stage(p: Prepared, model, head: str) -> dict:
     return evaluation.validation_figure(p.task, validation_records(p, model.eval(), head), head)
 
 
-def evaluate_stage(p: Prepared, model, out_dir: Path, head: str = "causal_lm", protocol: dict | None = None) -> dict:
+def evaluate_stage(p: Prepared, model, out_dir: Path, head: str = "causal_lm", protocol: dict | None = None,
+                   runner=None) -> dict:
     """Evaluate the test split with the run's protocol (and its threshold chosen on the validation slice), with
     the costs the recipe asks for; writes metrics.json and predictions.jsonl into `out_dir`.
     Under `accelerate launch`/`torchrun` the runner shards the requests across processes and gathers the
-    results, so every process computes the same metrics; only the main process writes."""
+    results, so every process computes the same metrics; only the main process writes. `runner`: another
+    `runner.RequestRunner` (llama.cpp on a GGUF file, `model` None: no cost checks, which need the PyTorch model)."""
     from tasktune import evaluation
     from tasktune.costs import measure
     from tasktune.runner import Runner
@@ -321,15 +323,16 @@ def evaluate_stage(p: Prepared, model, out_dir: Path, head: str = "causal_lm", p
     test = p.examples["test"]
     generate_ids = {ex["id"] for ex in sample(test, cfg.limit_generate, p.recipe.data.seed)}
     start = time.perf_counter()
-    runner = Runner(model, p.lm.tokenizer, cfg.batch_size)
+    runner = runner or Runner(model, p.lm.tokenizer, cfg.batch_size)
     metrics, records = evaluation.evaluate(p.task, runner, p.builder, test, cfg.protocols, head, generate_ids,
                                            validation=p.examples["validation"])
     metrics["seconds"] = round(time.perf_counter() - start, 3)
     metrics["processes"] = state.num_processes
-    metrics["device"] = device_of(model)  # where this stage computed (the GPU session checks it)
+    # where this stage computed (the GPU session checks it)
+    metrics["device"] = device_of(model) if model is not None else "cpu (llama.cpp)"
     if state.is_main_process:
         start = time.perf_counter()
-        cost = measure(p, model, out_dir, head)  # perplexity and controls, when the recipe asks for them
+        cost = measure(p, model, out_dir, head) if model is not None else {}  # perplexity, controls
         if cost:
             metrics["cost"] = {**cost, "seconds": round(time.perf_counter() - start, 3)}
         write_json(RunLayout.metrics(out_dir), {**metrics, **({"protocol": protocol} if protocol else {})})

@@ -1,0 +1,179 @@
+"""What a run ships as GGUF, run by llama.cpp (llama-cpp-python) with the run's own requests: the round trip on a
+tiny Gemma 3 (export f16 → llama.cpp → the PyTorch predictions), the adapter GGUF on its base, K-quant export, and
+a real OpenAI client asking llama-cpp-python's server."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tasktune.cli import main
+from test_careful_user import one_error_line
+
+pytest.importorskip("gguf")
+llama_cpp = pytest.importorskip("llama_cpp")
+
+from test_gguf import gemma3_gguf_run  # noqa: E402,F401 (the module-scoped fixture: a tiny Gemma 3 GGUF run)
+
+
+def records(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def exported_f16(gemma3_gguf_run, tmp_path_factory):
+    run, _ = gemma3_gguf_run
+    out = tmp_path_factory.mktemp("f16") / "f16"
+    assert main(["export", str(run), "--gguf", "f16", "--out", str(out)]) == 0
+    return out / json.loads((out / "gguf.json").read_text())["file"]
+
+
+def test_an_f16_export_run_by_llama_cpp_makes_the_adapters_predictions(gemma3_gguf_run, exported_f16, tmp_path):
+    """Every test row: the same `score` and `generate` predictions as the run's adapter in PyTorch, each label's
+    log-probability within 0.1 (F16 weights, llama.cpp's kernels), and llama.cpp's tokenizer giving the prompts the
+    Hugging Face ids."""
+    run, _ = gemma3_gguf_run
+    out = tmp_path / "shipped"
+    assert main(["eval", "--run", str(run), "--runtime", "llama.cpp", "--model", str(exported_f16),
+                 "--out", str(out)]) == 0
+    adapter = {r["id"]: r for r in records(run / "finetuned")}
+    shipped = records(out)
+    assert len(shipped) == len(adapter) > 0
+    for row in shipped:
+        mine = adapter[row["id"]]
+        assert row["score_pred"] == mine["score_pred"] and row["generate_text"] == mine["generate_text"]
+        assert row["score_logprobs"] == pytest.approx(mine["score_logprobs"], abs=0.1)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["device"] == "cpu (llama.cpp)" and metrics["protocol"]["runtime"] == "llama.cpp"
+    assert metrics["protocol"]["tokenizer_agreement"]["same_ids"] == len(shipped)
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert comparison["agreement"]["score_pred"] == {"n": len(shipped), "same": len(shipped)}
+    assert comparison["paired"]["score"]["mcnemar"]["wrong_to_right"] == 0
+
+
+def test_the_score_is_the_summed_log_softmax_of_llama_cpps_own_logits(exported_f16):
+    """A two-token continuation read one step at a time equals llama.cpp evaluating the whole sequence with every
+    position's logits kept (`logits_all`), computed independently here."""
+    import numpy as np
+
+    from tasktune.inference_requests import Score
+    from tasktune.llama_cpp_runtime import LlamaCppRunner, load_gguf
+
+    runner = LlamaCppRunner(load_gguf(exported_f16, n_ctx=128))
+    context, continuation = [2, 5, 9, 11], (7, 13)
+    [[got]] = [runner.score(Score(tuple(context), (continuation,)))]
+    whole = llama_cpp.Llama(model_path=str(exported_f16), n_ctx=128, logits_all=True, verbose=False)
+    whole.eval(context + list(continuation))
+    logits = np.asarray(whole.scores[: len(context) + 2], dtype=np.float64)
+    logprobs = logits - logits.max(-1, keepdims=True)
+    logprobs -= np.log(np.exp(logprobs).sum(-1, keepdims=True))
+    expected = logprobs[len(context) - 1, continuation[0]] + logprobs[len(context), continuation[1]]
+    assert got == pytest.approx(expected, abs=1e-3)
+
+
+def test_a_gguf_adapter_on_its_base_gguf_makes_the_adapters_predictions(gemma3_gguf_run, tmp_path):
+    run, base = gemma3_gguf_run
+    assert main(["export", str(run), "--gguf", "adapter", "--out", str(tmp_path / "a")]) == 0
+    adapter_file = tmp_path / "a" / json.loads((tmp_path / "a" / "gguf.json").read_text())["file"]
+    out = tmp_path / "shipped"
+    assert main(["eval", "--run", str(run), "--runtime", "llama.cpp", "--model", str(base), "--adapter",
+                 str(adapter_file), "--out", str(out)]) == 0
+    adapter = {r["id"]: r for r in records(run / "finetuned")}
+    base_only = tmp_path / "base-only"
+    assert main(["eval", "--run", str(run), "--runtime", "llama.cpp", "--model", str(base), "--out",
+                 str(base_only)]) == 0
+    with_adapter, without = records(out), records(base_only)
+    for row in with_adapter:
+        assert row["score_logprobs"] == pytest.approx(adapter[row["id"]]["score_logprobs"], abs=0.1)
+    # The adapter is applied: without it the log-probabilities are the base's, further from the adapter's.
+    def distance(rows):
+        return max(abs(a - b) for r in rows for a, b in zip(r["score_logprobs"], adapter[r["id"]]["score_logprobs"]))
+
+    print("llama.cpp vs PyTorch, with the adapter GGUF:", distance(with_adapter), "base only:", distance(without))
+    assert distance(without) > 3 * distance(with_adapter)
+
+
+def test_q4_k_m_is_quantized_by_llama_cpp_from_the_f16_export(gemma3_gguf_run, tmp_path):
+    from gguf import GGUFReader
+
+    run, _ = gemma3_gguf_run
+    out = tmp_path / "q4"
+    assert main(["export", str(run), "--gguf", "q4_k_m", "--out", str(out)]) == 0
+    info = json.loads((out / "gguf.json").read_text())
+    reader = GGUFReader(out / info["file"])
+    assert int(reader.fields["general.file_type"].parts[-1][0]) == llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [".tasktune", "Modelfile", "README.md", "gguf.json", "tasktune_report.json", info["file"]])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_openai_client_asking_llama_cpp_python_s_server_gets_the_eval_answers(gemma3_gguf_run, exported_f16,
+                                                                                 tmp_path):
+    """llama-cpp-python's OpenAI-compatible server on a loopback port with the exported file; the `openai` package
+    sends each test prompt as text (the server tokenizes it) with greedy settings and the task's newline stop: the
+    answers equal `tasktune eval --runtime llama.cpp`'s generate texts for those rows."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    from tasktune.config import load_recipe
+    from tasktune.run_layout import RunLayout
+    from tasktune.stages import prepare
+
+    run, _ = gemma3_gguf_run
+    out = tmp_path / "shipped"
+    assert main(["eval", "--run", str(run), "--runtime", "llama.cpp", "--model", str(exported_f16),
+                 "--out", str(out)]) == 0
+    shipped = {r["id"]: r for r in records(out)}
+    p = prepare(load_recipe(str(RunLayout(run).recipe), [f"task={run / 'task.yaml'}"]), training=False)
+    rows = [ex for ex in p.examples["test"] if ex["id"] in shipped][:4]
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(exported_f16), "--host",
+                               "127.0.0.1", "--port", str(port), "--n_ctx", "512"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert server.poll() is None, server.stderr.read()[-2000:]
+                assert time.monotonic() < deadline, "the server did not answer within 60 s"
+                time.sleep(0.5)
+        for row in rows:
+            answer = client.completions.create(
+                model=str(exported_f16), prompt=p.builder.render(row), max_tokens=p.task.max_new_tokens,
+                temperature=0, stop=["\n"], extra_body={"repeat_penalty": 1.0, "top_k": 1})
+            assert answer.choices[0].text == shipped[row["id"]]["generate_text"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_llama_cpp_inputs_are_checked_in_one_line_before_anything_loads(gemma3_gguf_run, tmp_path, capsys,
+                                                                       monkeypatch):
+    from tasktune import stages
+
+    run, base = gemma3_gguf_run
+    monkeypatch.setattr(stages, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "--runtime", "llama.cpp", "--model", str(run), "--out",
+                 str(tmp_path / "o")]) == 2
+    assert "--runtime llama.cpp needs a .gguf file" in one_error_line(capsys)
+    assert main(["eval", "--run", str(run), "--runtime", "llama.cpp", "--out", str(tmp_path / "o")]) == 2
+    assert "needs --model FILE.gguf" in one_error_line(capsys)
+    assert main(["eval", "--run", str(run), "--runtime", "llama.cpp", "--model", str(base), "--adapter",
+                 str(run / "adapter"), "--out", str(tmp_path / "o")]) == 2
+    assert "--adapter" in one_error_line(capsys)
+    assert not (tmp_path / "o").exists()
