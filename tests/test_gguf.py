@@ -285,25 +285,6 @@ def test_without_the_gguf_package_the_export_is_one_line(gemma3_gguf_run, tmp_pa
     assert 'pip install "tasktune[gguf]"' in one_error_line(capsys) and not (tmp_path / "out").exists()
 
 
-def test_the_shipped_gguf_bench_pairs_each_file_with_the_adapter(gemma3_gguf_run, tmp_path):
-    """bench/gguf_shipped.py: each exported file's weights, evaluated with the run's protocol on its test split,
-    agree with the adapter's predictions on nearly every row (F16 rounding), paired by McNemar."""
-    import subprocess
-    import sys
-
-    run, _ = gemma3_gguf_run
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, str(root / "bench" / "gguf_shipped.py"), str(run), "--work",
-                           str(tmp_path / "w")], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    rows = json.loads((tmp_path / "w" / "shipped.json").read_text())
-    assert {r["type"] for r in rows} == {"f16", "q8_0"}
-    test_rows = json.loads((run / "split.json").read_text())["limited"]["test"]
-    f16 = next(r for r in rows if r["type"] == "f16" and r["column"] == "score")
-    assert f16["n"] == len(test_rows) and f16["agreement"] >= 0.95 and f16["paired"]["mcnemar"]
-    assert "| f16 | score |" in done.stdout
-
-
 def test_assembling_a_packaged_gguf_removes_only_the_folder_it_made(tmp_path, monkeypatch):
     """The one deletion the GGUF paths add: the temporary folder a packaged alias is assembled into. Everything
     already in the temporary directory stays, the folder is a new one, and it goes on success and on error."""

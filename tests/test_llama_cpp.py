@@ -112,6 +112,21 @@ def test_q4_k_m_is_quantized_by_llama_cpp_from_the_f16_export(gemma3_gguf_run, t
         [".tasktune", "Modelfile", "README.md", "gguf.json", "tasktune_report.json", info["file"]])
 
 
+def test_export_eval_puts_the_file_through_llama_cpp_and_the_card_shows_it_beside_the_adapter(gemma3_gguf_run,
+                                                                                               tmp_path):
+    run, _ = gemma3_gguf_run
+    out = tmp_path / "q8"
+    assert main(["export", str(run), "--gguf", "q8_0", "--eval", "--out", str(out)]) == 0
+    shipped = json.loads((out / "gguf.json").read_text())["shipped"]
+    test_rows = len(records(run / "finetuned"))
+    score = next(r for r in shipped["rows"] if r["column"] == "score")
+    assert score["n"] == test_rows and score["agreement"] >= 0.95 and score["paired"]["mcnemar"]
+    assert shipped["tokenizer_agreement"] == {"rows": test_rows, "same_ids": test_rows}
+    assert len(records(out / "eval")) == test_rows
+    card = (out / "README.md").read_text()
+    assert "### Shipped as: this file run by llama.cpp" in card and "| score accuracy | " in card
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -177,3 +192,22 @@ def test_llama_cpp_inputs_are_checked_in_one_line_before_anything_loads(gemma3_g
                  str(run / "adapter"), "--out", str(tmp_path / "o")]) == 2
     assert "--adapter" in one_error_line(capsys)
     assert not (tmp_path / "o").exists()
+
+
+def test_the_shipped_gguf_bench_pairs_each_file_run_by_llama_cpp_with_the_adapter(gemma3_gguf_run, tmp_path):
+    """bench/gguf_shipped.py: the adapter in PyTorch reproduces the run's predictions (the baseline), and each
+    file run by llama.cpp (f16, the adapter GGUF on its base) agrees with it on nearly every row, with McNemar."""
+    run, _ = gemma3_gguf_run
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "bench" / "gguf_shipped.py"), str(run), "--types",
+                           "f16,adapter", "--work", str(tmp_path / "w")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    rows = json.loads((tmp_path / "w" / "shipped.json").read_text())
+    test_rows = len(records(run / "finetuned"))
+    assert [r["type"] for r in rows] == ["adapter (PyTorch, merged)", "f16", "adapter"]
+    assert rows[0]["reproduces_run"] == f"{test_rows}/{test_rows}"
+    for row in rows[1:]:
+        agreement = row["metrics"]["against_adapter"]["agreement"]["score_pred"]
+        assert agreement["n"] == test_rows and agreement["same"] >= 0.95 * test_rows
+        assert row["tokens_per_s"] > 0 and row["bytes"] > 0
+    assert "| f16 | score |" in done.stdout and "| adapter | score |" in done.stdout

@@ -140,8 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--merge", action="store_true", help="fold LoRA into the base weights")
     x.add_argument("--gguf", metavar="TYPE", choices=["f16", "bf16", "q8_0", "q4_k_m", "adapter"],
                    help="write GGUF for llama.cpp / Ollama instead: merged f16, bf16 or q8_0 (the base must have "
-                        "come as GGUF), or `adapter` (llama.cpp's LoRA format, for the unmerged base GGUF); with an "
-                        "Ollama Modelfile")
+                        "come as GGUF), q4_k_m (quantized by llama.cpp), or `adapter` (llama.cpp's LoRA format, for "
+                        "the unmerged base GGUF); with an Ollama Modelfile")
+    x.add_argument("--eval", action="store_true",
+                   help="with --gguf: run the file through llama.cpp on the run's test split with the run's protocol "
+                        "and compare it row by row with the adapter; the card gains a 'shipped as' table")
     x.add_argument("--push", metavar="REPO_ID", help="upload to the Hugging Face Hub after exporting")
     x.add_argument("--private", action="store_true", help="with --push: create the repository as private")
     x.add_argument("--overwrite", action="store_true", help="replace --out if tasktune wrote it")
@@ -249,10 +252,14 @@ def cmd_params(args) -> int:
 def cmd_export(args) -> int:
     from tasktune.export import export_gguf, export_run, push
 
+    if args.eval and not args.gguf:
+        raise TasktuneError("--eval measures a GGUF export through llama.cpp: give --gguf TYPE (an adapter export is "
+                            "the run's own adapter, which `run` measured)")
     if args.gguf:
         if args.merge:
             raise TasktuneError("--merge and --gguf are two formats: choose one (--gguf f16 is merged already)")
-        out = export_gguf(Path(args.run_dir), Path(args.out), args.gguf, overwrite=args.overwrite)
+        out = export_gguf(Path(args.run_dir), Path(args.out), args.gguf, overwrite=args.overwrite,
+                          evaluate=args.eval)
         print(f"[tasktune] exported GGUF ({args.gguf}) to {out}")
     else:
         out = export_run(Path(args.run_dir), Path(args.out), merge=args.merge, overwrite=args.overwrite)

@@ -107,7 +107,7 @@ def gguf_section(gguf: dict) -> list[str]:
             f"- `{gguf['file']}`: {'LoRA adapter for llama.cpp' if adapter else 'merged model'}, type "
             f"`{gguf['type']}`, {gguf['bytes'] / 2**20:.1f} MiB, {gguf['tensors']} tensors",
             f"- llama.cpp: {run}; Ollama: `ollama create NAME -f Modelfile` (greedy, the prompt passed through as "
-            "tasktune renders it)", ""]
+            "tasktune renders it)", "", *shipped_lines(gguf)]
 
 
 def model_card(report: dict, name: str, merged: bool, task, gguf: dict | None = None):
@@ -203,9 +203,12 @@ def export_run(run_dir: Path, out: Path, merge: bool = False, overwrite: bool = 
     return Path(out)
 
 
-def export_gguf(run_dir: Path, out: Path, gguf_type: str, overwrite: bool = False) -> Path:
+def export_gguf(run_dir: Path, out: Path, gguf_type: str, overwrite: bool = False, evaluate: bool = False) -> Path:
     """`tasktune export RUN --gguf TYPE`: the run's model as a GGUF file (merged, or llama.cpp's LoRA adapter) with
-    an Ollama Modelfile, the run's report and a model card. Every refusal comes before anything loads."""
+    an Ollama Modelfile, the run's report and a model card. Every refusal comes before anything loads. With
+    `evaluate`, the file (an adapter on its base GGUF) is run by llama.cpp on the run's test split with the run's
+    protocol (`eval/`), compared row by row with the adapter, and the card shows it ("Shipped as"); the run's own
+    report is not rewritten (an export reads the run, it does not write into it)."""
     from transformers import AutoConfig
 
     from tasktune import gguf_export
@@ -239,6 +242,12 @@ def export_gguf(run_dir: Path, out: Path, gguf_type: str, overwrite: bool = Fals
                             f"{report['model']!r} is a Hugging Face checkpoint: export --gguf adapter and apply "
                             "it to a GGUF of the base (llama.cpp's convert_hf_to_gguf.py), or export --merge and "
                             "convert that")
+    if evaluate:
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise TasktuneError('--eval runs the file through llama.cpp: pip install "tasktune[llama-cpp]"')
+        if gguf_type == "adapter" and not came_as_gguf(report["model"]):
+            raise TasktuneError(f"--eval of an adapter GGUF needs its base as GGUF; this run's base "
+                                f"{report['model']!r} is a Hugging Face checkpoint")
     gguf_export.architecture_of(AutoConfig.from_pretrained(resolve_model_path(report["model"])))
     check_outside(Path(out), {"run": run_dir, "model": report["model"]})
     staging = StagingDir(Path(out), overwrite=overwrite, kind="export")  # refuse a bad --out before loading
@@ -260,10 +269,66 @@ def export_gguf(run_dir: Path, out: Path, gguf_type: str, overwrite: bool = Fals
             write_text(work / "Modelfile", gguf_export.modelfile(name, gguf_type == "adapter", stop))
             write_json(work / "tasktune_report.json", report)
             gguf = {"file": name, "type": gguf_type, "bytes": written.path.stat().st_size, "tensors": written.tensors}
+            if evaluate:
+                gguf["shipped"] = evaluate_shipped(run_dir, work, work / name, base_path, gguf_type)
             write_json(work / "gguf.json", gguf)
             model_card(report, Path(out).name, gguf_type != "adapter", task_of_run(run_dir, report),
                        gguf=gguf).save(work / "README.md")
     return Path(out)
+
+
+def evaluate_shipped(run_dir: Path, work: Path, file: Path, base_path: Path | None, gguf_type: str) -> dict:
+    """The exported file run by llama.cpp on the run's test split (into work/eval), and what the card shows:
+    each report column's figure with its interval beside the adapter's, how often the predictions agree, and the
+    paired test of the file against the adapter."""
+    from tasktune.run_layout import RunLayout
+    from tasktune.stages import evaluate_gguf_stage, prepare_finished_run
+
+    p = prepare_finished_run(run_dir)
+    model, adapter = (base_path, file) if gguf_type == "adapter" else (file, None)
+    (work / "eval").mkdir()
+    metrics = evaluate_gguf_stage(p, work / "eval", model, adapter, {"run": str(run_dir), "rows": "test split"},
+                                  against=run_dir)
+    finetuned = json.loads(RunLayout.metrics(RunLayout(run_dir).stage("finetuned")).read_text())
+    comparison = metrics["against_adapter"]
+    rows = []
+    for column, _ in p.task.report_columns(metrics):
+        protocol = column.partition("_")[0]
+        shipped, adapter_figure = p.task.figure(metrics, column), p.task.figure(finetuned, column)
+        agree = comparison["agreement"].get(f"{protocol}_pred") or comparison["agreement"].get(f"{protocol}_text")
+        rows.append({"column": column, "metric": shipped["metric"], "n": shipped["n"], "value": shipped["value"],
+                     "interval": shipped["interval"], "adapter": adapter_figure["value"],
+                     "agreement": agree["same"] / agree["n"] if agree else None,
+                     "paired": comparison["paired"].get(column)})
+    return {"runtime": "llama.cpp", "rows": rows,
+            "tokenizer_agreement": {k: v for k, v in metrics["protocol"]["tokenizer_agreement"].items()
+                                    if k != "differ"}, "seconds": metrics["seconds"]}
+
+
+def shipped_lines(gguf: dict) -> list[str]:
+    """The card's "Shipped as" table: the file through llama.cpp against the adapter, row by row."""
+    shipped = gguf.get("shipped")
+    if not shipped:
+        return []
+    lines = ["### Shipped as: this file run by llama.cpp, against the adapter on the same test rows", "",
+             "| column | n | file [95% CI] | adapter | same prediction | paired test (file vs adapter) |",
+             "|---|---:|---|---:|---:|---|"]
+    for r in shipped["rows"]:
+        interval = f" [{r['interval'][0]:.4f}, {r['interval'][1]:.4f}]" if r["interval"] else ""
+        test = ""
+        if r["paired"] and "mcnemar" in r["paired"]:
+            m = r["paired"]["mcnemar"]
+            test = f"McNemar {m['wrong_to_right']} vs {m['right_to_wrong']}, p {m['p_value']:.3g}"
+        elif r["paired"]:
+            g = r["paired"]["gain"]
+            test = f"{g['difference']:+.4f} [{g['interval'][0]:+.4f}, {g['interval'][1]:+.4f}]"
+        agreement = f"{100 * r['agreement']:.1f}%" if r["agreement"] is not None else "—"
+        lines.append(f"| {r['column']} {r['metric']} | {r['n']} | {r['value']:.4f}{interval} | "
+                     f"{r['adapter']:.4f} | {agreement} | {test} |")
+    tok = shipped["tokenizer_agreement"]
+    lines += ["", f"llama.cpp's tokenizer gave the Hugging Face token ids for {tok['same_ids']} of {tok['rows']} "
+              "prompts.", ""]
+    return lines
 
 
 def push(folder: Path, repo_id: str, private: bool = False) -> str:

@@ -30,8 +30,8 @@ from tasktune.param_report import parameter_report
 from tasktune.run_layout import RunLayout
 from tasktune.rundir import RunDir, write_json, write_text
 from tasktune.runlog import RunLog
-from tasktune.stages import (Prepared, check_fingerprint, evaluate_stage, load_trained, prepare, run_fingerprint,
-                             train_stage)
+from tasktune.stages import (Prepared, check_fingerprint, evaluate_gguf_stage, evaluate_stage, load_trained, prepare,
+                             prepare_finished_run, run_fingerprint, train_stage)
 from tasktune.tasks import PromptBuilder
 
 
@@ -258,10 +258,8 @@ def evaluate_run(run_dir: Path, out: Path, data_path: str | None = None, overwri
     of that file. With `gguf` (`--runtime llama.cpp --model FILE.gguf [--adapter FILE.gguf]`), what the run
     shipped as GGUF, run by llama.cpp with the same requests, and on the run's test split compared row by row
     with the adapter's predictions (comparison.json)."""
-    from tasktune.config import load_recipe
-    from tasktune.rundir import StagingDir, require_finished_run
-
     from tasktune.ownership import check_outside
+    from tasktune.rundir import StagingDir, require_finished_run
 
     run_dir = require_finished_run(Path(run_dir), trained=True)
     check_outside(Path(out), {"run": run_dir, "data": data_path, "model": gguf, "adapter": gguf_adapter})
@@ -270,57 +268,23 @@ def evaluate_run(run_dir: Path, out: Path, data_path: str | None = None, overwri
 
         check_gguf_inputs(gguf, gguf_adapter)
     staging = StagingDir(Path(out), overwrite=overwrite)  # refuse a bad --out before loading anything
-    # The task as the run recorded it, wherever the user's spec file is now.
-    recipe = load_recipe(str(RunLayout(run_dir).recipe), [f"task={run_dir / 'task.yaml'}"])
-    p = prepare(recipe)
-    check_fingerprint(run_dir, run_fingerprint(p),
-                      "the run's test split cannot be rebuilt from it; evaluate the run where it was made")
+    p = prepare_finished_run(run_dir)
     if data_path:
         rows, source = p.task.load(data_path)
         p.examples["test"] = rows
         p.source = source
     if gguf:
-        return evaluate_gguf(p, staging, gguf, gguf_adapter, {"run": str(run_dir), "data": p.source,
-                                                               "rows": "all" if data_path else "test split"},
-                             against=None if data_path else run_dir)
+        with staging as work:
+            metrics = evaluate_gguf_stage(p, work, gguf, gguf_adapter, {
+                "run": str(run_dir), "data": p.source, "rows": "all" if data_path else "test split"},
+                against=None if data_path else run_dir)
+        return metrics, p.task.summary(metrics)
     model, _, head = load_trained(p, run_dir)
     with staging as work:
         metrics = evaluate_stage(p, merge_for_inference(model), work, head=head,
                                  protocol={"run": str(run_dir), "data": p.source,
                                            "rows": "all" if data_path else "test split"})
     return metrics, p.task.summary(metrics)
-
-
-def evaluate_gguf(p: Prepared, staging, model: str, adapter: str | None, protocol: dict,
-                  against: Path | None = None) -> tuple[dict, str]:
-    """The evaluation stage through llama.cpp on a GGUF file (and a GGUF LoRA adapter): the same requests, the
-    prompts' token ids checked against llama.cpp's own tokenizer, and with `against` (a finished run) each test
-    row's prediction compared with the run's fine-tuned one."""
-    from tasktune.llama_cpp_runtime import LlamaCppRunner, compare_with_run, load_gguf
-
-    runner = LlamaCppRunner(load_gguf(Path(model), Path(adapter) if adapter else None, n_ctx=context_size(p)))
-    agreement = runner.tokenizer_agreement(p.builder, p.examples["test"])
-    if agreement["same_ids"] < agreement["rows"]:
-        print(f"[tasktune] warning: llama.cpp's tokenizer gives other token ids than the Hugging Face tokenizer "
-              f"for {agreement['rows'] - agreement['same_ids']} of {agreement['rows']} prompts (evaluated with the "
-              f"Hugging Face ids; a runtime fed text would see the others): {agreement['differ'][:2]}")
-    protocol = {**protocol, "runtime": "llama.cpp", "model": str(model), "adapter": adapter,
-                "tokenizer_agreement": agreement}
-    with staging as work:
-        metrics = evaluate_stage(p, None, work, protocol=protocol, runner=runner)
-        if against is not None:
-            comparison = compare_with_run(p.task, against, work)
-            write_json(work / "comparison.json", comparison)
-            metrics["against_adapter"] = comparison
-    return metrics, p.task.summary(metrics)
-
-
-def context_size(p: Prepared) -> int:
-    """llama.cpp's context for an evaluation: the model's positions, at most 4,096 (the longest prompt of the
-    shipped tasks is under 600 tokens; a larger context only costs KV-cache memory)."""
-    from tasktune.inference_requests import model_positions
-
-    return min(model_positions(p.lm.model.config) or 4096, 4096)
 
 
 def evaluate_model(recipe: Recipe, out: Path, adapter: str | None = None, rows: str = "test",
@@ -353,7 +317,9 @@ def evaluate_model(recipe: Recipe, out: Path, adapter: str | None = None, rows: 
                                   seed=recipe.data.seed)
     described = {**p.builder.describe(), "data": p.source, "rows": rows}
     if runtime == "llama.cpp":
-        return evaluate_gguf(p, staging, recipe.model, adapter, described)
+        with staging as work:
+            metrics = evaluate_gguf_stage(p, work, recipe.model, adapter, described)
+        return metrics, p.task.summary(metrics)
     model = p.lm.model
     if adapter:
         adapted = load_adapted_model(Path(adapter), recipe.model, recipe.dtype,

@@ -338,3 +338,46 @@ def evaluate_stage(p: Prepared, model, out_dir: Path, head: str = "causal_lm", p
         write_json(RunLayout.metrics(out_dir), {**metrics, **({"protocol": protocol} if protocol else {})})
         write_jsonl(RunLayout.predictions(out_dir), records)
     return metrics
+
+
+def prepare_finished_run(run_dir: Path) -> Prepared:
+    """A finished run's recipe prepared again (the task as the run recorded it, wherever the user's spec file is
+    now), checked to rebuild the run's split: what re-evaluating the run or its exports starts from."""
+    from tasktune.config import load_recipe
+
+    recipe = load_recipe(str(RunLayout(run_dir).recipe), [f"task={run_dir / 'task.yaml'}"])
+    p = prepare(recipe)
+    check_fingerprint(run_dir, run_fingerprint(p),
+                      "the run's test split cannot be rebuilt from it; evaluate the run where it was made")
+    return p
+
+
+def evaluate_gguf_stage(p: Prepared, out_dir: Path, model: str | Path, adapter: str | Path | None, protocol: dict,
+                        against: Path | None = None) -> dict:
+    """The evaluation stage through llama.cpp on a GGUF file (and a GGUF LoRA adapter): the same requests, the
+    prompts' token ids checked against llama.cpp's own tokenizer, and with `against` (a finished run) each test
+    row's prediction compared with the run's fine-tuned one (comparison.json, and `against_adapter`)."""
+    from tasktune.llama_cpp_runtime import LlamaCppRunner, compare_with_run, load_gguf
+
+    runner = LlamaCppRunner(load_gguf(Path(model), Path(adapter) if adapter else None, n_ctx=gguf_context(p)))
+    agreement = runner.tokenizer_agreement(p.builder, p.examples["test"])
+    if agreement["same_ids"] < agreement["rows"]:
+        print(f"[tasktune] warning: llama.cpp's tokenizer gives other token ids than the Hugging Face tokenizer "
+              f"for {agreement['rows'] - agreement['same_ids']} of {agreement['rows']} prompts (evaluated with the "
+              f"Hugging Face ids; a runtime fed text would see the others): {agreement['differ'][:2]}")
+    protocol = {**protocol, "runtime": "llama.cpp", "model": str(model), "adapter": str(adapter) if adapter else None,
+                "tokenizer_agreement": agreement}
+    metrics = evaluate_stage(p, None, out_dir, protocol=protocol, runner=runner)
+    if against is not None:
+        comparison = compare_with_run(p.task, against, out_dir)
+        write_json(out_dir / "comparison.json", comparison)
+        metrics["against_adapter"] = comparison
+    return metrics
+
+
+def gguf_context(p: Prepared) -> int:
+    """llama.cpp's context for an evaluation: the model's positions, at most 4,096 (the shipped tasks' longest
+    prompt is under 600 tokens; a larger context only costs KV-cache memory)."""
+    from tasktune.inference_requests import model_positions
+
+    return min(model_positions(p.lm.model.config) or 4096, 4096)
