@@ -301,7 +301,7 @@ def evaluate_shipped(run_dir: Path, work: Path, file: Path, base_path: Path | No
                      "agreement": agree["same"] / agree["n"] if agree else None,
                      "paired": comparison["paired"].get(column)})
     return {"runtime": "llama.cpp", "rows": rows,
-            "tokenizer_agreement": {k: v for k, v in metrics["protocol"]["tokenizer_agreement"].items()
+            "tokenizer_agreement": {k: v for k, v in metrics["tokenizer_agreement"].items()
                                     if k != "differ"}, "seconds": metrics["seconds"]}
 
 

@@ -368,6 +368,7 @@ def evaluate_gguf_stage(p: Prepared, out_dir: Path, model: str | Path, adapter: 
     protocol = {**protocol, "runtime": "llama.cpp", "model": str(model), "adapter": str(adapter) if adapter else None,
                 "tokenizer_agreement": agreement}
     metrics = evaluate_stage(p, None, out_dir, protocol=protocol, runner=runner)
+    metrics["tokenizer_agreement"] = agreement
     if against is not None:
         comparison = compare_with_run(p.task, against, out_dir)
         write_json(out_dir / "comparison.json", comparison)
