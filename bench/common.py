@@ -84,12 +84,15 @@ def run_worker(script: Path, config: str, args: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def interleaved(script: Path, configs: list[str], worker_args: list[str], repeats: int) -> dict[str, list[dict]]:
-    """Run every config once per repeat, in turn, so drift on a noisy machine hits every config alike."""
+def interleaved(script: Path, configs: list[str], worker_args: list[str], repeats: int,
+                in_process=None) -> dict[str, list[dict]]:
+    """Run every config once per repeat, in turn, so drift on a noisy machine hits every config alike. Each in a
+    fresh process (timings and peak memory of its own), or with `in_process` (a `--quick` run: correctness only,
+    no figure kept) by calling it with the config here, without a Python start-up and imports per config."""
     results: dict[str, list[dict]] = {c: [] for c in configs}
     for _ in range(repeats):
         for config in configs:
-            results[config].append(run_worker(script, config, worker_args))
+            results[config].append(in_process(config) if in_process else run_worker(script, config, worker_args))
     return results
 
 

@@ -99,7 +99,8 @@ def main() -> None:
         args.model, args.repeats, args.n = str(common.tiny_model(Path(tempfile.mkdtemp()))), 1, 12
     worker_args = ["--model", args.model, "--n", str(args.n), "--batch", str(args.batch)] + \
         (["--quick"] if args.quick else [])
-    results = common.interleaved(Path(__file__), CONFIGS, worker_args, args.repeats)
+    results = common.interleaved(Path(__file__), CONFIGS, worker_args, args.repeats, in_process=(
+        (lambda c: worker(c, args.model, args.n, args.batch, True)) if args.quick else None))
     gap = max(abs(a - b) for a, b in zip(results["loop"][0]["na_probs"], results["tasktune"][0]["na_probs"]))
     gap_baseline = max(abs(a - b) for a, b in zip(results["baseline"][0]["na_probs"],
                                                   results["tasktune"][0]["na_probs"]))

@@ -150,7 +150,8 @@ def main() -> None:
     worker_args = ["--model", args.model, "--n", str(args.n), "--batch", str(args.batch), "--dtype", args.dtype] + \
         (["--quick"] if args.quick else [])
     configs = CONFIGS + (["lm_eval"] if importlib.util.find_spec("lm_eval") and not args.quick else [])
-    results = common.interleaved(Path(__file__), configs, worker_args, args.repeats)
+    results = common.interleaved(Path(__file__), configs, worker_args, args.repeats, in_process=(
+        (lambda c: worker(c, args.model, args.n, args.batch, args.dtype, True)) if args.quick else None))
     agree = agreement(results["generate_loop"][0]["preds"], results["generate"][0]["preds"])
     fp32_note = ""
     if args.agreement_n:

@@ -133,7 +133,9 @@ def main() -> None:
         args.repeats, args.steps, args.warmup = 1, 2, 1
     worker_args = ["--model", args.model, "--steps", str(args.steps), "--warmup", str(args.warmup),
                    "--batch", str(args.batch), "--seq-len", str(args.seq_len)] + (["--quick"] if args.quick else [])
-    results = common.interleaved(Path(__file__), CONFIGS, worker_args, args.repeats)
+    results = common.interleaved(Path(__file__), CONFIGS, worker_args, args.repeats, in_process=(
+        (lambda c: worker(c, args.model, args.batch, args.steps, args.warmup, args.seq_len, True)) if args.quick
+        else None))
     facts = common.machine()
     first = results["lm"][0]
     lines = [f"Model {Path(args.model).name} "

@@ -135,14 +135,16 @@ def main() -> None:
         args.max_length = 96
     worker_args = ["--model", args.model, "--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
                    str(args.warmup), "--max-length", str(args.max_length)] + (["--quick"] if args.quick else [])
-    before = common.matmul_peak_tflops()
+    before = common.matmul_peak_tflops(seconds=0.2 if args.quick else 2.0)
     unknown = [c for c in args.configs.split(",") if c not in KNOWN]
     if unknown:
         raise SystemExit(f"--configs: unknown {', '.join(unknown)}; expected some of {', '.join(KNOWN)}")
     configs = ["baseline"] + [c for c in args.configs.split(",") if c != "baseline"]
-    results = common.interleaved(Path(__file__), configs, worker_args, args.repeats)
+    results = common.interleaved(Path(__file__), configs, worker_args, args.repeats, in_process=(
+        (lambda c: worker(c, args.model, args.batch, args.steps, args.warmup, args.max_length, True)) if args.quick
+        else None))
     # This machine's matmul rate drifts (a shared VM): MFU is against the faster of two measurements.
-    after = common.matmul_peak_tflops()
+    after = common.matmul_peak_tflops(seconds=0.2 if args.quick else 2.0)
     peak = max(before, after)
     body = report(results, configs, peak).replace("prompt tokens/s", "real tokens/s")
     body += (f"\n\nbatch {args.batch}, max length {args.max_length} (rows hold "

@@ -238,14 +238,16 @@ def main() -> None:
         args.model, args.repeats, args.steps, args.warmup = str(common.tiny_model(Path(tmp))), 1, 2, 1
     worker_args = ["--model", args.model, "--batch", str(args.batch), "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--seq-len", str(args.seq_len)] + (["--quick"] if args.quick else [])
-    before = common.matmul_peak_tflops()
+    before = common.matmul_peak_tflops(seconds=0.2 if args.quick else 2.0)
     configs = ["baseline"] + [c for c in args.configs.split(",") if c != "baseline"]
     for c in configs:
         if parse_config(c, args.batch)[0] not in CONFIGS:
             raise SystemExit(f"unknown config {c!r}: expected one of {', '.join(CONFIGS)}, optionally +bN / +compile")
-    results = common.interleaved(Path(__file__), configs, worker_args, args.repeats)
+    results = common.interleaved(Path(__file__), configs, worker_args, args.repeats, in_process=(
+        (lambda c: worker(c, args.model, args.batch, args.steps, args.warmup, args.seq_len, True)) if args.quick
+        else None))
     # This machine's matmul rate drifts (a shared VM): MFU is against the faster of two measurements.
-    after = common.matmul_peak_tflops()
+    after = common.matmul_peak_tflops(seconds=0.2 if args.quick else 2.0)
     peak = max(before, after)
     body = report(results, configs, peak)
     body += (f"\n\nbatch {args.batch} (or the config's +bN), max length {args.seq_len}, {args.steps} timed steps "

@@ -131,3 +131,56 @@ def test_a_bad_row_is_one_line_naming_the_file_and_line_before_the_model_loads(r
     line = one_error_line(capsys)
     assert f"{data}, line 7: " in line and expected in line, line
     assert not (tmp_path / "runs" / "bad").exists()
+
+
+LMEVAL_TASK = """task: tiny_mc_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: {rows}
+output_type: multiple_choice
+validation_split: validation
+doc_to_text: "{{{{text}}}}\\nQuestion: Is this sentence positive or negative?\\nAnswer:"
+doc_to_target: label
+doc_to_choice: "{{{{choices}}}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+metadata:
+  version: 1.0
+"""
+
+
+def test_acc_and_acc_norm_equal_lm_evaluation_harness_on_the_same_rows(tiny_llama, tmp_path, monkeypatch):
+    """lm-evaluation-harness itself (its `hf` model, a local-file `multiple_choice` task with our template and
+    choices) on the rows tasktune scores: the same log-likelihood per choice, and the same acc and acc_norm."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec, data = write_mc(tmp_path, n=24)
+    assert main(["eval", "--task", str(spec), "--model", str(tiny_llama), "--data", str(data), "--split", "all",
+                 "--protocol", "score", "--dtype", "fp32", "--out", str(tmp_path / "eval")]) == 0
+    ours = {r["id"]: r for r in (json.loads(x) for x in (tmp_path / "eval" / "predictions.jsonl").read_text()
+                                 .splitlines())}
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    rows_file = tmp_path / "rows.jsonl"
+    rows_file.write_text("".join(json.dumps({"text": r["text"], "choices": r["choices"],
+                                             "label": r["choices"].index(r["answer"]) if isinstance(r["answer"], str)
+                                             else r["answer"]}) + "\n" for r in rows))
+    (tmp_path / "tiny_mc_local.yaml").write_text(LMEVAL_TASK.format(rows=rows_file))
+    # add_bos_token: tasktune's prompts start with the tokenizer's BOS, as lm-evaluation-harness does for Gemma.
+    results = lm_eval.simple_evaluate(model="hf", tasks=["tiny_mc_local"],
+                                      model_args=f"pretrained={tiny_llama},dtype=float32,add_bos_token=True",
+                                      batch_size=8, log_samples=True, device="cpu",
+                                      task_manager=TaskManager(include_path=str(tmp_path)))
+    samples = sorted(results["samples"]["tiny_mc_local"], key=lambda s: s["doc_id"])
+    assert len(samples) == len(rows) == len(ours)
+    for sample in samples:
+        theirs = [float(r[0]) for r in sample["filtered_resps"]]
+        assert ours[sample["doc_id"]]["score_logprobs"] == pytest.approx(theirs, abs=1e-3)
+    figures = results["results"]["tiny_mc_local"]
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["score"]
+    assert metrics["acc"] == pytest.approx(figures["acc,none"]) and metrics["acc_norm"] == pytest.approx(
+        figures["acc_norm,none"])
