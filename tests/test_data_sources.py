@@ -25,14 +25,6 @@ def qa_rows():
              "gold": {"text": [], "answer_start": []}}]
 
 
-@pytest.fixture
-def local_hub(tmp_path, monkeypatch):
-    """`datasets` with its cache in the test's directory (the user's cache is never written)."""
-    datasets = pytest.importorskip("datasets")
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
-    return datasets
-
-
 def write_spec(tmp_path, text=QA_SPEC):
     path = tmp_path / "passages.yaml"
     path.write_text(text)

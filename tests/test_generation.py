@@ -301,3 +301,38 @@ def test_a_bad_spec_is_one_line_before_anything_runs(text, expected, tmp_path, c
     assert main(["tasks", "show", str(spec)]) == 2
     line = one_error_line(capsys)
     assert str(spec) in line and expected in line, line
+
+
+def test_hub_chat_rows_are_the_json_lines_rows_and_a_bad_one_is_named(tmp_path, local_hub):
+    from tasktune.errors import TasktuneError
+    from tasktune.tasks import get_task
+
+    spec = tmp_path / "chat.yaml"
+    spec.write_text(CHAT_SPEC)
+    task = get_task(str(spec))
+    folder = tmp_path / "chat-like"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", chat_rows(6))
+    from_file = task.load(str(write_jsonl(tmp_path / "chat.jsonl", chat_rows(6))))[0]
+    rows, source = task.load(f"hub:{folder}")
+    assert source == f"hub:{folder}" and rows == from_file
+    bad = chat_rows(6)
+    bad[2]["messages"] = bad[2]["messages"][:-1]
+    write_jsonl(folder / "train.jsonl", bad)
+    with pytest.raises(TasktuneError, match=r"hub:.*chat-like, row 2: the last turn of 'messages' must be"):
+        task.load(f"hub:{folder}")
+
+
+def test_a_graded_headline_reports_rows_whose_score_rose_or_fell(tmp_path):
+    """For chrF (a graded metric) a changed row is one whose score rose or fell, not one that became right."""
+    from tasktune.tasks import get_task
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC.replace("headline: exact", "headline: chrf"))
+    task = get_task(str(spec))
+    old = {"generate_text": "pos", "generate_scores": {"chrf": 20.0}}
+    new = {"generate_text": "positive", "generate_scores": {"chrf": 100.0}, "target": "positive", "prompt": "p"}
+    assert task.changed_example(old, new)[:2] == (False, True)
+    assert task.changed_example(new, old | {"target": "positive"})[:2] == (True, False)
+    assert task.changed_example(old, old | {"target": "x"})[0] == task.changed_example(old, old | {"target": "x"})[1]
+    assert task.change_names() == ("chrf rose", "chrf fell")

@@ -281,14 +281,15 @@ def render_markdown(report, task, params, figures, changes, history: list[dict],
         lines += [f"![{title}]({path.relative_to(run_dir)})" for title, path in figures]
     if changes["n_fixed"] or changes["n_broken"]:
         shown = len(changes["fixed"]) + len(changes["broken"])
+        better, worse = task.change_names()
         lines += ["", "## Predictions that changed", "",
-                  f"{changes['n_fixed']} test examples went from wrong to right, {changes['n_broken']} from right to "
-                  f"wrong; {'all' if shown == changes['n_fixed'] + changes['n_broken'] else f'the first {shown}'} "
+                  f"{changes['n_fixed']} test examples: {better}; {changes['n_broken']}: {worse}; "
+                  f"{'all' if shown == changes['n_fixed'] + changes['n_broken'] else f'the first {shown}'} "
                   "below. (sortable)", "",
                   "| change | example | gold | zero-shot | fine-tuned |", "|---|---|---|---|---|"]
         lines += [f"| {label} | {_cell(r['text'])} | {_cell(r['gold'])} | {_cell(r['zero-shot'])} | "
                   f"{_cell(r['fine-tuned'])} |"
-                  for label, rows in (("wrong → right", changes["fixed"]), ("right → wrong", changes["broken"]))
+                  for label, rows in ((better, changes["fixed"]), (worse, changes["broken"]))
                   for r in rows]
         lines.append("")
     lines += memory_lines(run_dir, report.get("memory"))

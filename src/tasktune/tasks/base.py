@@ -211,6 +211,10 @@ class TaskType(ABC):
         """(right before, right after, the row the report shows) for one test example, or None to skip it."""
         return None
 
+    def change_names(self) -> tuple[str, str]:
+        """How the report names the two directions of `changed_example`."""
+        return "wrong → right", "right → wrong"
+
     def report_plots(self, zeroshot: dict | None, finetuned: dict | None, columns: list, out: Path) -> list:
         """(title, PNG path) of the type's plots, from the two stages' metrics."""
         from tasktune import plots

@@ -328,6 +328,11 @@ class GenerationTask(TaskType):
             return was == 1, now == 1, row
         return (was > now, now > was, row) if was != now else (True, True, row)
 
+    def change_names(self) -> tuple[str, str]:
+        if self.metric_for_best in BINARY:
+            return super().change_names()
+        return f"{self.metric_for_best} rose", f"{self.metric_for_best} fell"
+
     def protocol_notes(self, proto: dict) -> list[str]:
         return [f"- `generate`: greedy answer (at most {self.max_new_tokens} new tokens, ended by the EOS token"
                 + (f" or {self.spec.stop}" if self.spec.stop else "") + "), judged by "
