@@ -220,7 +220,7 @@ def generate(model, tokenizer, encoded: list[list[int]], max_new_tokens: int, ba
     first_top = [False] * len(encoded) if first_token_id is not None else None
     first_margins = [0.0] * len(encoded) if first_token_id is not None else None
     lm = unwrap(model)
-    extra = {"stopping_criteria": StoppingCriteriaList([NewlineStop(tokenizer)])} if stop_at_newline else {}
+    extra = {}
     with foldable_lm_head(lm):
         for idx in progress(list(batches(encoded, batch_size)), desc):
             ids, mask = left_pad([encoded[i] for i in idx], tokenizer.pad_token_id)
@@ -228,8 +228,10 @@ def generate(model, tokenizer, encoded: list[list[int]], max_new_tokens: int, ba
             if first_token_id is not None:
                 watch = FirstStepWatch(first_token_id, suppress_first)
                 extra["logits_processor"] = LogitsProcessorList([watch])
-            if stop_strings:
-                extra["stopping_criteria"] = StoppingCriteriaList([StopStrings(tokenizer, stop_strings, ids.shape[1])])
+            stops = ([NewlineStop(tokenizer)] if stop_at_newline else []) + (
+                [StopStrings(tokenizer, stop_strings, ids.shape[1])] if stop_strings else [])
+            if stops:
+                extra["stopping_criteria"] = StoppingCriteriaList(stops)
             out = lm.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
                               max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                               top_p=None, top_k=None, temperature=None,

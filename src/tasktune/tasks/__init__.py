@@ -39,15 +39,18 @@ class PromptBuilder:
         return self.format == "plain"  # a chat template writes its own BOS
 
     def render(self, example: dict) -> str:
-        text = self.prefix + self.task.prompt(example)
         if self.format == "chat":
-            turns = self.task.chat_turns(example) or [{"role": "user", "content": self.task.prompt(example)}]
-            if self.prefix:  # shots go before the first user turn's text
-                first = next(i for i, t in enumerate(turns) if t["role"] == "user")
-                turns = [*turns[:first], {"role": "user", "content": self.prefix + turns[first]["content"]},
-                         *turns[first + 1:]]
-            text = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-        return text
+            return self.tokenizer.apply_chat_template(self.turns(example), tokenize=False, add_generation_prompt=True)
+        return self.prefix + self.task.prompt(example)
+
+    def turns(self, example: dict) -> list[dict]:
+        """The conversation a chat template renders: the task's turns (chat data) or its prompt as one user turn,
+        with the shots before the first user turn's text."""
+        turns = self.task.chat_turns(example) or [{"role": "user", "content": self.task.prompt(example)}]
+        if not self.prefix:
+            return turns
+        first = next(i for i, t in enumerate(turns) if t["role"] == "user")
+        return [*turns[:first], {"role": "user", "content": self.prefix + turns[first]["content"]}, *turns[first + 1:]]
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=self.add_special_tokens)["input_ids"]

@@ -116,8 +116,7 @@ class GenerationTask(TaskType):
         context = builder.render(example)
         ids = builder.encode(context)
         if builder.format == "chat":
-            turns = [*(self.chat_turns(example) or [{"role": "user", "content": self.prompt(example)}]),
-                     {"role": "assistant", "content": example["answer"]}]
+            turns = [*builder.turns(example), {"role": "assistant", "content": example["answer"]}]
             full = builder.tokenizer.apply_chat_template(turns, tokenize=False)
             if full.startswith(context):
                 return ids, builder.encode(full)[len(ids):]
