@@ -638,9 +638,11 @@ LAYERS = [
     # files and data
     {"ownership", "rundir", "checkpoints", "plots", "data", "data.hub", "data.split", "data.squad", "data.table"},
     # tasks
-    {"tasks", "tasks.base", "tasks.spec", "tasks.classification", "tasks.extractive_qa", "tasks.multiple_choice"},
+    {"tasks", "tasks.base", "tasks.spec", "tasks.classification", "tasks.extractive_qa", "tasks.multiple_choice",
+     "tasks.generation"},
     # models, methods, objectives, inference
-    {"runner", "evaluation", "lora_delta", "methods", "models", "losses", "gpu_memory", "recipes", "adaptation"},
+    {"runner", "llama_cpp_runtime", "evaluation", "lora_delta", "methods", "models", "losses", "gpu_memory", "recipes",
+     "adaptation"},
     # recipes as read
     {"config", "recipe_reference"},
     # what the stages measure
@@ -652,7 +654,7 @@ LAYERS = [
     # the commands
     {"pipeline", "sweep_spec", "sweep_study", "sweep_trials", "sweep_final", "sweeper", "api", "cli", "__main__", ""},
 ]
-MEASURING = {"costs", "train", "models", "infer", "runner", "evaluation", "param_report", "lora_delta", "stages",
+MEASURING = {"costs", "train", "models", "infer", "runner", "llama_cpp_runtime", "evaluation", "param_report", "lora_delta", "stages",
              "pipeline", "sweep_study", "sweep_trials", "sweep_final", "sweeper", "losses", "adaptation"}
 
 
