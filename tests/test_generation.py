@@ -336,3 +336,29 @@ def test_a_graded_headline_reports_rows_whose_score_rose_or_fell(tmp_path):
     assert task.changed_example(new, old | {"target": "positive"})[:2] == (True, False)
     assert task.changed_example(old, old | {"target": "x"})[0] == task.changed_example(old, old | {"target": "x"})[1]
     assert task.change_names() == ("chrf rose", "chrf fell")
+
+
+def test_a_sweep_on_a_generation_task_chooses_on_the_validation_headline_and_tests_the_winner(tiny_llama, tmp_path):
+    """`tasktune sweep` over a generation spec: each trial ranked on the validation slice's `exact` (the spec's
+    headline, greedy answers), the winner evaluated on the test part once, paired with zero-shot."""
+    import yaml
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC)
+    data = write_jsonl(tmp_path / "gen.jsonl", instruction_rows(120))
+    sweep = {"name": "gen", "recipe": "sst2-gemma3-270m-cpu", "output_dir": str(tmp_path / "sweeps"),
+             "overrides": {"task": str(spec), "model": str(tiny_llama), "data.path": str(data), "dtype": "fp32",
+                           "data.val_size": 16, "data.split_by": None, "data.train_sentences": None,
+                           "data.limit_train": None, "data.limit_validation": None, "eval.controls": [],
+                           "eval.perplexity": None, "train.compile": False, "train.objective": "lm",
+                           "train.max_steps": 20, "train.eval_steps": 10, "train.batch_size": 8},
+             "space": {"train.learning_rate": {"type": "categorical", "choices": [0.0003, 0.003]}},
+             "sampler": "grid", "trials": 2, "pruner": "none", "seed": 0}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
+    assert main(["sweep", str(tmp_path / "sweep.yaml")]) == 0
+    result = json.loads((tmp_path / "sweeps" / "gen" / "sweep.json").read_text())
+    board = json.loads((tmp_path / "sweeps" / "gen" / "leaderboard.json").read_text())
+    assert {r["validation"]["metric"] for r in board} == {"exact"}
+    assert result["winner"]["validation"]["value"] == max(r["validation"]["value"] for r in board)
+    assert result["test"]["winner"]["n"] == result["test_rows"] > 0
+    assert "winner_vs_zeroshot" in result["paired"]

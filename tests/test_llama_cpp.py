@@ -211,3 +211,39 @@ def test_the_shipped_gguf_bench_pairs_each_file_run_by_llama_cpp_with_the_adapte
         assert agreement["n"] == test_rows and agreement["same"] >= 0.95 * test_rows
         assert row["tokens_per_s"] > 0 and row["bytes"] > 0
     assert "| f16 | score |" in done.stdout and "| adapter | score |" in done.stdout
+
+
+def test_squad_v2_through_llama_cpp_reads_the_abstain_token_as_pytorch_does(tmp_path):
+    """Extractive QA's generate request watches the first token of " unanswerable" (its probability and margin at the
+    first step) and suppresses it: a tiny Gemma 3 GGUF run on SQuAD-layout data, its f16 export run by llama.cpp,
+    gives every question the adapter's answer, abstention probability (within 0.02) and margin (within 0.1)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tasktune.tasks import get_task
+    from test_gguf import base_gguf_of, spm_vocabulary
+    from tiny import tiny_config, write_squad_json
+
+    data = write_squad_json(tmp_path / "dev.json", n_articles=10)
+    spec = get_task("squad_v2").spec
+    vocabulary = spm_vocabulary([data.read_text(), spec.template, f" {spec.abstain_word}", "Article"])
+    torch.manual_seed(0)
+    cfg = tiny_config("gemma3", vocab_size=len(vocabulary))
+    cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id = 0, 1, 2
+    base = base_gguf_of(AutoModelForCausalLM.from_config(cfg), tmp_path / "tiny-gemma3.gguf", vocabulary)
+    assert main(["run", "squad2-gemma3-270m-cpu", "eval.controls=[]", "eval.perplexity=null", "train.compile=false",
+                 f"model={base}", f"data.path={data}", f"output_dir={tmp_path / 'runs'}", "name=sq", "dtype=fp32",
+                 "data.val_size=4", "data.limit_train=null", "data.limit_test=null", "train.max_steps=4",
+                 "train.eval_steps=2", "train.batch_size=4", "train.learning_rate=0.01"]) == 0
+    run = tmp_path / "runs" / "sq"
+    assert main(["export", str(run), "--gguf", "f16", "--out", str(tmp_path / "f16")]) == 0
+    out = tmp_path / "shipped"
+    assert main(["eval", "--run", str(run), "--runtime", "llama.cpp", "--model", str(tmp_path / "f16" /
+                 "model-f16.gguf"), "--out", str(out)]) == 0
+    adapter = {r["id"]: r for r in records(run / "finetuned")}
+    shipped = records(out)
+    assert len(shipped) == len(adapter) > 0
+    for row in shipped:
+        mine = adapter[row["id"]]
+        assert row["answer"] == mine["answer"] and row["na_prob"] == pytest.approx(mine["na_prob"], abs=0.02)
+        assert row["na_margin"] == pytest.approx(mine["na_margin"], abs=0.1)

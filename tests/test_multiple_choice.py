@@ -184,3 +184,22 @@ def test_acc_and_acc_norm_equal_lm_evaluation_harness_on_the_same_rows(tiny_llam
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["score"]
     assert metrics["acc"] == pytest.approx(figures["acc,none"]) and metrics["acc_norm"] == pytest.approx(
         figures["acc_norm,none"])
+
+
+def test_generate_requests_share_one_token_budget_so_the_runner_batches_the_questions(tiny_llama, tmp_path):
+    """Each question's own budget (its longest choice) made every question a group of one: one forward at a time.
+    One budget for all (the longest choice of all, plus one) puts them in one group."""
+    from transformers import AutoTokenizer
+
+    from tasktune.runner import _group_key
+    from tasktune.tasks import PromptBuilder, get_task
+
+    spec, data = write_mc(tmp_path, n=12)
+    task = get_task(str(spec))
+    rows, _ = task.load(str(data))
+    rows[3]["choices"] = ["positive", "negative", "a very long film indeed"]
+    builder = PromptBuilder(task, AutoTokenizer.from_pretrained(tiny_llama))
+    requests, _ = task.requests(builder, rows, "generate")
+    assert len({_group_key(r) for r in requests}) == 1
+    longest = max(len(choice) for ex in rows for choice in task.encoded(builder, ex)[1])
+    assert requests[0].max_new_tokens == longest + 1

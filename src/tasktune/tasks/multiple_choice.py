@@ -133,11 +133,14 @@ class MultipleChoiceTask(TaskType):
         if protocol not in ("score", "generate"):
             raise TasktuneError(f"protocol {protocol!r} does not apply to a multiple_choice task (expected score "
                                 "or generate)")
-        requests = []
-        for ex in examples:
-            ids, choices = self.encoded(builder, ex)
-            requests.append(req.Score(tuple(ids), tuple(tuple(t) for t in choices)) if protocol == "score" else
-                            req.Generate(tuple(ids), max(len(t) for t in choices) + 1, stop_at_newline=True))
+        encoded = [self.encoded(builder, ex) for ex in examples]
+        if protocol == "score":
+            requests = [req.Score(tuple(ids), tuple(tuple(t) for t in choices)) for ids, choices in encoded]
+        else:
+            # One token budget for every question (the longest choice of all, plus one), so that the runner batches
+            # the questions together; an answer stops at its newline and is read by its first words.
+            budget = max(len(t) for _, choices in encoded for t in choices) + 1
+            requests = [req.Generate(tuple(ids), budget, stop_at_newline=True) for ids, _ in encoded]
         return requests, [{} for _ in examples]
 
     def read_results(self, records: list[dict], protocol: str, results: list) -> None:
