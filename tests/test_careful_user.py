@@ -36,6 +36,20 @@ def one_error_line(capsys) -> str:
     return lines[0]
 
 
+def refused_before_the_model_loads(argv: list[str], where: str, expected: str, run_dir: Path, monkeypatch,
+                                   capsys) -> None:
+    """`tasktune ARGV` exits 2 with one line holding `where` and `expected`, loads no model, and leaves no
+    `run_dir` behind."""
+    from tasktune import stages
+
+    monkeypatch.setattr(stages, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    capsys.readouterr()
+    assert main(argv) == 2
+    line = one_error_line(capsys)
+    assert where in line and expected in line, line
+    assert not run_dir.exists()
+
+
 @pytest.fixture(scope="module")
 def finished(tiny_llama, tmp_path_factory):
     """One finished tiny run, shared by the tests that only read it (or copy it first)."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tasktune.cli import main
-from test_careful_user import one_error_line
+from test_careful_user import one_error_line, refused_before_the_model_loads
 from tiny import FILLER, NEGATIVE_WORDS, POSITIVE_WORDS, TINY_RUN_OVERRIDES, TINY_RUN_RECIPE
 
 SPEC = """name: tiny_gen
@@ -268,8 +268,6 @@ metrics: [json_fields]
 ])
 def test_a_bad_row_is_one_line_naming_the_file_and_line_before_the_model_loads(spec_text, row, expected, tiny_llama,
                                                                                tmp_path, monkeypatch, capsys):
-    from tasktune import stages
-
     spec = tmp_path / "spec.yaml"
     spec.write_text(spec_text)
     good = chat_rows(30) if "conversation" in spec_text else [
@@ -277,12 +275,8 @@ def test_a_bad_row_is_one_line_naming_the_file_and_line_before_the_model_loads(s
         for r in instruction_rows(30)]
     good[6] = row
     data = write_jsonl(tmp_path / "gen.jsonl", good)
-    monkeypatch.setattr(stages, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
-    capsys.readouterr()
-    assert main(gen_args(tiny_llama, spec, data, tmp_path / "runs", "bad")) == 2
-    line = one_error_line(capsys)
-    assert f"{data}, line 7: " in line and expected in line, line
-    assert not (tmp_path / "runs" / "bad").exists()
+    refused_before_the_model_loads(gen_args(tiny_llama, spec, data, tmp_path / "runs", "bad"), f"{data}, line 7: ",
+                                   expected, tmp_path / "runs" / "bad", monkeypatch, capsys)
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tasktune.cli import main
-from test_careful_user import one_error_line
+from test_careful_user import refused_before_the_model_loads
 from tiny import FILLER, NEGATIVE_WORDS, POSITIVE_WORDS, TINY_RUN_OVERRIDES, TINY_RUN_RECIPE
 
 SPEC = """name: tiny_mc
@@ -119,18 +119,12 @@ def test_acc_norm_divides_by_the_choices_length_in_characters(tmp_path):
 ])
 def test_a_bad_row_is_one_line_naming_the_file_and_line_before_the_model_loads(row, expected, tiny_llama, tmp_path,
                                                                                monkeypatch, capsys):
-    from tasktune import stages
-
     spec, data = write_mc(tmp_path, n=30)
     lines = data.read_text().splitlines()
     lines[6] = json.dumps(row)
     data.write_text("\n".join(lines) + "\n")
-    monkeypatch.setattr(stages, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
-    capsys.readouterr()
-    assert main(mc_args(tiny_llama, spec, data, tmp_path / "runs", "bad")) == 2
-    line = one_error_line(capsys)
-    assert f"{data}, line 7: " in line and expected in line, line
-    assert not (tmp_path / "runs" / "bad").exists()
+    refused_before_the_model_loads(mc_args(tiny_llama, spec, data, tmp_path / "runs", "bad"), f"{data}, line 7: ",
+                                   expected, tmp_path / "runs" / "bad", monkeypatch, capsys)
 
 
 LMEVAL_TASK = """task: tiny_mc_local

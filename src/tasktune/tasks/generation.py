@@ -141,7 +141,7 @@ class GenerationTask(TaskType):
     # --- data ------------------------------------------------------------------------------------------------
     def load(self, path: str | None) -> tuple[list[dict], str]:
         from tasktune.data import format_suffix, hub, resolve
-        from tasktune.data.table import pick_files
+        from tasktune.data.table import json_objects, pick_files
 
         files = resolve(self.spec, path, pick_files(self.spec))
         if isinstance(files, hub.HubSource):
@@ -151,7 +151,7 @@ class GenerationTask(TaskType):
         else:
             file = Path(files[0])
             suffix = format_suffix(file)
-            readers = {".jsonl": self.json_lines, ".csv": self.csv_rows, ".parquet": self.parquet_rows}
+            readers = {".jsonl": json_objects, ".csv": self.csv_rows, ".parquet": self.parquet_rows}
             if suffix not in readers:
                 raise TasktuneError(f"{file}: a generation task reads .jsonl, .csv or .parquet files (optionally "
                                     f".gz for the first two), not {suffix or 'a file without a suffix'}")
@@ -161,12 +161,6 @@ class GenerationTask(TaskType):
         if not rows:
             raise TasktuneError(f"{source} holds no rows (expected one example per row)")
         return rows, source
-
-    @staticmethod
-    def json_lines(file: Path):
-        from tasktune.data.table import json_objects
-
-        return json_objects(file)
 
     @staticmethod
     def csv_rows(file: Path):
