@@ -60,12 +60,13 @@ def main() -> int:
     del model
     adapter_records = read_jsonl(RunLayout.predictions(work / "eval-pytorch"))
     run_records = {r["id"]: r for r in read_jsonl(RunLayout.predictions(RunLayout(run).stage("finetuned")))}
-    # The baseline is the run's own adapter: this pass must reproduce the run's predictions.
-    same = sum(all(r.get(f"{k}_pred") == run_records[r["id"]].get(f"{k}_pred") for k in protocols)
-               for r in adapter_records)
+    adapter_metrics = json.loads(RunLayout.metrics(work / "eval-pytorch").read_text())
+    # The baseline is the run's own adapter: this pass must reproduce the run's decisions in every column.
+    keys = {p.task.decision_key(column) for column, _ in p.task.report_columns(adapter_metrics)}
+    same = sum(all(k in r and r[k] == run_records[r["id"]].get(k) for k in keys) for r in adapter_records)
     rows = [{"type": "adapter (PyTorch, merged)", "bytes": None, "seconds": round(pytorch_s, 1),
              "tokens_per_s": round(tokens / pytorch_s, 1), "reproduces_run": f"{same}/{len(adapter_records)}",
-             "metrics": json.loads(RunLayout.metrics(work / "eval-pytorch").read_text())}]
+             "metrics": adapter_metrics}]
     report = json.loads(RunLayout(run).report.read_text())
     with base_gguf(report["model"]) as base:
         for kind in args.types.split(","):
@@ -88,6 +89,7 @@ def main() -> int:
 
 
 def print_table(task, rows: list[dict], run: Path) -> None:
+    from tasktune import export
     from tasktune.run_layout import RunLayout
 
     finetuned = json.loads(RunLayout.metrics(RunLayout(run).stage("finetuned")).read_text())
@@ -103,12 +105,9 @@ def print_table(task, rows: list[dict], run: Path) -> None:
             interval = f" [{f['interval'][0]:.4f}, {f['interval'][1]:.4f}]" if f["interval"] else ""
             agree, paired = "", ""
             if comparison:
-                protocol = column.partition("_")[0]
-                counts = comparison["agreement"].get(f"{protocol}_pred") or {}
+                counts = comparison["agreement"].get(column) or {}
                 agree = f"{counts.get('same')}/{counts.get('n')} (all rows)" if counts else ""
-                test = (comparison["paired"].get(column) or {}).get("mcnemar")
-                paired = f"McNemar {test['wrong_to_right']} vs {test['right_to_wrong']}, p {test['p_value']:.3g}" \
-                    if test else ""
+                paired = export.paired_text(comparison["paired"].get(column) or {})
             else:
                 agree = f"reproduces the run: {row['reproduces_run']}"
             size = f"{row['bytes'] / 2**20:.0f}" if row["bytes"] else "—"

@@ -53,7 +53,8 @@ def test_an_f16_export_run_by_llama_cpp_makes_the_adapters_predictions(gemma3_gg
     assert metrics["device"] == "cpu (llama.cpp)" and metrics["protocol"]["runtime"] == "llama.cpp"
     assert metrics["protocol"]["tokenizer_agreement"]["same_ids"] == len(shipped)
     comparison = json.loads((out / "comparison.json").read_text())
-    assert comparison["agreement"]["score_pred"] == {"n": len(shipped), "same": len(shipped)}
+    assert comparison["agreement"]["score"] == {"key": "score_pred", "n": len(shipped), "same": len(shipped)}
+    assert comparison["agreement"]["generate"] == {"key": "generate_pred", "n": len(shipped), "same": len(shipped)}
     assert comparison["paired"]["score"]["mcnemar"]["wrong_to_right"] == 0
 
 
@@ -207,7 +208,7 @@ def test_the_shipped_gguf_bench_pairs_each_file_run_by_llama_cpp_with_the_adapte
     assert [r["type"] for r in rows] == ["adapter (PyTorch, merged)", "f16", "adapter"]
     assert rows[0]["reproduces_run"] == f"{test_rows}/{test_rows}"
     for row in rows[1:]:
-        agreement = row["metrics"]["against_adapter"]["agreement"]["score_pred"]
+        agreement = row["metrics"]["against_adapter"]["agreement"]["score"]
         assert agreement["n"] == test_rows and agreement["same"] >= 0.95 * test_rows
         assert row["tokens_per_s"] > 0 and row["bytes"] > 0
     assert "| f16 | score |" in done.stdout and "| adapter | score |" in done.stdout
@@ -252,3 +253,55 @@ def test_squad_v2_through_llama_cpp_reads_the_abstain_token_as_pytorch_does(tmp_
         assert row["na_prob"] == pytest.approx(mine["na_prob"], abs=0.02)
         assert row["na_margin"] == pytest.approx(mine["na_margin"], abs=0.3)
         assert (row["na_margin"] > 0) == (mine["na_margin"] > 0)
+    # The comparison counts the decisions each column reads: the raw one and the calibrated one.
+    comparison = json.loads((out / "comparison.json").read_text())
+    raw = sum(r["prediction"] == adapter[r["id"]]["prediction"] for r in shipped)
+    assert comparison["agreement"]["raw"] == {"key": "prediction", "n": len(shipped), "same": raw}
+    calibrated = comparison["agreement"]["calibrated"]
+    assert calibrated["key"] == "calibrated_prediction" and calibrated["n"] == len(shipped)
+    assert set(comparison["paired"]) == {"raw", "calibrated"}
+
+
+@pytest.mark.parametrize("shape", ["generation", "multiple_choice"])
+def test_the_other_task_shapes_through_llama_cpp_make_the_adapters_decisions(shape, tmp_path):
+    """A generation spec (free-form answers ended by a stop text) and a multiple-choice spec, each trained on a tiny
+    Gemma 3 GGUF base and exported f16: llama.cpp's decision on every test row (the answer text; the chosen choice
+    by `score` and by `generate`) is the adapter's, and the comparison counts them under the report's columns."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from test_generation import SPEC, gen_args, instruction_rows, write_jsonl
+    from test_gguf import base_gguf_of, spm_vocabulary
+    from test_multiple_choice import mc_args, write_mc
+    from tiny import tiny_config
+
+    if shape == "generation":
+        spec = tmp_path / "spec.yaml"
+        spec.write_text(SPEC)
+        data = write_jsonl(tmp_path / "gen.jsonl", instruction_rows(60))
+        columns = {"generate": "generate_text"}
+    else:
+        spec, data = write_mc(tmp_path, n=60)
+        columns = {"score": "score_pred", "generate": "generate_pred"}
+    vocabulary = spm_vocabulary([data.read_text(), spec.read_text(), "User Assistant"])
+    torch.manual_seed(0)
+    cfg = tiny_config("gemma3", vocab_size=len(vocabulary))
+    cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id = 0, 1, 2
+    base = base_gguf_of(AutoModelForCausalLM.from_config(cfg), tmp_path / "tiny-gemma3.gguf", vocabulary)
+    args = gen_args if shape == "generation" else mc_args
+    assert main(args(base, spec, data, tmp_path / "runs", "r", "train.max_steps=16", "train.eval_steps=8",
+                     "train.learning_rate=0.01")) == 0
+    run = tmp_path / "runs" / "r"
+    assert main(["export", str(run), "--gguf", "f16", "--out", str(tmp_path / "f16")]) == 0
+    out = tmp_path / "shipped"
+    assert main(["eval", "--run", str(run), "--runtime", "llama.cpp", "--model",
+                 str(tmp_path / "f16" / "model-f16.gguf"), "--out", str(out)]) == 0
+    adapter = {r["id"]: r for r in records(run / "finetuned")}
+    shipped = records(out)
+    assert len(shipped) == len(adapter) > 0
+    comparison = json.loads((out / "comparison.json").read_text())
+    for column, key in columns.items():
+        assert [r[key] for r in shipped] == [adapter[r["id"]][key] for r in shipped]
+        assert comparison["agreement"][column] == {"key": key, "n": len(shipped), "same": len(shipped)}
+    if shape == "generation":  # the spec's stop text "." ends llama.cpp's answers as it ends PyTorch's
+        assert all("." not in r["generate_text"] for r in shipped)

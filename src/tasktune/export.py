@@ -293,9 +293,8 @@ def evaluate_shipped(run_dir: Path, work: Path, file: Path, base_path: Path | No
     comparison = metrics["against_adapter"]
     rows = []
     for column, _ in p.task.report_columns(metrics):
-        protocol = column.partition("_")[0]
         shipped, adapter_figure = p.task.figure(metrics, column), p.task.figure(finetuned, column)
-        agree = comparison["agreement"].get(f"{protocol}_pred") or comparison["agreement"].get(f"{protocol}_text")
+        agree = comparison["agreement"].get(column)
         rows.append({"column": column, "metric": shipped["metric"], "n": shipped["n"], "value": shipped["value"],
                      "interval": shipped["interval"], "adapter": adapter_figure["value"],
                      "agreement": agree["same"] / agree["n"] if agree else None,
@@ -303,6 +302,18 @@ def evaluate_shipped(run_dir: Path, work: Path, file: Path, base_path: Path | No
     return {"runtime": "llama.cpp", "rows": rows,
             "tokenizer_agreement": {k: v for k, v in metrics["tokenizer_agreement"].items()
                                     if k != "differ"}, "seconds": metrics["seconds"]}
+
+
+def paired_text(test: dict) -> str:
+    """A paired test of a file against the adapter (file-only right vs adapter-only right; the file's gain)."""
+    if "mcnemar" in test:
+        m = test["mcnemar"]
+        return f"McNemar {m['wrong_to_right']} vs {m['right_to_wrong']}, p {m['p_value']:.3g}"
+    if "gain" in test:
+        g = test["gain"]
+        return (f"{g['difference']:+.4g} [{g['interval'][0]:+.4g}, {g['interval'][1]:+.4g}], paired bootstrap p "
+                f"{g['p_value']:.3g}")
+    return ""
 
 
 def shipped_lines(gguf: dict) -> list[str]:
@@ -315,13 +326,7 @@ def shipped_lines(gguf: dict) -> list[str]:
              "|---|---:|---|---:|---:|---|"]
     for r in shipped["rows"]:
         interval = f" [{r['interval'][0]:.4f}, {r['interval'][1]:.4f}]" if r["interval"] else ""
-        test = ""
-        if r["paired"] and "mcnemar" in r["paired"]:
-            m = r["paired"]["mcnemar"]
-            test = f"McNemar {m['wrong_to_right']} vs {m['right_to_wrong']}, p {m['p_value']:.3g}"
-        elif r["paired"]:
-            g = r["paired"]["gain"]
-            test = f"{g['difference']:+.4f} [{g['interval'][0]:+.4f}, {g['interval'][1]:+.4f}]"
+        test = paired_text(r["paired"] or {})
         agreement = f"{100 * r['agreement']:.1f}%" if r["agreement"] is not None else "—"
         lines.append(f"| {r['column']} {r['metric']} | {r['n']} | {r['value']:.4f}{interval} | "
                      f"{r['adapter']:.4f} | {agreement} | {test} |")

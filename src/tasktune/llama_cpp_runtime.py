@@ -66,20 +66,21 @@ def check_gguf_inputs(model: str, adapter: str | None) -> None:
     require_llama_cpp()
 
 
-def compare_with_run(task, run_dir: Path, shipped_dir: Path) -> dict:
+def compare_with_run(task, run_dir: Path, shipped_dir: Path, columns: list[str]) -> dict:
     """Each test row's shipped prediction against the run's fine-tuned one on the same rows: the task's paired
-    tests (adapter first, so a gain is what shipping added) and, per prediction key, how often they agree."""
+    tests (adapter first, so a gain is what shipping added) and, per report column, how often the decisions
+    (`task.decision_key`) agree."""
     from tasktune.run_layout import RunLayout, read_jsonl
 
     adapter = read_jsonl(RunLayout.predictions(RunLayout(run_dir).stage("finetuned")))
     shipped = read_jsonl(RunLayout.predictions(shipped_dir))
     by_id = {r["id"]: r for r in adapter}
     agreement = {}
-    for key in sorted({k for r in shipped for k in r if k.endswith(("_pred", "_text"))}):
-        pairs = [(r[key], by_id[r["id"]][key]) for r in shipped if r["id"] in by_id and key in by_id[r["id"]]
-                 and key in r]
+    for column in columns:
+        key = task.decision_key(column)
+        pairs = [(r[key], by_id[r["id"]][key]) for r in shipped if key in r and key in by_id.get(r["id"], {})]
         if pairs:
-            agreement[key] = {"n": len(pairs), "same": sum(a == b for a, b in pairs)}
+            agreement[column] = {"key": key, "n": len(pairs), "same": sum(a == b for a, b in pairs)}
     return {"adapter_predictions": str(RunLayout(run_dir).stage("finetuned")),
             "paired": task.paired(adapter, shipped), "agreement": agreement}
 

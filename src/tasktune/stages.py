@@ -370,7 +370,7 @@ def evaluate_gguf_stage(p: Prepared, out_dir: Path, model: str | Path, adapter: 
     metrics = evaluate_stage(p, None, out_dir, protocol=protocol, runner=runner)
     metrics["tokenizer_agreement"] = agreement
     if against is not None:
-        comparison = compare_with_run(p.task, against, out_dir)
+        comparison = compare_with_run(p.task, against, out_dir, [c for c, _ in p.task.report_columns(metrics)])
         write_json(out_dir / "comparison.json", comparison)
         metrics["against_adapter"] = comparison
     return metrics

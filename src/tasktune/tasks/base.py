@@ -71,6 +71,12 @@ class TaskType(ABC):
     @abstractmethod
     def target(self, example: dict) -> str: ...
 
+    def named_fields(self) -> list[str]:
+        """The fields the spec's template names (each row must hold them), sorted."""
+        from tasktune.prompt_template import template_fields
+
+        return sorted(template_fields(self.spec.template, self.spec.source))
+
     def label_token_ids(self, builder, example: dict) -> list[int] | None:
         return None
 
@@ -193,6 +199,11 @@ class TaskType(ABC):
         return {"metric": self.metric_for_best, "protocol": column, "value": values.get(self.metric_for_best),
                 "interval": (values.get("ci95") or {}).get(self.metric_for_best),
                 "n": values.get("n") or values.get("total")}
+
+    def decision_key(self, column: str) -> str:
+        """The prediction record's key that holds a report column's decision: what two runtimes evaluating the
+        same rows must agree on (`tasktune eval --runtime llama.cpp --run`, `export --eval`)."""
+        return f"{column.partition('_')[0]}_pred"
 
     def protocol_notes(self, proto: dict) -> list[str]:
         """Lines the report adds under "Protocol" (how this type asks and reads the model)."""

@@ -346,6 +346,9 @@ class ExtractiveQATask(TaskType):
             columns.append(("calibrated", metrics["calibrated"]))
         return columns
 
+    def decision_key(self, column: str) -> str:
+        return "calibrated_prediction" if column == "calibrated" else "prediction"  # "": abstains
+
     def protocol_notes(self, proto: dict) -> list[str]:
         return [f"- greedy generation, stop at newline, ≤ {self.max_new_tokens} new tokens; prompts ≤ "
                 f"{self.max_prompt_tokens} tokens (longer contexts cut, counted in `truncated_prompts`)",

@@ -55,15 +55,10 @@ class GenerationTask(TaskType):
         self.pattern = re.compile(spec.regex) if spec.regex else None
         self.messages_column = spec.data.columns.get("messages", "messages")
         self.target_column = spec.data.columns.get("target", "output")
-        self.chat_data = "conversation" in self.fields()
+        self.chat_data = "conversation" in self.named_fields()
 
     def columns(self) -> list[str]:
         return [column for metric in self.metrics for column in METRIC_COLUMNS[metric]]
-
-    def fields(self) -> list[str]:
-        from tasktune.prompt_template import template_fields
-
-        return sorted(template_fields(self.spec.template, self.spec.source))
 
     @classmethod
     def check_spec(cls, spec) -> None:
@@ -207,7 +202,7 @@ class GenerationTask(TaskType):
             answer = turns[-1]["content"].strip()
         else:
             fields = {}
-            for name in self.fields():
+            for name in self.named_fields():
                 value = record.get(name)
                 if not isinstance(value, str):
                     raise TasktuneError(f"{where}: the template's field {name!r} must be text, got {value!r:.80}")
@@ -325,6 +320,9 @@ class GenerationTask(TaskType):
         if self.metric_for_best in BINARY:
             return super().change_names()
         return f"{self.metric_for_best} rose", f"{self.metric_for_best} fell"
+
+    def decision_key(self, column: str) -> str:
+        return "generate_text"  # the answer itself: every metric reads it
 
     def protocol_notes(self, proto: dict) -> list[str]:
         return [f"- `generate`: greedy answer (at most {self.max_new_tokens} new tokens, ended by the EOS token"

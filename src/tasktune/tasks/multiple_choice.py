@@ -98,18 +98,13 @@ class MultipleChoiceTask(TaskType):
         else:
             raise TasktuneError(f"{where}: {self.answer_column!r} {answer!r} is not one of the choices {choices!r}")
         fields = {}
-        for name in self.template_fields_of():
+        for name in self.named_fields():
             value = record.get(name)
             if not isinstance(value, str):
                 raise TasktuneError(f"{where}: the template's field {name!r} must be text, got {value!r}")
             fields[name] = value
         return {"id": row_id, "fields": fields, "choices": [c.strip() for c in choices], "label": label,
                 "text": self.spec.template.format(**fields)}
-
-    def template_fields_of(self) -> list[str]:
-        from tasktune.prompt_template import template_fields
-
-        return sorted(template_fields(self.spec.template, self.spec.source))
 
     # --- training --------------------------------------------------------------------------------------------
     def train_features(self, builder, examples: list[dict], objective, max_length: int,
