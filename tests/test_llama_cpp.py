@@ -5,6 +5,7 @@ a real OpenAI client asking llama-cpp-python's server."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -125,7 +126,7 @@ def test_export_eval_puts_the_file_through_llama_cpp_and_the_card_shows_it_besid
     assert shipped["tokenizer_agreement"] == {"rows": test_rows, "same_ids": test_rows}
     assert len(records(out / "eval")) == test_rows
     card = (out / "README.md").read_text()
-    assert "### Shipped as: this file run by llama.cpp" in card and "| score accuracy | " in card
+    assert "## Shipped as (each file run by llama.cpp" in card and "| merged q8_0 | score accuracy | " in card
 
 
 def free_port() -> int:
@@ -305,3 +306,78 @@ def test_the_other_task_shapes_through_llama_cpp_make_the_adapters_decisions(sha
         assert comparison["agreement"][column] == {"key": key, "n": len(shipped), "same": len(shipped)}
     if shape == "generation":  # the spec's stop text "." ends llama.cpp's answers as it ends PyTorch's
         assert all("." not in r["generate_text"] for r in shipped)
+
+
+def test_a_recipe_s_export_gguf_ships_each_file_measured_in_the_run_and_its_report(tmp_path, monkeypatch):
+    """`export.gguf: [f16, adapter]`: the run writes each file (with its Modelfile) under shipped/, runs it through
+    llama.cpp on its own test split, pairs it with the adapter row by row, and its report shows the "Shipped as"
+    table; the f16 file makes the adapter's decisions on every test row. Interrupted while measuring the second
+    file, the stage leaves nothing half-written, and the same command resumes it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tasktune import shipping
+    from tasktune.tasks import get_task
+    from test_gguf import base_gguf_of, spm_vocabulary
+    from tiny import run_args, tiny_config, write_sst2_tsv
+
+    data = write_sst2_tsv(tmp_path / "train.tsv")
+    spec = get_task("sst2").spec
+    vocabulary = spm_vocabulary([data.read_text(), spec.template, *(label.verbalizer for label in spec.labels)])
+    torch.manual_seed(0)
+    cfg = tiny_config("gemma3", vocab_size=len(vocabulary))
+    cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id = 0, 1, 2
+    base = base_gguf_of(AutoModelForCausalLM.from_config(cfg), tmp_path / "tiny-gemma3.gguf", vocabulary)
+    args = run_args(base, data, tmp_path / "runs", "shipping", "train.learning_rate=0.01",
+                    "export.gguf=[f16,adapter]", protocols="[score,generate]")
+    measure = shipping.measure_file
+
+    def interrupted_at_the_adapter(p, run_dir, folder, file, base_path, gguf_type):
+        if gguf_type == "adapter":
+            raise KeyboardInterrupt
+        return measure(p, run_dir, folder, file, base_path, gguf_type)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(shipping, "measure_file", interrupted_at_the_adapter)
+        assert main(args) == 130
+    partial = tmp_path / "runs" / ".shipping.partial"
+    assert partial.is_dir() and not any(n.startswith((".shipped", "shipped")) for n in os.listdir(partial))
+    assert main(args) == 0
+    run = tmp_path / "runs" / "shipping"
+    assert not any(n.startswith(".shipped") for n in os.listdir(run))
+    for gguf_type, file in (("f16", "model-f16.gguf"), ("adapter", "adapter-f32.gguf")):
+        assert {p.name for p in (run / "shipped" / gguf_type).iterdir()} == {file, "Modelfile", "eval"}
+    adapter = {r["id"]: r for r in records(run / "finetuned")}
+    f16 = records(run / "shipped" / "f16" / "eval")
+    assert len(f16) == len(adapter) > 0
+    assert all(r["score_pred"] == adapter[r["id"]]["score_pred"] for r in f16)
+    shipped = json.loads((run / "shipped" / "shipped.json").read_text())
+    assert [s["type"] for s in shipped] == ["f16", "adapter"]
+    for s in shipped:
+        score = next(r for r in s["rows"] if r["column"] == "score")
+        assert score["n"] == len(adapter) and score["paired"]["mcnemar"]
+        assert score["agreement"] == 1.0 if s["type"] == "f16" else score["agreement"] >= 0.95
+        assert s["bytes"] == (run / "shipped" / s["file"]).stat().st_size and s["tokens_per_s"] > 0
+        assert s["tokenizer_agreement"] == {"rows": len(adapter), "same_ids": len(adapter)}
+    assert json.loads((run / "report.json").read_text())["shipped"] == shipped
+    report = (run / "report.md").read_text()
+    assert "## Shipped as (each file run by llama.cpp" in report
+    assert "| merged f16 | score accuracy | " in report and "| adapter GGUF on the base GGUF | score accuracy" in report
+
+
+@pytest.mark.parametrize("gguf, model, expected", [
+    ("[q5_k]", "gguf", "GGUF type 'q5_k' is not one of"),
+    ("[f16,f16]", "gguf", "names a type twice"),
+    ("[f16]", "hf", "is a Hugging Face checkpoint: export --gguf adapter"),
+    ("[adapter]", "hf", "measuring an adapter GGUF needs its base as GGUF"),
+])
+def test_a_recipe_s_export_gguf_is_checked_in_one_line_before_the_model_loads(gguf, model, expected,
+                                                                             gemma3_gguf_run, tiny_llama, tmp_path,
+                                                                             capsys, monkeypatch):
+    from test_careful_user import refused_before_the_model_loads
+    from tiny import run_args, write_sst2_tsv
+
+    data = write_sst2_tsv(tmp_path / "train.tsv")
+    refused_before_the_model_loads(
+        run_args(gemma3_gguf_run[1] if model == "gguf" else tiny_llama, data, tmp_path / "runs", "r",
+                 f"export.gguf={gguf}"), "export.gguf", expected, tmp_path / "runs" / "r", monkeypatch, capsys)

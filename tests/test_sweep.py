@@ -249,6 +249,20 @@ def test_bad_sweep_files_are_one_line_before_anything_loads(sweep_inputs, tmp_pa
     assert not (tmp_path / "sweeps").exists()
 
 
+def test_a_sweep_refuses_a_base_recipe_that_ships_gguf(sweep_inputs, tmp_path, capsys):
+    """export.gguf is the run's last stage; a sweep runs no such stage, so it says so rather than ignore it."""
+    pytest.importorskip("llama_cpp")
+    model, data = sweep_inputs
+    spec = write_sweep(tmp_path, model, data)
+    edited = yaml.safe_load(spec.read_text())
+    edited["overrides"].update({"model": str(tmp_path / "base.gguf"), "export.gguf": ["q8_0"]})
+    spec.write_text(yaml.safe_dump(edited))
+    assert main(["sweep", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "export.gguf is a run's last stage, which a sweep does not run" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "sweeps").exists()
+
+
 def test_shipped_sweeps_are_valid_and_copy_like_recipes(tmp_path, capsys):
     from tasktune import recipes
     from tasktune.sweep_spec import load_sweep

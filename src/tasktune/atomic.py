@@ -26,7 +26,8 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process umask (read by setting it and back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -44,7 +45,7 @@ def write_with(path: Path, writer) -> None:
         writer(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except OSError as exc:
         if tmp:

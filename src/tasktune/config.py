@@ -117,6 +117,14 @@ class TrainConfig:
 
 
 @dataclass
+class ExportConfig:
+    gguf: list[str] = opt(help="GGUF files the run writes at its end (f16, bf16, q8_0, q4_k_m: the adaptation "
+                               "merged; adapter: llama.cpp's LoRA adapter for the base GGUF), each run by llama.cpp "
+                               "on the test split and paired with the adapter (`shipped/`, the report's \"Shipped "
+                               "as\" table); needs a GGUF base and tasktune[llama-cpp]", factory=list)
+
+
+@dataclass
 class Recipe:
     name: str = opt(None, "the run directory's name (runs/<name>/): letters, digits, '.', '_', '-'; a recipe "
                           "file's name by default", required=True)
@@ -138,6 +146,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -257,7 +266,24 @@ def validate(recipe: Recipe, source: str) -> Recipe:
     if recipe.train.objective is not None and recipe.train.objective not in allowed:
         raise TasktuneError(f"{source}: objective {recipe.train.objective!r} does not apply to task "
                             f"{spec.name!r} (expected one of {allowed})")
+    check_export(recipe, source)
     return recipe
+
+
+def check_export(recipe: Recipe, source: str) -> None:
+    """export.gguf: each type once, each one the run can write and measure (the objective chosen later is
+    checked again once known: `pipeline`)."""
+    from tasktune.shipping import check_gguf_export
+
+    types = recipe.export.gguf
+    if len(set(types)) < len(types):
+        raise TasktuneError(f"{source}: export.gguf {types} names a type twice")
+    for gguf_type in types:
+        try:
+            check_gguf_export(gguf_type, head="seqcls" if recipe.train.objective == "seqcls" else "causal_lm",
+                              method=METHODS[recipe.train.method], base_model=recipe.model, evaluate=True)
+        except TasktuneError as e:
+            raise TasktuneError(f"{source}: export.gguf: {e}") from None
 
 
 # Loggers the Trainer knows (transformers' INTEGRATION_TO_CALLBACK), and the module each one needs.

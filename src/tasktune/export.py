@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from tasktune.errors import TasktuneError
+from tasktune.shipping import shipped_lines
 from tasktune.report import task_of_run
 from tasktune.ownership import check_outside
 from tasktune.rundir import StagingDir, require_finished_run, write_json, write_text
@@ -107,7 +108,7 @@ def gguf_section(gguf: dict) -> list[str]:
             f"- `{gguf['file']}`: {'LoRA adapter for llama.cpp' if adapter else 'merged model'}, type "
             f"`{gguf['type']}`, {gguf['bytes'] / 2**20:.1f} MiB, {gguf['tensors']} tensors",
             f"- llama.cpp: {run}; Ollama: `ollama create NAME -f Modelfile` (greedy, the prompt passed through as "
-            "tasktune renders it)", "", *shipped_lines(gguf)]
+            "tasktune renders it)", "", *shipped_lines([gguf["shipped"]] if gguf.get("shipped") else [])]
 
 
 def model_card(report: dict, name: str, merged: bool, task, gguf: dict | None = None):
@@ -208,132 +209,40 @@ def export_gguf(run_dir: Path, out: Path, gguf_type: str, overwrite: bool = Fals
     an Ollama Modelfile, the run's report and a model card. Every refusal comes before anything loads. With
     `evaluate`, the file (an adapter on its base GGUF) is run by llama.cpp on the run's test split with the run's
     protocol (`eval/`), compared row by row with the adapter, and the card shows it ("Shipped as"); the run's own
-    report is not rewritten (an export reads the run, it does not write into it)."""
+    report is not rewritten (an export reads the run, it does not write into it; a recipe's `export.gguf` puts
+    the table in the run's report)."""
     from transformers import AutoConfig
 
-    from tasktune import gguf_export
+    from tasktune import gguf_export, shipping
     from tasktune.methods import adapter_head, saved_method
-    import importlib.util
-
-    from tasktune.infer import merge_for_inference
-    from tasktune.models import base_gguf, came_as_gguf, load_adapted_model, resolve_model_path
+    from tasktune.models import base_gguf, load_adapted_model, resolve_model_path
     from tasktune.run_layout import RunLayout
+    from tasktune.stages import prepare_finished_run
 
-    if importlib.util.find_spec("gguf") is None:
-        raise TasktuneError('--gguf needs the gguf package (the llama.cpp project\'s writer): pip install '
-                            '"tasktune[gguf]"')
     run_dir = require_finished_run(Path(run_dir), trained=True)
     layout = RunLayout(run_dir)
     report = json.loads(layout.report.read_text())
-    method = saved_method(layout.adapter)
-    if gguf_type not in gguf_export.GGUF_TYPES:
-        raise TasktuneError(f"--gguf {gguf_type!r} is not one of {list(gguf_export.GGUF_TYPES)}")
-    if gguf_type in gguf_export.LLAMA_CPP_TYPES and importlib.util.find_spec("llama_cpp") is None:
-        raise TasktuneError(f"--gguf {gguf_type} needs llama.cpp's K-quant quantizer (the gguf package has none): "
-                            "pip install \"tasktune[llama-cpp]\", or export q8_0")
-    if adapter_head(layout.adapter) == "seqcls":
-        raise TasktuneError("this run trained a classification head (train.objective seqcls), which GGUF has no "
-                            "form for (llama.cpp runs causal LMs): export it with --merge as a Hugging Face model")
-    if gguf_type == "adapter" and not method.gguf_adapter:
-        raise TasktuneError(f"{method.title} has no llama.cpp LoRA-adapter form (it holds more than low-rank A/B "
-                            "pairs, or none): export it merged, --gguf f16 or q8_0")
-    if gguf_type != "adapter" and not came_as_gguf(report["model"]):
-        raise TasktuneError(f"a merged GGUF copies the base GGUF's tokenizer and metadata; this run's base "
-                            f"{report['model']!r} is a Hugging Face checkpoint: export --gguf adapter and apply "
-                            "it to a GGUF of the base (llama.cpp's convert_hf_to_gguf.py), or export --merge and "
-                            "convert that")
-    if evaluate:
-        if importlib.util.find_spec("llama_cpp") is None:
-            raise TasktuneError('--eval runs the file through llama.cpp: pip install "tasktune[llama-cpp]"')
-        if gguf_type == "adapter" and not came_as_gguf(report["model"]):
-            raise TasktuneError(f"--eval of an adapter GGUF needs its base as GGUF; this run's base "
-                                f"{report['model']!r} is a Hugging Face checkpoint")
+    shipping.check_gguf_export(gguf_type, head=adapter_head(layout.adapter), method=saved_method(layout.adapter),
+                               base_model=report["model"], evaluate=evaluate)
     gguf_export.architecture_of(AutoConfig.from_pretrained(resolve_model_path(report["model"])))
     check_outside(Path(out), {"run": run_dir, "model": report["model"]})
     staging = StagingDir(Path(out), overwrite=overwrite, kind="export")  # refuse a bad --out before loading
     with base_gguf(report["model"]) as base_path:
         adapted = load_adapted_model(layout.adapter, report["model"], report["dtype"],
                                      num_labels=len(report["protocol"].get("labels") or [0, 1]))
-        name = "adapter-f32.gguf" if gguf_type == "adapter" else f"model-{gguf_type}.gguf"
         with staging as work:
-            if gguf_type == "adapter":
-                written = gguf_export.write_adapter(adapted.model, work / name)
-            elif gguf_type in gguf_export.LLAMA_CPP_TYPES:  # f16 first, quantized by llama.cpp, then removed
-                f16 = gguf_export.write_model(merge_for_inference(adapted.model), base_path, work / "f16.tmp.gguf",
-                                              "f16")
-                written = gguf_export.quantize_with_llama_cpp(f16, work / name, gguf_type)
-            else:
-                written = gguf_export.write_model(merge_for_inference(adapted.model), base_path, work / name,
-                                                  gguf_type)
-            stop = [adapted.lm.tokenizer.eos_token] if adapted.lm.tokenizer.eos_token else []
-            write_text(work / "Modelfile", gguf_export.modelfile(name, gguf_type == "adapter", stop))
+            written = shipping.write_gguf(adapted, base_path, work, gguf_type)
+            del adapted
             write_json(work / "tasktune_report.json", report)
-            gguf = {"file": name, "type": gguf_type, "bytes": written.path.stat().st_size, "tensors": written.tensors}
+            gguf = {"file": written.path.name, "type": gguf_type, "bytes": written.path.stat().st_size,
+                    "tensors": written.tensors}
             if evaluate:
-                gguf["shipped"] = evaluate_shipped(run_dir, work, work / name, base_path, gguf_type)
+                gguf["shipped"] = shipping.measure_file(prepare_finished_run(run_dir), run_dir, work, written.path,
+                                                        base_path, gguf_type)
             write_json(work / "gguf.json", gguf)
             model_card(report, Path(out).name, gguf_type != "adapter", task_of_run(run_dir, report),
                        gguf=gguf).save(work / "README.md")
     return Path(out)
-
-
-def evaluate_shipped(run_dir: Path, work: Path, file: Path, base_path: Path | None, gguf_type: str) -> dict:
-    """The exported file run by llama.cpp on the run's test split (into work/eval), and what the card shows:
-    each report column's figure with its interval beside the adapter's, how often the predictions agree, and the
-    paired test of the file against the adapter."""
-    from tasktune.run_layout import RunLayout
-    from tasktune.stages import evaluate_gguf_stage, prepare_finished_run
-
-    p = prepare_finished_run(run_dir)
-    model, adapter = (base_path, file) if gguf_type == "adapter" else (file, None)
-    (work / "eval").mkdir()
-    metrics = evaluate_gguf_stage(p, work / "eval", model, adapter, {"run": str(run_dir), "rows": "test split"},
-                                  against=run_dir)
-    finetuned = json.loads(RunLayout.metrics(RunLayout(run_dir).stage("finetuned")).read_text())
-    comparison = metrics["against_adapter"]
-    rows = []
-    for column, _ in p.task.report_columns(metrics):
-        shipped, adapter_figure = p.task.figure(metrics, column), p.task.figure(finetuned, column)
-        agree = comparison["agreement"].get(column)
-        rows.append({"column": column, "metric": shipped["metric"], "n": shipped["n"], "value": shipped["value"],
-                     "interval": shipped["interval"], "adapter": adapter_figure["value"],
-                     "agreement": agree["same"] / agree["n"] if agree else None,
-                     "paired": comparison["paired"].get(column)})
-    return {"runtime": "llama.cpp", "rows": rows,
-            "tokenizer_agreement": {k: v for k, v in metrics["tokenizer_agreement"].items()
-                                    if k != "differ"}, "seconds": metrics["seconds"]}
-
-
-def paired_text(test: dict) -> str:
-    """A paired test of a file against the adapter (file-only right vs adapter-only right; the file's gain)."""
-    if "mcnemar" in test:
-        m = test["mcnemar"]
-        return f"McNemar {m['wrong_to_right']} vs {m['right_to_wrong']}, p {m['p_value']:.3g}"
-    if "gain" in test:
-        g = test["gain"]
-        return (f"{g['difference']:+.4g} [{g['interval'][0]:+.4g}, {g['interval'][1]:+.4g}], paired bootstrap p "
-                f"{g['p_value']:.3g}")
-    return ""
-
-
-def shipped_lines(gguf: dict) -> list[str]:
-    """The card's "Shipped as" table: the file through llama.cpp against the adapter, row by row."""
-    shipped = gguf.get("shipped")
-    if not shipped:
-        return []
-    lines = ["### Shipped as: this file run by llama.cpp, against the adapter on the same test rows", "",
-             "| column | n | file [95% CI] | adapter | same prediction | paired test (file vs adapter) |",
-             "|---|---:|---|---:|---:|---|"]
-    for r in shipped["rows"]:
-        interval = f" [{r['interval'][0]:.4f}, {r['interval'][1]:.4f}]" if r["interval"] else ""
-        test = paired_text(r["paired"] or {})
-        agreement = f"{100 * r['agreement']:.1f}%" if r["agreement"] is not None else "—"
-        lines.append(f"| {r['column']} {r['metric']} | {r['n']} | {r['value']:.4f}{interval} | "
-                     f"{r['adapter']:.4f} | {agreement} | {test} |")
-    tok = shipped["tokenizer_agreement"]
-    lines += ["", f"llama.cpp's tokenizer gave the Hugging Face token ids for {tok['same_ids']} of {tok['rows']} "
-              "prompts.", ""]
-    return lines
 
 
 def push(folder: Path, repo_id: str, private: bool = False) -> str:

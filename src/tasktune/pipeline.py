@@ -30,6 +30,7 @@ from tasktune.param_report import parameter_report
 from tasktune.run_layout import RunLayout
 from tasktune.rundir import RunDir, write_json, write_text
 from tasktune.runlog import RunLog
+from tasktune.shipping import check_run_can_ship, shipped_stage
 from tasktune.stages import (Prepared, check_fingerprint, evaluate_gguf_stage, evaluate_stage, load_trained, prepare,
                              prepare_finished_run, run_fingerprint, train_stage)
 from tasktune.tasks import PromptBuilder
@@ -45,7 +46,7 @@ def versions() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-STAGES = ("split", "zeroshot", "train", "params", "finetuned")
+STAGES = ("split", "zeroshot", "train", "params", "finetuned", "shipped")
 
 
 def logged_figures(task, metrics: dict | None) -> dict:
@@ -86,6 +87,8 @@ def _run(recipe: Recipe, state: PartialState, log: RunLog | None, overwrite: boo
     main = state.is_main_process
     say = print if main else (lambda *_: None)
     p = prepare(recipe)
+    if recipe.export.gguf:  # before training: the objective is chosen and the architecture known now
+        check_run_can_ship(p)
     fingerprint = run_fingerprint(p)
     run_dir = None
     if main:
@@ -168,7 +171,7 @@ class Stages:
 
 
 def _run_stages(p: Prepared, run_dir: RunDir, state: PartialState, say, train_only: bool) -> Path:
-    """split → zero-shot → train → params → fine-tuned → report."""
+    """split → zero-shot → train → params → fine-tuned → [shipped] → report."""
     if run_dir.complete:
         say(f"[tasktune] {p.recipe.run_dir} is already complete for this recipe; nothing to do")
         return p.recipe.run_dir
@@ -187,6 +190,8 @@ def _run_stages(p: Prepared, run_dir: RunDir, state: PartialState, say, train_on
     finetuned = None if train_only else stages.evaluation("finetuned", merged, head)
     if logs is not None and finetuned is not None:
         logs.log_finetuned(logged_figures(p.task, finetuned))
+    if p.recipe.export.gguf and not train_only:
+        stages.run("shipped", lambda: shipped_stage(p, work), main_only=True)
 
     if state.is_main_process:
         finish_run(p, run_dir, base_params, say)

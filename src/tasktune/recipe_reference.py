@@ -28,6 +28,10 @@ def _allowed(name: str) -> str:
         return ", ".join(f"`{c}`" for c in config.CHOICES[name])
     if name == "protocols":
         return ", ".join(f"`{p}`" for p in config.PROTOCOLS)
+    if name == "gguf":
+        from tasktune.gguf_export import GGUF_TYPES
+
+        return ", ".join(f"`{t}`" for t in GGUF_TYPES)
     if name == "report_to":
         return "`none`, " + ", ".join(f"`{n}`" for n in config.LOGGERS)
     if name in config.POSITIVE:

@@ -15,6 +15,7 @@ from tasktune.html_page import markdown_to_html
 from tasktune.rundir import write_json, write_text
 from tasktune.cost_report import cost_lines, paired_costs
 from tasktune.run_layout import RunLayout, read_jsonl
+from tasktune.shipping import shipped_lines
 
 
 def _fmt(value) -> str:
@@ -79,6 +80,7 @@ def write_report(run_dir: Path) -> dict:
         "parameters": {"base": facts["base_parameters"], "adapted": training.get("parameters")},
         "timings_s": facts["timings_s"], "config": config,
         "memory": (_read_json(RunLayout(run_dir).memory) or {}).get("summary"),
+        "shipped": _read_json(RunLayout(run_dir).shipped / "shipped.json"),  # export.gguf, measured
         "versions": facts["versions"],
     }
     write_json(RunLayout(run_dir).report, report)
@@ -239,6 +241,7 @@ def render_markdown(report, task, params, figures, changes, history: list[dict],
         "Figures with their 95% bootstrap interval (1,000 seeded resamples of the test examples).", "",
         comparison_table(task, report["zeroshot"], report["finetuned"]),
         *paired_lines(report.get("paired")), "",
+        *shipped_lines(report.get("shipped")),
         "## Protocol", "",
         f"- prompt format `{proto['prompt_format']}`, shots {proto['shots']}",
         f"- template: `{proto['template']!r}`",

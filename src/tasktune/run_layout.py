@@ -10,6 +10,8 @@
               {model.safetensors, tasktune_base.json}: `full`, every weight of the fine-tuned model
       train/{summary.json, log_history.json, checkpoints/, tensorboard/}
       params.json  report.json  report.md  report.html  plots/
+      [shipped/{TYPE/{model-TYPE.gguf | adapter-f32.gguf, Modelfile, eval/}, shipped.json}]   export.gguf's files,
+              each run by llama.cpp on the test split
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class RunLayout:
     report_md = property(lambda self: self.root / "report.md")
     report_html = property(lambda self: self.root / "report.html")
     plots = property(lambda self: self.root / "plots")
+    shipped = property(lambda self: self.root / "shipped")  # export.gguf: shipped/{TYPE/, shipped.json}
 
     STAGES = ("zeroshot", "finetuned")
 

@@ -202,7 +202,9 @@ def load_sweep(path: str, overrides: list[str] = ()) -> SweepSpec:
         # takes one trial more.
         size = math.prod(len(param.grid()) for param in spec.space)
         spec.trials = min(spec.trials, size + 1)
-    base_recipe(spec)  # the base recipe and its overrides are valid
+    if base_recipe(spec).export.gguf:  # the base recipe and its overrides are valid
+        raise TasktuneError(f"{where}: the base recipe's export.gguf is a run's last stage, which a sweep does not "
+                            "run: drop it here, and run the winner's recipe with it (or `tasktune export RUN --gguf TYPE --eval`)")
     for param in spec.space:
         for value in param.corners():
             trial_recipe(spec, {param.key: value}, where=f"{where}: space.{param.key}={value!r}")
