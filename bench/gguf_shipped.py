@@ -89,7 +89,7 @@ def main() -> int:
 
 
 def print_table(task, rows: list[dict], run: Path) -> None:
-    from tasktune import export
+    from tasktune import shipped_report
     from tasktune.run_layout import RunLayout
 
     finetuned = json.loads(RunLayout.metrics(RunLayout(run).stage("finetuned")).read_text())
@@ -107,7 +107,7 @@ def print_table(task, rows: list[dict], run: Path) -> None:
             if comparison:
                 counts = comparison["agreement"].get(column) or {}
                 agree = f"{counts.get('same')}/{counts.get('n')} (all rows)" if counts else ""
-                paired = export.paired_text(comparison["paired"].get(column) or {})
+                paired = shipped_report.paired_text(comparison["paired"].get(column) or {})
             else:
                 agree = f"reproduces the run: {row['reproduces_run']}"
             size = f"{row['bytes'] / 2**20:.0f}" if row["bytes"] else "—"

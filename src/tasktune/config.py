@@ -273,7 +273,7 @@ def validate(recipe: Recipe, source: str) -> Recipe:
 def check_export(recipe: Recipe, source: str) -> None:
     """export.gguf: each type once, each one the run can write and measure (the objective chosen later is
     checked again once known: `pipeline`)."""
-    from tasktune.shipping import check_gguf_export
+    from tasktune.gguf_export import check_export as check_gguf_export
 
     types = recipe.export.gguf
     if len(set(types)) < len(types):

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from tasktune.errors import TasktuneError
-from tasktune.shipping import shipped_lines
+from tasktune.shipped_report import shipped_lines
 from tasktune.report import task_of_run
 from tasktune.ownership import check_outside
 from tasktune.rundir import StagingDir, require_finished_run, write_json, write_text
@@ -222,7 +222,7 @@ def export_gguf(run_dir: Path, out: Path, gguf_type: str, overwrite: bool = Fals
     run_dir = require_finished_run(Path(run_dir), trained=True)
     layout = RunLayout(run_dir)
     report = json.loads(layout.report.read_text())
-    shipping.check_gguf_export(gguf_type, head=adapter_head(layout.adapter), method=saved_method(layout.adapter),
+    gguf_export.check_export(gguf_type, head=adapter_head(layout.adapter), method=saved_method(layout.adapter),
                                base_model=report["model"], evaluate=evaluate)
     gguf_export.architecture_of(AutoConfig.from_pretrained(resolve_model_path(report["model"])))
     check_outside(Path(out), {"run": run_dir, "model": report["model"]})

@@ -14,6 +14,7 @@ llama.cpp's own quantizer (`llama_model_quantize`, through llama-cpp-python: the
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,39 @@ class Written:
     path: Path
     tensors: int
     bytes: int
+
+
+def check_export(gguf_type: str, *, head: str, method, base_model: str, evaluate: bool) -> None:
+    """Every refusal of a GGUF export that the run's settings decide, in one line, before anything loads (the
+    architecture is checked once the model's config is read: `gguf_export.architecture_of`)."""
+    from tasktune.models import came_as_gguf
+
+    if importlib.util.find_spec("gguf") is None:
+        raise TasktuneError('a GGUF export needs the gguf package (the llama.cpp project\'s writer): pip install '
+                            '"tasktune[gguf]"')
+    if gguf_type not in GGUF_TYPES:
+        raise TasktuneError(f"GGUF type {gguf_type!r} is not one of {list(GGUF_TYPES)}")
+    if gguf_type in LLAMA_CPP_TYPES and importlib.util.find_spec("llama_cpp") is None:
+        raise TasktuneError(f"GGUF type {gguf_type} needs llama.cpp's K-quant quantizer (the gguf package has "
+                            "none): pip install \"tasktune[llama-cpp]\", or export q8_0")
+    if head == "seqcls":
+        raise TasktuneError("this run trains a classification head (train.objective seqcls), which GGUF has no "
+                            "form for (llama.cpp runs causal LMs): export it with --merge as a Hugging Face model")
+    if gguf_type == "adapter" and not method.gguf_adapter:
+        raise TasktuneError(f"{method.title} has no llama.cpp LoRA-adapter form (it holds more than low-rank A/B "
+                            "pairs, or none): export it merged, as f16 or q8_0")
+    if gguf_type != "adapter" and not came_as_gguf(base_model):
+        raise TasktuneError(f"a merged GGUF copies the base GGUF's tokenizer and metadata; this run's base "
+                            f"{base_model!r} is a Hugging Face checkpoint: export --gguf adapter and apply it to "
+                            "a GGUF of the base (llama.cpp's convert_hf_to_gguf.py), or export --merge and convert "
+                            "that")
+    if evaluate:
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise TasktuneError('measuring a GGUF file runs it through llama.cpp: pip install '
+                                '"tasktune[llama-cpp]"')
+        if gguf_type == "adapter" and not came_as_gguf(base_model):
+            raise TasktuneError(f"measuring an adapter GGUF needs its base as GGUF; this run's base "
+                                f"{base_model!r} is a Hugging Face checkpoint")
 
 
 def architecture_of(config) -> str:

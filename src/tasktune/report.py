@@ -15,7 +15,7 @@ from tasktune.html_page import markdown_to_html
 from tasktune.rundir import write_json, write_text
 from tasktune.cost_report import cost_lines, paired_costs
 from tasktune.run_layout import RunLayout, read_jsonl
-from tasktune.shipping import shipped_lines
+from tasktune.shipped_report import shipped_lines
 
 
 def _fmt(value) -> str:

@@ -4,49 +4,12 @@ the adapter's predictions on the same rows.
 
 Two ways in, one code path: `tasktune export RUN --gguf TYPE [--eval]` (an export folder, its card's "Shipped as"
 table) and a recipe's `export.gguf: [TYPES]` (the run's last stage: `shipped/` in the run, and the "Shipped as"
-table in its report)."""
+table in its report, `shipped_report.py`). The refusals are `gguf_export.check_export`."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-
-from tasktune.errors import TasktuneError
-
-
-def check_gguf_export(gguf_type: str, *, head: str, method, base_model: str, evaluate: bool) -> None:
-    """Every refusal of a GGUF export that the run's settings decide, in one line, before anything loads (the
-    architecture is checked once the model's config is read: `gguf_export.architecture_of`)."""
-    from tasktune import gguf_export
-    from tasktune.models import came_as_gguf
-
-    if importlib.util.find_spec("gguf") is None:
-        raise TasktuneError('a GGUF export needs the gguf package (the llama.cpp project\'s writer): pip install '
-                            '"tasktune[gguf]"')
-    if gguf_type not in gguf_export.GGUF_TYPES:
-        raise TasktuneError(f"GGUF type {gguf_type!r} is not one of {list(gguf_export.GGUF_TYPES)}")
-    if gguf_type in gguf_export.LLAMA_CPP_TYPES and importlib.util.find_spec("llama_cpp") is None:
-        raise TasktuneError(f"GGUF type {gguf_type} needs llama.cpp's K-quant quantizer (the gguf package has "
-                            "none): pip install \"tasktune[llama-cpp]\", or export q8_0")
-    if head == "seqcls":
-        raise TasktuneError("this run trains a classification head (train.objective seqcls), which GGUF has no "
-                            "form for (llama.cpp runs causal LMs): export it with --merge as a Hugging Face model")
-    if gguf_type == "adapter" and not method.gguf_adapter:
-        raise TasktuneError(f"{method.title} has no llama.cpp LoRA-adapter form (it holds more than low-rank A/B "
-                            "pairs, or none): export it merged, as f16 or q8_0")
-    if gguf_type != "adapter" and not came_as_gguf(base_model):
-        raise TasktuneError(f"a merged GGUF copies the base GGUF's tokenizer and metadata; this run's base "
-                            f"{base_model!r} is a Hugging Face checkpoint: export --gguf adapter and apply it to "
-                            "a GGUF of the base (llama.cpp's convert_hf_to_gguf.py), or export --merge and convert "
-                            "that")
-    if evaluate:
-        if importlib.util.find_spec("llama_cpp") is None:
-            raise TasktuneError('measuring a GGUF file runs it through llama.cpp: pip install '
-                                '"tasktune[llama-cpp]"')
-        if gguf_type == "adapter" and not came_as_gguf(base_model):
-            raise TasktuneError(f"measuring an adapter GGUF needs its base as GGUF; this run's base "
-                                f"{base_model!r} is a Hugging Face checkpoint")
 
 
 def check_run_can_ship(p) -> None:
@@ -55,8 +18,8 @@ def check_run_can_ship(p) -> None:
     from tasktune import gguf_export
 
     for gguf_type in p.recipe.export.gguf:
-        check_gguf_export(gguf_type, head=p.adaptation.head, method=p.adaptation.method, base_model=p.recipe.model,
-                          evaluate=True)
+        gguf_export.check_export(gguf_type, head=p.adaptation.head, method=p.adaptation.method,
+                                 base_model=p.recipe.model, evaluate=True)
     gguf_export.architecture_of(p.lm.model.config)
 
 
@@ -164,45 +127,3 @@ def shipped_stage(p, run_dir: Path) -> list[dict]:
         shutil.rmtree(staging, ignore_errors=True)  # made just above, with a unique name
         raise
     return shipped
-
-
-def paired_text(test: dict) -> str:
-    """A paired test of a file against the adapter (file-only right vs adapter-only right; the file's gain)."""
-    if "mcnemar" in test:
-        m = test["mcnemar"]
-        return f"McNemar {m['wrong_to_right']} vs {m['right_to_wrong']}, p {m['p_value']:.3g}"
-    if "gain" in test:
-        g = test["gain"]
-        return (f"{g['difference']:+.4g} [{g['interval'][0]:+.4g}, {g['interval'][1]:+.4g}], paired bootstrap p "
-                f"{g['p_value']:.3g}")
-    return ""
-
-
-def _figure(value: float, interval) -> str:
-    return f"{value:.4f}" + (f" [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "")
-
-
-def shipped_lines(shipped: list[dict]) -> list[str]:
-    """The "Shipped as" table: the adapter in PyTorch, then each file run by llama.cpp on the same test rows."""
-    if not shipped:
-        return []
-    first = shipped[0]
-    speed = f"{first['adapter_tokens_per_s']} tokens/s" if first.get("adapter_tokens_per_s") else "—"
-    lines = ["## Shipped as (each file run by llama.cpp on the test split, against the adapter on the same rows)",
-             "", "| shipped as | column | n | figure [95% CI] | same decision as the adapter | paired test (file vs "
-             "adapter) | size | speed |", "|---|---|---:|---|---:|---|---:|---:|"]
-    for r in first["rows"]:
-        lines.append(f"| adapter ({first.get('adapter_device') or 'PyTorch'}) | {r['column']} {r['metric']} | "
-                     f"{r['n']} | {_figure(r['adapter'], r.get('adapter_interval'))} | — | — | — | {speed} |")
-    for s in shipped:
-        kind = "adapter GGUF on the base GGUF" if s["type"] == "adapter" else f"merged {s['type']}"
-        for r in s["rows"]:
-            agreement = f"{100 * r['agreement']:.1f}%" if r["agreement"] is not None else "—"
-            lines.append(f"| {kind} | {r['column']} {r['metric']} | {r['n']} | {_figure(r['value'], r['interval'])}"
-                         f" | {agreement} | {paired_text(r['paired'] or {})} | {s['bytes'] / 2**20:.0f} MiB | "
-                         f"{s['tokens_per_s']} tokens/s |")
-    tok = [f"{s['type']} {s['tokenizer_agreement']['same_ids']}/{s['tokenizer_agreement']['rows']}" for s in shipped]
-    lines += ["", "llama.cpp's tokenizer gave the Hugging Face token ids to the prompts of: " + ", ".join(tok) + ". "
-              "Speed: the positions the test requests read over the evaluation's seconds (llama.cpp one sequence "
-              "at a time on this machine's CPU threads; the adapter batched by the run's evaluation stage).", ""]
-    return lines
