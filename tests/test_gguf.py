@@ -28,6 +28,17 @@ def spm_vocabulary(texts: list[str]) -> list[str]:
     return list(dict.fromkeys(["<pad>", "<eos>", "<bos>", "<unk>", *chars, *pieces]))
 
 
+def tiny_gemma3_base(out: Path, texts: list[str]) -> Path:
+    """A tiny random Gemma 3 (seed 0) as a base GGUF at `out`, its sentencepiece vocabulary covering `texts`."""
+    from transformers import AutoModelForCausalLM
+
+    vocabulary = spm_vocabulary(texts)
+    torch.manual_seed(0)
+    cfg = tiny_config("gemma3", vocab_size=len(vocabulary))
+    cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id = 0, 1, 2
+    return base_gguf_of(AutoModelForCausalLM.from_config(cfg), out, vocabulary)
+
+
 def base_gguf_of(model, out: Path, vocabulary: list[str] | None = None) -> Path:
     """A model as a base GGUF, F32, written here independently of `gguf_export.write_model` (names from
     transformers' map, values through the same layout change): what a converted base looks like. Metadata: the
@@ -140,18 +151,13 @@ def test_the_layout_check_can_fail(tmp_path, monkeypatch):
 def gemma3_gguf_run(tmp_path_factory):
     """A tiny Gemma 3 base as GGUF, with a sentencepiece tokenizer stored as llama.cpp stores Gemma's (so
     tokenizer metadata goes through the copy), trained by `tasktune run` for a few steps."""
-    from transformers import AutoModelForCausalLM
-
     from tasktune.tasks import get_task
 
     root = tmp_path_factory.mktemp("gguf-run")
     data = write_sst2_tsv(root / "train.tsv")
     spec = get_task("sst2").spec
-    vocabulary = spm_vocabulary([data.read_text(), spec.template, *(label.verbalizer for label in spec.labels)])
-    torch.manual_seed(0)
-    cfg = tiny_config("gemma3", vocab_size=len(vocabulary))
-    cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id = 0, 1, 2
-    base = base_gguf_of(AutoModelForCausalLM.from_config(cfg), root / "tiny-gemma3.gguf", vocabulary)
+    base = tiny_gemma3_base(root / "tiny-gemma3.gguf",
+                            [data.read_text(), spec.template, *(label.verbalizer for label in spec.labels)])
     assert main(run_args(base, data, root / "runs", "g", "train.learning_rate=0.01", protocols="[score,generate]")) == 0
     return root / "runs" / "g", base
 

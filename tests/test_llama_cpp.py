@@ -219,20 +219,13 @@ def test_squad_v2_through_llama_cpp_reads_the_abstain_token_as_pytorch_does(tmp_
     """Extractive QA's generate request watches the first token of " unanswerable" (its probability and margin at the
     first step) and suppresses it: a tiny Gemma 3 GGUF run on SQuAD-layout data, its f16 export run by llama.cpp,
     gives every question the adapter's decision, abstention probability (within 0.02) and margin (within 0.3)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from tasktune.tasks import get_task
-    from test_gguf import base_gguf_of, spm_vocabulary
-    from tiny import tiny_config, write_squad_json
+    from test_gguf import tiny_gemma3_base
+    from tiny import write_squad_json
 
     data = write_squad_json(tmp_path / "dev.json", n_articles=10)
     spec = get_task("squad_v2").spec
-    vocabulary = spm_vocabulary([data.read_text(), spec.template, f" {spec.abstain_word}", "Article"])
-    torch.manual_seed(0)
-    cfg = tiny_config("gemma3", vocab_size=len(vocabulary))
-    cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id = 0, 1, 2
-    base = base_gguf_of(AutoModelForCausalLM.from_config(cfg), tmp_path / "tiny-gemma3.gguf", vocabulary)
+    base = tiny_gemma3_base(tmp_path / "tiny-gemma3.gguf", [data.read_text(), spec.template, f" {spec.abstain_word}", "Article"])
     assert main(["run", "squad2-gemma3-270m-cpu", "eval.controls=[]", "eval.perplexity=null", "train.compile=false",
                  f"model={base}", f"data.path={data}", f"output_dir={tmp_path / 'runs'}", "name=sq", "dtype=fp32",
                  "data.val_size=4", "data.limit_train=null", "data.limit_test=null", "train.max_steps=4",
@@ -268,13 +261,9 @@ def test_the_other_task_shapes_through_llama_cpp_make_the_adapters_decisions(sha
     """A generation spec (free-form answers ended by a stop text) and a multiple-choice spec, each trained on a tiny
     Gemma 3 GGUF base and exported f16: llama.cpp's decision on every test row (the answer text; the chosen choice
     by `score` and by `generate`) is the adapter's, and the comparison counts them under the report's columns."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from test_generation import SPEC, gen_args, instruction_rows, write_jsonl
-    from test_gguf import base_gguf_of, spm_vocabulary
+    from test_gguf import tiny_gemma3_base
     from test_multiple_choice import mc_args, write_mc
-    from tiny import tiny_config
 
     if shape == "generation":
         spec = tmp_path / "spec.yaml"
@@ -284,11 +273,7 @@ def test_the_other_task_shapes_through_llama_cpp_make_the_adapters_decisions(sha
     else:
         spec, data = write_mc(tmp_path, n=60)
         columns = {"score": "score_pred", "generate": "generate_pred"}
-    vocabulary = spm_vocabulary([data.read_text(), spec.read_text(), "User Assistant"])
-    torch.manual_seed(0)
-    cfg = tiny_config("gemma3", vocab_size=len(vocabulary))
-    cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id = 0, 1, 2
-    base = base_gguf_of(AutoModelForCausalLM.from_config(cfg), tmp_path / "tiny-gemma3.gguf", vocabulary)
+    base = tiny_gemma3_base(tmp_path / "tiny-gemma3.gguf", [data.read_text(), spec.read_text(), "User Assistant"])
     args = gen_args if shape == "generation" else mc_args
     assert main(args(base, spec, data, tmp_path / "runs", "r", "train.max_steps=16", "train.eval_steps=8",
                      "train.learning_rate=0.01")) == 0
@@ -313,21 +298,14 @@ def test_a_recipe_s_export_gguf_ships_each_file_measured_in_the_run_and_its_repo
     llama.cpp on its own test split, pairs it with the adapter row by row, and its report shows the "Shipped as"
     table; the f16 file makes the adapter's decisions on every test row. Interrupted while measuring the second
     file, the stage leaves nothing half-written, and the same command resumes it."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from tasktune import shipping
     from tasktune.tasks import get_task
-    from test_gguf import base_gguf_of, spm_vocabulary
-    from tiny import run_args, tiny_config, write_sst2_tsv
+    from test_gguf import tiny_gemma3_base
+    from tiny import run_args, write_sst2_tsv
 
     data = write_sst2_tsv(tmp_path / "train.tsv")
     spec = get_task("sst2").spec
-    vocabulary = spm_vocabulary([data.read_text(), spec.template, *(label.verbalizer for label in spec.labels)])
-    torch.manual_seed(0)
-    cfg = tiny_config("gemma3", vocab_size=len(vocabulary))
-    cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id = 0, 1, 2
-    base = base_gguf_of(AutoModelForCausalLM.from_config(cfg), tmp_path / "tiny-gemma3.gguf", vocabulary)
+    base = tiny_gemma3_base(tmp_path / "tiny-gemma3.gguf", [data.read_text(), spec.template, *(label.verbalizer for label in spec.labels)])
     args = run_args(base, data, tmp_path / "runs", "shipping", "train.learning_rate=0.01",
                     "export.gguf=[f16,adapter]", protocols="[score,generate]")
     measure = shipping.measure_file
