@@ -21,12 +21,6 @@ import time
 from pathlib import Path
 
 
-def evaluated_tokens(p, protocol: str) -> int:
-    """Tokens a protocol's requests make the model read: each prompt plus what is scored or generated."""
-    requests, _ = p.task.requests(p.builder, p.examples["test"], protocol)
-    return sum(r.positions for r in requests)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir")
@@ -39,6 +33,7 @@ def main() -> int:
     from tasktune.infer import merge_for_inference
     from tasktune.models import base_gguf
     from tasktune.run_layout import RunLayout, read_jsonl
+    from tasktune.shipping import evaluated_tokens
     from tasktune.stages import evaluate_gguf_stage, evaluate_stage, load_trained, prepare_finished_run
 
     run = Path(args.run_dir)
@@ -50,7 +45,7 @@ def main() -> int:
     protocols = args.protocols.split(",")
     p = prepare_finished_run(run)  # the run's split, prompt and tokenizer
     p.recipe.eval.protocols, p.recipe.eval.perplexity, p.recipe.eval.controls = protocols, None, []
-    tokens = sum(evaluated_tokens(p, protocol) for protocol in protocols)
+    tokens = evaluated_tokens(p)  # the positions the test requests read
 
     model, _, _ = load_trained(p, run)
     (work / "eval-pytorch").mkdir()

@@ -77,6 +77,16 @@ class TaskType(ABC):
 
         return sorted(template_fields(self.spec.template, self.spec.source))
 
+    def template_values(self, record: dict, where: str) -> dict[str, str]:
+        """The row's value of each field the template names: text, or a one-line refusal naming the row."""
+        values = {}
+        for name in self.named_fields():
+            value = record.get(name)
+            if not isinstance(value, str):
+                raise TasktuneError(f"{where}: the template's field {name!r} must be text, got {value!r:.80}")
+            values[name] = value
+        return values
+
     def label_token_ids(self, builder, example: dict) -> list[int] | None:
         return None
 

@@ -201,12 +201,7 @@ class GenerationTask(TaskType):
             fields = {"conversation": plain_conversation(context)}
             answer = turns[-1]["content"].strip()
         else:
-            fields = {}
-            for name in self.named_fields():
-                value = record.get(name)
-                if not isinstance(value, str):
-                    raise TasktuneError(f"{where}: the template's field {name!r} must be text, got {value!r:.80}")
-                fields[name] = value
+            fields = self.template_values(record, where)
             answer = record.get(self.target_column)
             if not isinstance(answer, str) or not answer.strip():
                 raise TasktuneError(f"{where}: the target {self.target_column!r} must be non-empty text, got "

@@ -97,12 +97,7 @@ class MultipleChoiceTask(TaskType):
             label = choices.index(answer)
         else:
             raise TasktuneError(f"{where}: {self.answer_column!r} {answer!r} is not one of the choices {choices!r}")
-        fields = {}
-        for name in self.named_fields():
-            value = record.get(name)
-            if not isinstance(value, str):
-                raise TasktuneError(f"{where}: the template's field {name!r} must be text, got {value!r}")
-            fields[name] = value
+        fields = self.template_values(record, where)
         return {"id": row_id, "fields": fields, "choices": [c.strip() for c in choices], "label": label,
                 "text": self.spec.template.format(**fields)}
 
