@@ -309,9 +309,11 @@ def test_a_recipe_s_export_gguf_ships_each_file_measured_in_the_run_and_its_repo
     args = run_args(base, data, tmp_path / "runs", "shipping", "train.learning_rate=0.01",
                     "export.gguf=[f16,adapter]", protocols="[score,generate]")
     measure = shipping.measure_file
+    at_interruption = {}
 
     def interrupted_at_the_adapter(p, run_dir, folder, file, base_path, gguf_type):
         if gguf_type == "adapter":
+            at_interruption.update(entries=set(os.listdir(run_dir)), staging=folder.parent.name)
             raise KeyboardInterrupt
         return measure(p, run_dir, folder, file, base_path, gguf_type)
 
@@ -319,7 +321,11 @@ def test_a_recipe_s_export_gguf_ships_each_file_measured_in_the_run_and_its_repo
         patched.setattr(shipping, "measure_file", interrupted_at_the_adapter)
         assert main(args) == 130
     partial = tmp_path / "runs" / ".shipping.partial"
-    assert partial.is_dir() and not any(n.startswith((".shipped", "shipped")) for n in os.listdir(partial))
+    # The stage's clean-up removed its own staging folder (made with a unique name), and nothing else of the run.
+    assert at_interruption["staging"].startswith(".shipped.") and at_interruption["staging"].endswith(".tmp")
+    assert set(os.listdir(partial)) == at_interruption["entries"] - {at_interruption["staging"]}
+    assert {"adapter", "finetuned", "zeroshot"} <= set(os.listdir(partial))
+    assert not any(n.startswith((".shipped", "shipped")) for n in os.listdir(partial))
     assert main(args) == 0
     run = tmp_path / "runs" / "shipping"
     assert not any(n.startswith(".shipped") for n in os.listdir(run))
